@@ -1,0 +1,1 @@
+"""The torch.library ops of each op family (schemas, fake kernels, autograd) and their public functions."""

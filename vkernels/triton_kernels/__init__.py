@@ -1,0 +1,1 @@
+"""Triton kernels and their pure launchers, one op family per module."""
