@@ -1,0 +1,113 @@
+"""vkernels.attention: SDPA's arguments and results through the public function and its ops."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vkernels
+from support import CPU_DTYPES, GPU, KERNEL_BACKENDS, device_for, relative_error, tolerance
+
+
+def reference(query, key, value, attn_mask=None, is_causal=False, scale=None):
+    return F.scaled_dot_product_attention(
+        query.double(), key.double(), value.double(),
+        attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.double(),
+        is_causal=is_causal, scale=scale,
+    )
+
+
+def check(backend, query, key, value, dtype, **kwargs):
+    leaves = [t.detach().requires_grad_() for t in (query, key, value)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    out = vkernels.attention(*leaves, **kwargs, backend=backend)
+    expected = reference(*ref_leaves, **kwargs)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert relative_error(out, expected) < tolerance(dtype)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad.double())
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        assert relative_error(leaf.grad, ref_leaf.grad) < tolerance(dtype) * 2
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES + ((torch.bfloat16,) if GPU else ()))
+def test_vit_block_qkv_views(backend, dtype):
+    """q, k, v as a ViT block makes them: unbind of a (B, L, 3, H, D) projection, read in place."""
+    device = device_for(backend)
+    batch, length, heads, head_dim = 2, 50, 3, 40
+    qkv = torch.randn(batch, length, 3, heads, head_dim, device=device).to(dtype)
+    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    check(backend, query, key, value, dtype)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_key_padding_mask_causal_cross_attention_and_3d(backend):
+    device = device_for(backend)
+    q, k, v = (torch.randn(2, 3, n, 16, device=device) for n in (7, 11, 11))
+    padding = torch.rand(2, 1, 1, 11, device=device) > 0.3
+    padding[..., 0] = True
+    check(backend, q, k, v, torch.float32, attn_mask=padding)
+    check(backend, q, k, v, torch.float32, attn_mask=torch.randn(7, 11, device=device))
+    check(backend, q, k, v, torch.float32, is_causal=True, scale=0.3)
+    check(backend, q[0], k[0], v[0], torch.float32)  # 3-D inputs
+    check(backend, q, k[:1], v[:1], torch.float32)  # batch dims broadcast
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fully_masked_rows_give_zeros_not_nan(backend):
+    device = device_for(backend)
+    q, k, v = (torch.randn(1, 2, 5, 16, device=device, requires_grad=True) for _ in range(3))
+    mask = torch.ones(5, 5, dtype=torch.bool, device=device)
+    mask[2] = False
+    out = vkernels.attention(q, k, v, attn_mask=mask, backend=backend)
+    out.sum().backward()
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    assert torch.equal(q.grad[:, :, 2], torch.zeros_like(q.grad[:, :, 2]))
+    assert not any(t.grad.isnan().any() for t in (q, k, v))
+
+
+def test_what_only_sdpa_serves_goes_to_torch_under_auto_and_is_refused_when_forced():
+    device = device_for("triton")
+    q = torch.randn(1, 2, 4, 8, device=device)
+    for kwargs, inputs in (
+        ({"dropout_p": 0.5}, (q, q, q)),
+        ({}, (torch.randn(1, 2, 4, 300, device=device),) * 3),
+        ({"attn_mask": torch.zeros(4, 4, device=device, requires_grad=True)}, (q, q, q)),
+    ):
+        vkernels.attention(*inputs, **kwargs)  # auto: stock SDPA
+        with pytest.raises(vkernels.BackendUnavailableError):
+            vkernels.attention(*inputs, **kwargs, backend="triton")
+
+
+BAD_CALLS = {
+    "mismatched batch": lambda q: (q, q.repeat(2, 1, 1, 1)[:3], q),
+    "mismatched heads": lambda q: (q, q[:, :2], q[:, :2]),
+    "key and value lengths differ": lambda q: (q, q, q[:, :, :3]),
+    "head dims differ": lambda q: (q, q[..., :4], q),
+    "mask does not broadcast": lambda q: (q, q, q, torch.ones(4, 5, dtype=torch.bool, device=q.device)),
+    "integer mask": lambda q: (q, q, q, torch.ones(4, 4, dtype=torch.int32, device=q.device)),
+    "one-dimensional query": lambda q: (q[0, 0, 0], q, q),
+}
+
+
+@pytest.mark.parametrize("make", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_input_raises_a_clear_error(make):
+    args = make(torch.randn(2, 3, 4, 8, device=device_for("triton")))
+    with pytest.raises(RuntimeError, match="attention"):
+        vkernels.attention(*args, backend="triton")
+
+
+def test_mask_and_is_causal_together_raise_like_sdpa():
+    q = torch.randn(1, 1, 3, 8, device=device_for("triton"))
+    with pytest.raises(RuntimeError, match="is_causal"):
+        vkernels.attention(q, q, q, torch.ones(3, 3, dtype=torch.bool), is_causal=True, backend="triton")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend):
+    device = device_for(backend)
+    q, k, v = (torch.randn(1, 2, n, 16, device=device, requires_grad=True) for n in (5, 7, 7))
+    mask = (torch.rand(1, 1, 1, 7, device=device) > 0.2).expand(1, 2, 5, 7)
+    op = getattr(torch.ops.vkernels, f"attention_{backend}").default
+    torch.library.opcheck(op, (q, k, v, None, True, 0.25))
+    torch.library.opcheck(op, (q, k, v, mask, False, 0.25))

@@ -1,0 +1,175 @@
+"""Triton flash-attention launchers against a float64 reference: forward, lse and all three gradients.
+
+Runs through the Triton interpreter on CPU (fp32, fp16) and on a GPU when there is one (bf16 too).
+Shapes are small stand-ins for ViT ones: the interpreter is slow.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import triton
+
+from support import poison_allocator
+from vkernels.triton_kernels import attention as attention_kernels
+from vkernels.triton_kernels.attention import attention_backward, attention_forward
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def reference_attention(query, key, value, mask, is_causal, scale):
+    """softmax(q k^T * scale + mask) v in float64, and the natural-log lse; rows with every key
+    masked give out = 0 (and so zero gradients) and lse = -inf."""
+    scores = (query @ key.transpose(-1, -2)) * scale
+    attend = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if mask is not None and mask.dtype == torch.bool:
+        attend = attend & mask
+    elif mask is not None:
+        scores = scores + mask.double()
+    if is_causal:
+        attend = attend & torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    scores = scores.masked_fill(~attend, float("-inf"))
+    dead = (scores == float("-inf")).all(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
+    return probs @ value, torch.logsumexp(scores, -1)
+
+
+def error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64, absolute where the expectation is (near) zero,
+    as for dQ and dK with a single key; NaN anywhere gives inf."""
+    actual, expected = actual.double(), expected.double()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return ((actual - expected).norm() / expected.norm().clamp_min(1.0)).item()
+
+
+@dataclasses.dataclass
+class Case:
+    batch: int
+    heads: int
+    seq_q: int
+    seq_k: int
+    head_dim: int
+    dtype: torch.dtype
+    head_dim_v: int | None = None
+    layout: str = "contiguous"  # or "qkv": views of one (B, L, 3, H, D) projection, as in a ViT
+    mask: str | None = None  # "bool", "float", "float32", "key_padding", "causal_float32"
+    is_causal: bool = False
+    logit_scale: float = 1.0  # x100 pushes the softmax to one-hot: large logits
+    dead_row: bool = False  # mask every key of one query row
+
+    def inputs(self):
+        dv = self.head_dim_v or self.head_dim
+        b, h, lq, lk, d = self.batch, self.heads, self.seq_q, self.seq_k, self.head_dim
+        if self.layout == "qkv":
+            assert lq == lk and dv == d
+            qkv = torch.randn(b, lq, 3, h, d, device=DEVICE).to(self.dtype)
+            query, key, value = (t.transpose(1, 2) for t in qkv.unbind(2))
+        else:
+            query = torch.randn(b, h, lq, d, device=DEVICE).to(self.dtype)
+            key = torch.randn(b, h, lk, d, device=DEVICE).to(self.dtype)
+            value = torch.randn(b, h, lk, dv, device=DEVICE).to(self.dtype)
+        if self.logit_scale != 1.0:
+            # scale q and k by sqrt each so that the fp16 inputs stay exact copies of the reference's
+            query = (query.float() * self.logit_scale**0.5).to(self.dtype)
+            key = (key.float() * self.logit_scale**0.5).to(self.dtype)
+        mask = self._mask()
+        return query, key, value, mask
+
+    def _mask(self):
+        b, h, lq, lk = self.batch, self.heads, self.seq_q, self.seq_k
+        if self.mask is None:
+            return None
+        if self.mask == "bool":
+            mask = torch.rand(b, h, lq, lk, device=DEVICE) > 0.3
+            if self.dead_row:
+                mask[:, :, lq // 2] = False
+            return mask
+        if self.mask == "key_padding":  # (B, 1, 1, Lk) expanded, never materialised
+            mask = torch.arange(lk, device=DEVICE) < torch.tensor([lk - 3, lk // 2], device=DEVICE)[:b, None]
+            return mask[:, None, None, :].expand(b, h, lq, lk)
+        if self.mask == "causal_float32":  # open_clip's text mask: float32 0 / -inf, shared by all heads
+            mask = torch.full((lq, lk), float("-inf"), device=DEVICE).triu(1)
+            return mask.expand(b, h, lq, lk)
+        dtype = torch.float32 if self.mask == "float32" else self.dtype
+        mask = torch.randn(b, h, lq, lk, device=DEVICE)
+        mask = mask.masked_fill(torch.rand(b, h, lq, lk, device=DEVICE) < 0.2, float("-inf"))
+        if self.dead_row:
+            mask[:, :, lq // 2] = float("-inf")
+        return mask.to(dtype)
+
+
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
+CASES = [
+    pytest.param(Case(1, 2, 50, 50, 64, FP32, layout="qkv"), id="vit50-d64-qkv-fp32"),
+    pytest.param(Case(2, 1, 97, 97, 80, FP16, layout="qkv", mask="key_padding"), id="vit97-d80-qkv-keypad-fp16"),
+    pytest.param(Case(1, 2, 45, 70, 40, FP32, mask="float", is_causal=True), id="cross-d40-causal-float-fp32"),
+    pytest.param(Case(1, 1, 70, 33, 64, FP16, mask="bool", is_causal=True, dead_row=True),
+                 id="cross-lq>lk-causal-bool-deadrow-fp16"),
+    pytest.param(Case(2, 1, 7, 1, 8, FP32, mask="float"), id="single-key-d8-fp32"),
+    pytest.param(Case(1, 2, 1, 50, 8, FP16, head_dim_v=24), id="single-query-d8-dv24-fp16"),
+    pytest.param(Case(1, 2, 50, 50, 64, FP32, mask="float", logit_scale=100.0, dead_row=True),
+                 id="large-logits-float-deadrow-fp32"),
+    pytest.param(Case(1, 2, 50, 37, 80, FP16, mask="float32", logit_scale=100.0), id="large-logits-f32mask-d80-fp16"),
+    pytest.param(Case(1, 2, 40, 40, 64, FP32, mask="causal_float32", is_causal=True), id="text-causal-f32mask-fp32"),
+    pytest.param(Case(1, 3, 50, 50, 80, BF16, layout="qkv", mask="bool", dead_row=True),
+                 id="vit50-d80-bool-bf16", marks=pytest.mark.cuda),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_attention_matches_float64_reference(case: Case):
+    if case.dtype == BF16 and DEVICE.type != "cuda":
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    check_against_reference(case)
+
+
+@pytest.mark.parametrize("blocks", [((16, 32), (32, 16), (16, 32)), ((64, 16), (16, 64), (64, 16))], ids=["m<n", "m>n"])
+def test_block_shapes(blocks, monkeypatch):
+    """Tiles other than the interpreter's default (the GPU configs have BLOCK_M < BLOCK_N and > BLOCK_N)
+    give the same results: the causal and length block ranges hold for any tile shape."""
+    if DEVICE.type == "cuda":
+        pytest.skip("the GPU autotunes over its own configs")
+    kernels = (attention_kernels._attention_forward_kernel, attention_kernels._attention_backward_key_kernel,
+               attention_kernels._attention_backward_query_kernel)
+    for kernel, (block_m, block_n) in zip(kernels, blocks):
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})])
+    check_against_reference(Case(1, 1, 83, 70, 40, FP32, mask="bool", is_causal=True, dead_row=True))
+    check_against_reference(Case(1, 1, 37, 90, 24, FP32, mask="key_padding", is_causal=True))
+
+
+def check_against_reference(case: Case):
+    query, key, value, mask = case.inputs()
+    scale = case.head_dim**-0.5
+    poison_allocator(DEVICE)
+    out, lse = attention_forward(query, key, value, mask, case.is_causal, scale)
+
+    leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    expected_out, expected_lse = reference_attention(*leaves, mask, case.is_causal, scale)
+    grad_out = torch.randn_like(out)
+    expected_out.backward(grad_out.double())
+    grads = attention_backward(grad_out, query, key, value, out, lse, mask, case.is_causal, scale)
+
+    # scores of ~1e3 carry fp32 rounding of ~1e-4 into exp(): large logits get a looser bound
+    tolerance = TOLERANCE[case.dtype] * (10 if case.logit_scale > 1 else 1)
+    assert out.dtype == query.dtype and out.shape == expected_out.shape
+    assert error(out, expected_out) < tolerance
+    alive = torch.isfinite(expected_lse)
+    assert torch.equal(torch.isinf(lse), ~alive) and (lse[~alive] > 0).all(), "fully masked rows: lse = +inf"
+    assert error(lse[alive], expected_lse[alive]) < 1e-6
+    for name, grad, leaf in zip(("query", "key", "value"), grads, leaves):
+        assert grad.dtype == query.dtype and grad.shape == leaf.shape, name
+        assert error(grad, leaf.grad) < tolerance, f"grad {name}: {error(grad, leaf.grad):.2e}"
+    if case.dead_row:
+        assert (out[:, :, case.seq_q // 2] == 0).all() and (grads[0][:, :, case.seq_q // 2] == 0).all()
+
+
+def test_attention_backward_is_deterministic():
+    query, key, value, mask = Case(1, 2, 50, 45, 40, FP32, mask="float").inputs()
+    out, lse = attention_forward(query, key, value, mask, False, 0.2)
+    grad_out = torch.randn_like(out)
+    first = attention_backward(grad_out, query, key, value, out, lse, mask, False, 0.2)
+    second = attention_backward(grad_out, query, key, value, out, lse, mask, False, 0.2)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -1,0 +1,583 @@
+"""Flash attention in Triton: a forward with online softmax and a deterministic three-kernel backward.
+
+Shapes: query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv), read through any strides.
+``mask`` is None or a (B, H, Lq, Lk) view (stride 0 on broadcast dimensions), bool (True = attend)
+or additive float. ``is_causal`` is top-left aligned as in torch SDPA: query i attends key j iff
+j <= i, whatever Lq and Lk are.
+
+lse convention: ``lse[b, h, i]`` is the natural-log log-sum-exp over keys of the scaled, masked
+logits ``scale * q_i . k_j + mask_ij`` (torch's ``logsumexp``), in float32. A row whose every key is
+masked gets out = 0 and lse = +inf, so that exp(s - lse) = 0 and the backward gives it zero
+gradients. Internally the kernels work in base 2 (scores carry a factor log2(e), softmax uses exp2).
+
+Tiling follows FlashAttention-2: a forward program owns BLOCK_M query rows and streams key blocks;
+the backward computes delta = rowsum(dO * O), then one kernel owns a key block and loops over query
+blocks for dK, dV, and another owns a query block and loops over key blocks for dQ. Every output
+element is written by one program in a fixed order: no atomics, bitwise deterministic.
+
+Head dims are split into at most two power-of-two chunks (80 = 64 + 16, 40 = 32 + 16) that are
+loaded and multiplied separately, so 80 costs 80 (not 128) columns of matmul work.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+LOG2E = tl.constexpr(1.4426950408889634)
+NO_MASK = tl.constexpr(0)
+BOOL_MASK = tl.constexpr(1)
+ADDITIVE_MASK = tl.constexpr(2)
+
+
+def _head_dim_chunks(dim: int) -> tuple[int, int]:
+    """At most two power-of-two chunks covering ``dim`` (second 0 when one suffices), each >= 16,
+    the smallest extent tl.dot takes on tensor cores."""
+    first = max(16, 1 << (dim.bit_length() - 1))
+    rest = dim - first
+    return first, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning: a few (BLOCK_M, BLOCK_N, num_warps, num_stages) per class of head dim and mask, picked
+# so that they fit sm_90's registers (checked with ptxas: no or little spilling) and shared memory.
+# BLOCK_M is the query tile, BLOCK_N the key tile. The interpreter gets one small config, so CPU runs
+# never benchmark.
+
+
+def _config_class(args) -> str:
+    if args["DOT_PRECISION"] == "ieee":  # fp32: CUDA-core dots holding fp32 tiles, keep them small
+        return "fp32"
+    width = max(args["D0"] + args["D1"], args["DV0"] + args["DV1"])
+    name = "d64" if width <= 64 else "d128" if width <= 128 else "d256"
+    # a full (query x key) mask tile costs registers: smaller key tiles
+    full_mask = args["MASK_KIND"] != NO_MASK.value and not args["MASK_PER_KEY"]
+    return f"{name}-mask" if full_mask else name
+
+
+def _autotuned(interpreted: dict, table: dict[str, list[tuple[int, int, int, int]]]):
+    if _INTERPRET:
+        return triton.autotune(configs=[triton.Config(interpreted)], key=[])
+    by_class = {
+        name: [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
+        for name, rows in table.items()
+    }
+
+    def configs_for_class(configs, named_args, **kwargs):
+        name = _config_class({**named_args, **kwargs})
+        return by_class.get(name, by_class[name.removesuffix("-mask")])
+
+    return triton.autotune(
+        configs=[config for rows in by_class.values() for config in rows],
+        key=["seq_q", "seq_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "MASK_PER_KEY", "IS_CAUSAL"],
+        prune_configs_by={"early_config_prune": configs_for_class},
+    )
+
+
+_FORWARD_CONFIGS = {
+    "d64": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
+    "d64-mask": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2)],
+    "d128": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3)],
+    "d128-mask": [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2)],
+    "d256": [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+    "d256-mask": [(64, 32, 8, 2), (32, 32, 4, 2)],
+    "fp32": [(32, 32, 4, 2), (32, 64, 8, 2), (32, 16, 4, 2), (32, 32, 8, 2)],
+}
+_BACKWARD_KEY_CONFIGS = {  # owns BLOCK_N keys, steps over BLOCK_M queries
+    "d64": [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)],
+    "d128": [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2)],
+    "d256": [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
+    "d256-mask": [(32, 32, 8, 2), (16, 32, 4, 2)],
+    "fp32": [(32, 32, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)],
+}
+_BACKWARD_QUERY_CONFIGS = {  # owns BLOCK_M queries, steps over BLOCK_N keys
+    "d64": [(128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
+    "d128": [(128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+    "d128-mask": [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 2)],
+    "d256": [(32, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+    "d256-mask": [(32, 32, 4, 2), (128, 32, 8, 2)],
+    "fp32": [(32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile helpers
+
+
+@triton.jit
+def _load_tile(base, rows, cols, stride_row, stride_col, num_rows, num_cols, CHECK_COLS: tl.constexpr):
+    """A rows x cols tile, zero outside [0, num_rows) x [0, num_cols)."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    in_bounds = rows[:, None] < num_rows
+    if CHECK_COLS:
+        in_bounds = in_bounds & (cols[None, :] < num_cols)
+    return tl.load(ptrs, mask=in_bounds, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, cols, stride_row, stride_col, num_rows, num_cols, tile, CHECK_COLS: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    in_bounds = rows[:, None] < num_rows
+    if CHECK_COLS:
+        in_bounds = in_bounds & (cols[None, :] < num_cols)
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def _apply_user_mask(scores, mask_base, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
+                     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Scores (base-2 units) with the user's mask applied. The tile is queries x keys, or keys x
+    queries when TRANSPOSED. MASK_PER_KEY (query stride 0, as for a key-padding mask) loads one
+    vector per key block instead of a full tile."""
+    if MASK_KIND != NO_MASK:
+        if MASK_PER_KEY:
+            ptrs = mask_base + offs_n * stride_mn
+            in_bounds = offs_n < seq_k
+            if TRANSPOSED:
+                ptrs = ptrs[:, None]
+                in_bounds = in_bounds[:, None]
+            else:
+                ptrs = ptrs[None, :]
+                in_bounds = in_bounds[None, :]
+        elif TRANSPOSED:
+            ptrs = mask_base + offs_n[:, None] * stride_mn + offs_m[None, :] * stride_mm
+            in_bounds = (offs_n[:, None] < seq_k) & (offs_m[None, :] < seq_q)
+        else:
+            ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+            in_bounds = (offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k)
+        if MASK_KIND == BOOL_MASK:
+            attend = tl.load(ptrs, mask=in_bounds, other=0)
+            scores = tl.where(attend != 0, scores, float("-inf"))
+        else:
+            bias = tl.load(ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+            scores = scores + bias * LOG2E
+    return scores
+
+
+@triton.jit
+def _key_block_ranges(start_m, seq_k, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query block at start_m: key blocks in [0, unmasked_end) need neither the causal nor
+    the key-length mask; those in [unmasked_end, end) need them; causal blocks past end see nothing."""
+    end = seq_k
+    unmasked_end = (seq_k // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        end = tl.minimum(seq_k, start_m + BLOCK_M)
+        # a key block is fully visible when its last key <= the block's first query
+        unmasked_end = tl.minimum(unmasked_end, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+    return unmasked_end, end
+
+
+@triton.jit
+def _keys_visible(offs_m, offs_n, seq_k, IS_CAUSAL: tl.constexpr):
+    visible = offs_n[None, :] < seq_k
+    if IS_CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None])
+    return visible
+
+
+@triton.jit
+def _program_block(num_blocks, REVERSE: tl.constexpr):
+    """(batch*head, block) of this program; the grid is flat so batch*heads has no 65535 limit."""
+    pid = tl.program_id(0)
+    bh = pid // num_blocks
+    block = pid % num_blocks
+    if REVERSE:  # causal: the longest query rows first, so short programs fill the tail
+        block = num_blocks - 1 - block
+    return bh, block
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+
+
+@_autotuned({"BLOCK_M": 32, "BLOCK_N": 16}, _FORWARD_CONFIGS)
+@triton.jit
+def _attention_forward_kernel(
+    Q, K, V, Mask, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    num_heads, seq_q, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    Mask += b * stride_mb + h * stride_mh
+    Out += b * stride_ob + h * stride_oh
+    Lse += bh.to(tl.int64) * seq_q
+
+    start_m = m_block * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, D0)
+    offs_dv0 = tl.arange(0, DV0)
+    q0 = _load_tile(Q, offs_m, offs_d0, stride_qm, stride_qd, seq_q, HEAD_DIM, D0 > HEAD_DIM)
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        q1 = _load_tile(Q, offs_m, offs_d1, stride_qm, stride_qd, seq_q, HEAD_DIM, D0 + D1 > HEAD_DIM)
+    if DV1 > 0:
+        offs_dv1 = DV0 + tl.arange(0, DV1)
+
+    # Running row max (base-2 scores), row sum of exp2(score - max), unnormalised output.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, DV0], tl.float32)
+    if DV1 > 0:
+        acc1 = tl.zeros([BLOCK_M, DV1], tl.float32)
+
+    unmasked_end, end = _key_block_ranges(start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    for masked in tl.static_range(2):
+        if masked == 0:
+            lo = 0
+            hi = unmasked_end
+        else:
+            lo = unmasked_end
+            hi = end
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k0 = _load_tile(K, offs_n, offs_d0, stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
+            s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+            if D1 > 0:
+                k1 = _load_tile(K, offs_n, offs_d1, stride_kn, stride_kd, seq_k, HEAD_DIM, D0 + D1 > HEAD_DIM)
+                s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
+            s = _apply_user_mask(s * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
+                                 MASK_KIND, MASK_PER_KEY, False)
+            if masked == 1:
+                s = tl.where(_keys_visible(offs_m, offs_n, seq_k, IS_CAUSAL), s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = m_new
+            if MASK_KIND != NO_MASK:
+                # a row that has seen only masked keys so far: shift by 0, not -inf (-inf - -inf = NaN)
+                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_shift)
+            p = tl.exp2(s - m_shift[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+
+            v0 = _load_tile(V, offs_n, offs_dv0, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
+            acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+            if DV1 > 0:
+                v1 = _load_tile(V, offs_n, offs_dv1, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 + DV1 > HEAD_DIM_V)
+                acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+
+    attended = l_i > 0.0  # False only for rows whose every key is masked
+    l_safe = tl.where(attended, l_i, 1.0)
+    inv_l = tl.where(attended, 1.0 / l_safe, 0.0)
+    lse = tl.where(attended, (m_i + tl.log2(l_safe)) / LOG2E, float("inf"))
+    tl.store(Lse + offs_m, lse, mask=offs_m < seq_q)
+    _store_tile(Out, offs_m, offs_dv0, stride_om, stride_od, seq_q, HEAD_DIM_V, acc0 * inv_l[:, None], DV0 > HEAD_DIM_V)
+    if DV1 > 0:
+        _store_tile(Out, offs_m, offs_dv1, stride_om, stride_od, seq_q, HEAD_DIM_V, acc1 * inv_l[:, None],
+                    DV0 + DV1 > HEAD_DIM_V)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _attention_backward_delta_kernel(
+    Out, GradOut, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    num_heads, seq_q,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id, the row term of the softmax gradient."""
+    bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), False)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    out = _load_tile(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, seq_q,
+                     HEAD_DIM_V, BLOCK_DV > HEAD_DIM_V)
+    grad_out = _load_tile(GradOut + b * stride_gb + h * stride_gh, offs_m, offs_d, stride_gm, stride_gd, seq_q,
+                          HEAD_DIM_V, BLOCK_DV > HEAD_DIM_V)
+    delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * seq_q + offs_m, delta, mask=offs_m < seq_q)
+
+
+@_autotuned({"BLOCK_M": 16, "BLOCK_N": 32}, _BACKWARD_KEY_CONFIGS)
+@triton.jit
+def _attention_backward_key_kernel(
+    Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    num_heads, seq_q, seq_k, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK and dV for one block of BLOCK_N keys, looping over query blocks. Works on transposed
+    (keys x queries) score tiles so that dV = P^T dO and dK = dS^T Q need no transposes of P, dS."""
+    bh, n_block = _program_block(tl.cdiv(seq_k, BLOCK_N), False)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    Mask += b * stride_mb + h * stride_mh
+    GradOut += b * stride_gb + h * stride_gh
+    GradK += b * stride_dkb + h * stride_dkh
+    GradV += b * stride_dvb + h * stride_dvh
+    Lse += bh.to(tl.int64) * seq_q
+    Delta += bh.to(tl.int64) * seq_q
+
+    start_n = n_block * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, D0)
+    offs_dv0 = tl.arange(0, DV0)
+    k0 = _load_tile(K, offs_n, offs_d0, stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
+    v0 = _load_tile(V, offs_n, offs_dv0, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
+    grad_k0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    grad_v0 = tl.zeros([BLOCK_N, DV0], tl.float32)
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        k1 = _load_tile(K, offs_n, offs_d1, stride_kn, stride_kd, seq_k, HEAD_DIM, D0 + D1 > HEAD_DIM)
+        grad_k1 = tl.zeros([BLOCK_N, D1], tl.float32)
+    if DV1 > 0:
+        offs_dv1 = DV0 + tl.arange(0, DV1)
+        v1 = _load_tile(V, offs_n, offs_dv1, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 + DV1 > HEAD_DIM_V)
+        grad_v1 = tl.zeros([BLOCK_N, DV1], tl.float32)
+
+    # Query blocks in [lo, diagonal_end) cross the causal diagonal of this key block; those in
+    # [diagonal_end, seq_q) see all of it; causal blocks before lo see none of it. Query rows past
+    # seq_q load lse = +inf, so their probabilities are 0 without a length mask.
+    lo = 0
+    diagonal_end = 0
+    if IS_CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        diagonal_end = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seq_q)
+    for masked in tl.static_range(2):
+        if masked == 0:
+            first = diagonal_end
+            last = seq_q
+        else:
+            first = lo
+            last = diagonal_end
+        for start_m in range(first, last, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            in_range = offs_m < seq_q
+            lse = tl.load(Lse + offs_m, mask=in_range, other=float("inf")) * LOG2E
+            delta = tl.load(Delta + offs_m, mask=in_range, other=0.0)
+            q0 = _load_tile(Q, offs_m, offs_d0, stride_qm, stride_qd, seq_q, HEAD_DIM, D0 > HEAD_DIM)
+            grad_out0 = _load_tile(GradOut, offs_m, offs_dv0, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0 > HEAD_DIM_V)
+            s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
+            grad_p_t = tl.dot(v0, tl.trans(grad_out0), input_precision=DOT_PRECISION)
+            if D1 > 0:
+                q1 = _load_tile(Q, offs_m, offs_d1, stride_qm, stride_qd, seq_q, HEAD_DIM, D0 + D1 > HEAD_DIM)
+                s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PRECISION)
+            if DV1 > 0:
+                grad_out1 = _load_tile(GradOut, offs_m, offs_dv1, stride_gm, stride_gd, seq_q, HEAD_DIM_V,
+                                       DV0 + DV1 > HEAD_DIM_V)
+                grad_p_t = tl.dot(v1, tl.trans(grad_out1), grad_p_t, input_precision=DOT_PRECISION)
+            s_t = _apply_user_mask(s_t * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
+                                   MASK_KIND, MASK_PER_KEY, True)
+            if masked == 1:
+                s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
+            p_t = tl.exp2(s_t - lse[None, :])
+            grad_s_t = p_t * (grad_p_t - delta[None, :])
+
+            grad_v0 = tl.dot(p_t.to(grad_out0.dtype), grad_out0, grad_v0, input_precision=DOT_PRECISION)
+            grad_k0 = tl.dot(grad_s_t.to(q0.dtype), q0, grad_k0, input_precision=DOT_PRECISION)
+            if DV1 > 0:
+                grad_v1 = tl.dot(p_t.to(grad_out1.dtype), grad_out1, grad_v1, input_precision=DOT_PRECISION)
+            if D1 > 0:
+                grad_k1 = tl.dot(grad_s_t.to(q1.dtype), q1, grad_k1, input_precision=DOT_PRECISION)
+
+    _store_tile(GradV, offs_n, offs_dv0, stride_dvn, stride_dvd, seq_k, HEAD_DIM_V, grad_v0, DV0 > HEAD_DIM_V)
+    _store_tile(GradK, offs_n, offs_d0, stride_dkn, stride_dkd, seq_k, HEAD_DIM, grad_k0 * sm_scale, D0 > HEAD_DIM)
+    if DV1 > 0:
+        _store_tile(GradV, offs_n, offs_dv1, stride_dvn, stride_dvd, seq_k, HEAD_DIM_V, grad_v1, DV0 + DV1 > HEAD_DIM_V)
+    if D1 > 0:
+        _store_tile(GradK, offs_n, offs_d1, stride_dkn, stride_dkd, seq_k, HEAD_DIM, grad_k1 * sm_scale,
+                    D0 + D1 > HEAD_DIM)
+
+
+@_autotuned({"BLOCK_M": 32, "BLOCK_N": 16}, _BACKWARD_QUERY_CONFIGS)
+@triton.jit
+def _attention_backward_query_kernel(
+    Q, K, V, Mask, GradOut, Lse, Delta, GradQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    num_heads, seq_q, seq_k, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ for one block of BLOCK_M queries, looping over key blocks as the forward does."""
+    bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    Mask += b * stride_mb + h * stride_mh
+    GradOut += b * stride_gb + h * stride_gh
+    GradQ += b * stride_dqb + h * stride_dqh
+    Lse += bh.to(tl.int64) * seq_q
+    Delta += bh.to(tl.int64) * seq_q
+
+    start_m = m_block * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, D0)
+    offs_dv0 = tl.arange(0, DV0)
+    in_range = offs_m < seq_q
+    lse = tl.load(Lse + offs_m, mask=in_range, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + offs_m, mask=in_range, other=0.0)
+    q0 = _load_tile(Q, offs_m, offs_d0, stride_qm, stride_qd, seq_q, HEAD_DIM, D0 > HEAD_DIM)
+    grad_out0 = _load_tile(GradOut, offs_m, offs_dv0, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0 > HEAD_DIM_V)
+    grad_q0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        q1 = _load_tile(Q, offs_m, offs_d1, stride_qm, stride_qd, seq_q, HEAD_DIM, D0 + D1 > HEAD_DIM)
+        grad_q1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    if DV1 > 0:
+        offs_dv1 = DV0 + tl.arange(0, DV1)
+        grad_out1 = _load_tile(GradOut, offs_m, offs_dv1, stride_gm, stride_gd, seq_q, HEAD_DIM_V,
+                               DV0 + DV1 > HEAD_DIM_V)
+
+    # Keys past seq_k must be masked here: their zero-filled scores could overflow exp2(s - lse).
+    unmasked_end, end = _key_block_ranges(start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    for masked in tl.static_range(2):
+        if masked == 0:
+            lo = 0
+            hi = unmasked_end
+        else:
+            lo = unmasked_end
+            hi = end
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k0 = _load_tile(K, offs_n, offs_d0, stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
+            v0 = _load_tile(V, offs_n, offs_dv0, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
+            s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+            grad_p = tl.dot(grad_out0, tl.trans(v0), input_precision=DOT_PRECISION)
+            if D1 > 0:
+                k1 = _load_tile(K, offs_n, offs_d1, stride_kn, stride_kd, seq_k, HEAD_DIM, D0 + D1 > HEAD_DIM)
+                s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
+            if DV1 > 0:
+                v1 = _load_tile(V, offs_n, offs_dv1, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 + DV1 > HEAD_DIM_V)
+                grad_p = tl.dot(grad_out1, tl.trans(v1), grad_p, input_precision=DOT_PRECISION)
+            s = _apply_user_mask(s * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
+                                 MASK_KIND, MASK_PER_KEY, False)
+            if masked == 1:
+                s = tl.where(_keys_visible(offs_m, offs_n, seq_k, IS_CAUSAL), s, float("-inf"))
+            p = tl.exp2(s - lse[:, None])
+            grad_s = p * (grad_p - delta[:, None])
+            grad_q0 = tl.dot(grad_s.to(k0.dtype), k0, grad_q0, input_precision=DOT_PRECISION)
+            if D1 > 0:
+                grad_q1 = tl.dot(grad_s.to(k1.dtype), k1, grad_q1, input_precision=DOT_PRECISION)
+
+    _store_tile(GradQ, offs_m, offs_d0, stride_dqm, stride_dqd, seq_q, HEAD_DIM, grad_q0 * sm_scale, D0 > HEAD_DIM)
+    if D1 > 0:
+        _store_tile(GradQ, offs_m, offs_d1, stride_dqm, stride_dqd, seq_q, HEAD_DIM, grad_q1 * sm_scale,
+                    D0 + D1 > HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _mask_arguments(mask, query):
+    """(tensor, 4 strides, constexprs) for the kernels; a dummy pointer and zero strides when absent."""
+    if mask is None:
+        return query, (0, 0, 0, 0), dict(MASK_KIND=NO_MASK.value, MASK_PER_KEY=False)
+    per_key = dict(MASK_PER_KEY=mask.stride(2) == 0 or mask.shape[2] == 1)
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8), mask.stride(), dict(MASK_KIND=BOOL_MASK.value, **per_key)
+    return mask, mask.stride(), dict(MASK_KIND=ADDITIVE_MASK.value, **per_key)
+
+
+def _shape_arguments(query, key, value, mask, is_causal, scale):
+    batch, heads, seq_q, head_dim = query.shape
+    seq_k, head_dim_v = key.shape[2], value.shape[3]
+    assert key.shape == (batch, heads, seq_k, head_dim) and value.shape == (batch, heads, seq_k, head_dim_v)
+    assert mask is None or mask.shape == (batch, heads, seq_q, seq_k)
+    d0, d1 = _head_dim_chunks(head_dim)
+    dv0, dv1 = _head_dim_chunks(head_dim_v)
+    return dict(
+        num_heads=heads, seq_q=seq_q, seq_k=seq_k, qk_scale=scale * LOG2E.value,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, D0=d0, D1=d1, DV0=dv0, DV1=dv1,
+        IS_CAUSAL=bool(is_causal), DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+    )
+
+
+def attention_forward(query, key, value, mask, is_causal: bool, scale: float):
+    """(out (B, H, Lq, Dv) in query's dtype, lse (B, H, Lq) float32, natural log, +inf for fully
+    masked rows). See the module docstring for shapes, masks and causal alignment."""
+    batch, heads, seq_q, _ = query.shape
+    out = torch.empty((batch, heads, seq_q, value.shape[3]), dtype=query.dtype, device=query.device)
+    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=query.device)
+    if lse.numel() == 0:
+        return out, lse
+    shape = _shape_arguments(query, key, value, mask, is_causal, scale)
+    mask_tensor, mask_strides, mask_flags = _mask_arguments(mask, query)
+    grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
+    _attention_forward_kernel[grid](
+        query, key, value, mask_tensor, out, lse,
+        *query.stride(), *key.stride(), *value.stride(), *mask_strides, *out.stride(),
+        **mask_flags, **shape,
+    )
+    return out, lse
+
+
+def attention_backward(grad_out, query, key, value, out, lse, mask, is_causal: bool, scale: float):
+    """(grad_query, grad_key, grad_value) shaped and typed as their inputs, from the forward's
+    ``out`` and ``lse``. The additive mask gets no gradient."""
+    batch, heads, seq_q, _ = query.shape
+    seq_k = key.shape[2]
+    grad_query = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    grad_key = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    grad_value = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    if batch * heads == 0 or (seq_q == 0 and seq_k == 0):
+        return grad_query, grad_key, grad_value
+    shape = _shape_arguments(query, key, value, mask, is_causal, scale)
+    mask_tensor, mask_strides, mask_flags = _mask_arguments(mask, query)
+    lse = lse.contiguous()
+    delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=query.device)
+
+    if seq_q > 0:
+        delta_block = 16 if _INTERPRET else 64
+        _attention_backward_delta_kernel[(triton.cdiv(seq_q, delta_block) * batch * heads,)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_q,
+            HEAD_DIM_V=value.shape[3], BLOCK_DV=triton.next_power_of_2(value.shape[3]), BLOCK_M=delta_block,
+        )
+    if seq_k > 0:
+        key_grid = lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]) * batch * heads,)  # noqa: E731
+        _attention_backward_key_kernel[key_grid](
+            query, key, value, mask_tensor, grad_out, lse, delta, grad_key, grad_value,
+            *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
+            *grad_key.stride(), *grad_value.stride(),
+            sm_scale=scale, **mask_flags, **shape,
+        )
+    if seq_q > 0:
+        query_grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
+        _attention_backward_query_kernel[query_grid](
+            query, key, value, mask_tensor, grad_out, lse, delta, grad_query,
+            *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
+            *grad_query.stride(),
+            sm_scale=scale, **mask_flags, **shape,
+        )
+    return grad_query, grad_key, grad_value
