@@ -1,0 +1,88 @@
+"""vkernels.conv2d_relu: F.conv2d's arguments and results (+ residual, ReLU), its op and errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vkernels
+from support import KERNEL_BACKENDS, device_for, layout, relative_error, tolerance
+
+CALLS = {
+    "3x3 pad1 bias residual": dict(weight=(6, 4, 3, 3), padding=1, bias=True, residual=True),
+    "same even kernel": dict(weight=(5, 4, 2, 4), padding="same", dilation=(2, 1)),
+    "valid stride2": dict(weight=(6, 4, 3, 1), padding="valid", stride=2, bias=True),
+    "depthwise": dict(weight=(4, 1, 3, 3), padding=(1, 1), groups=4, residual=True),
+    "unbatched groups": dict(weight=(6, 2, 3, 3), stride=(1, 2), groups=2, unbatched=True, residual=True, bias=True),
+}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", CALLS)
+def test_conv2d_relu_matches_torch(backend, name):
+    device = device_for(backend)
+    call = dict(CALLS[name])
+    weight = torch.randn(call.pop("weight"), device=device) * 0.3
+    unbatched = call.pop("unbatched", False)
+    x = layout(torch.randn(2, 4, 7, 8, device=device), "channels_last")
+    if unbatched:
+        x = x[0].contiguous()
+    bias = torch.randn(weight.shape[0], device=device) if call.pop("bias", False) else None
+    reference = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), **{k: v for k, v in call.items() if k != "residual"})
+    residual = torch.randn_like(reference, dtype=torch.float32) if call.pop("residual", False) else None
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, residual) if t is not None]
+    our_x, our_w, our_b, our_r = _place(leaves, bias, residual)
+    ours = vkernels.conv2d_relu(our_x, our_w, our_b, **call, residual=our_r, backend=backend)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_x, ref_w, ref_b, ref_r = _place(ref_leaves, bias, residual)
+    expected = F.relu(F.conv2d(ref_x, ref_w, ref_b, **call) + (0 if ref_r is None else ref_r))
+    assert ours.shape == expected.shape
+    assert relative_error(ours, expected) < tolerance(torch.float32) * 10
+    grad = torch.randn_like(ours)
+    ours.backward(grad)
+    expected.backward(grad.double())
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        assert relative_error(leaf.grad, ref_leaf.grad) < tolerance(torch.float32) * 10
+
+
+def _place(leaves, bias, residual):
+    """(input, weight, bias, residual) from the leaves, None where absent."""
+    it = iter(leaves)
+    return next(it), next(it), next(it) if bias is not None else None, next(it) if residual is not None else None
+
+
+BAD_CALLS = {
+    "channels not divisible by groups": lambda conv, x: conv(x, torch.randn(6, 2, 3, 3), groups=3),
+    "kernel larger than padded input": lambda conv, x: conv(x, torch.randn(6, 4, 9, 9)),
+    "weight of wrong rank": lambda conv, x: conv(x, torch.randn(6, 4, 3)),
+    "input of wrong rank": lambda conv, x: conv(x[0, 0], torch.randn(6, 4, 3, 3)),
+    "same with stride": lambda conv, x: conv(x, torch.randn(6, 4, 3, 3), stride=2, padding="same"),
+    "bad padding string": lambda conv, x: conv(x, torch.randn(6, 4, 3, 3), padding="full"),
+    "bias of wrong size": lambda conv, x: conv(x, torch.randn(6, 4, 3, 3), torch.randn(5)),
+}
+
+
+@pytest.mark.parametrize("call", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_input_raises_torchs_error(call):
+    device = device_for("triton")
+    x = torch.randn(2, 4, 6, 6, device=device)
+    with pytest.raises(Exception) as theirs:
+        call(F.conv2d, x)
+    with pytest.raises(type(theirs.value)):
+        call(lambda *a, **k: vkernels.conv2d_relu(*a, **k, backend="triton"), x)
+
+
+def test_residual_of_wrong_shape_raises():
+    x = torch.randn(2, 4, 6, 6, device=device_for("triton"))
+    with pytest.raises(RuntimeError, match="residual"):
+        vkernels.conv2d_relu(x, torch.randn(6, 4, 3, 3), residual=torch.randn(2, 6, 4, 5), backend="triton")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend):
+    device = device_for(backend)
+    x = torch.randn(2, 4, 6, 7, device=device, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    r = torch.randn(2, 6, 3, 4, device=device, requires_grad=True)
+    op = getattr(torch.ops.vkernels, f"conv2d_relu_{backend}").default
+    torch.library.opcheck(op, (x, w, b, r, [2, 2], [1, 1], [1, 1], 1, [3, 4]))
+    torch.library.opcheck(op, (x.detach().contiguous(memory_format=torch.channels_last), w, None, None, [1, 1], [0, 0], [1, 1], 1, [4, 5]))

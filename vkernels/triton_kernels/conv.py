@@ -1,0 +1,584 @@
+"""Fused conv2d + bias + residual + ReLU as Triton implicit GEMMs: forward, input and weight gradients.
+
+A convolution is a GEMM whose operands are gathered on the fly, with no im2col buffer:
+- forward: out[pixel, cout] = sum over (tap, cin) of input[pixel moved by tap, cin] * weight[cout, cin, tap],
+  then bias, residual and ReLU in the epilogue, so the pre-activation never reaches memory;
+- input gradient: the same kernel run transposed: grad_input[pixel, cin] = sum over (tap, cout) of
+  grad_out[pixel moved back by tap, cout] * weight[cout, cin, tap];
+- weight gradient: grad_weight[cout, (tap, cin)] = sum over output pixels of grad_out * moved input,
+  which also yields grad_bias and the materialised grad_residual from the same grad_out tiles.
+The ReLU mask (out > 0) is applied to grad_out as it is loaded. Tensors are read through their strides;
+with channels_last every channel block is one contiguous load.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from vkernels.shapes import is_channels_last, memory_format
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Channels per group from which K is walked tap by tap (every block of channels a contiguous load);
+# below it K runs over (tap, channel) pairs so that e.g. the RGB stem does not pad 3 channels to a block.
+_TAP_MAJOR_CHANNELS = 16
+
+
+def _conv_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    ]
+
+
+def _weight_grad_configs():
+    # BLOCK_M is the reduction (pixel) step; the tile is BLOCK_N couts x BLOCK_K (tap, cin) columns.
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    ]
+
+
+@triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Tile (pid_m, pid_n) of program pid, walking GROUP_M row tiles down each column of tiles so that
+    consecutive programs share weight tiles and input rows in L2."""
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % rows, (pid % width) // rows
+
+
+@triton.jit
+def _phase_taps(phase, pad, dilation, stride, KSIZE: tl.constexpr):
+    """First tap and number of taps along one axis that connect input positions congruent to `phase`
+    (mod stride) to output positions: tap k does iff phase + pad - k*dilation is a multiple of stride.
+    The launcher passes the spacing of those taps, stride / gcd(stride, dilation)."""
+    first = KSIZE
+    count = 0
+    for j in tl.static_range(KSIZE):
+        k = KSIZE - 1 - j  # descending, so that the last hit written is the first tap
+        hit = (phase + pad - k * dilation) % stride == 0
+        first = tl.where(hit, k, first)
+        count += hit.to(tl.int32)
+    return first, count
+
+
+@triton.jit
+def _tap_shift(k, phase, pad, dilation, stride, TRANSPOSED: tl.constexpr):
+    """Source coordinate minus the destination's scaled coordinate for tap k (scalar or vector).
+    Forward: in = out*stride + k*dilation - pad. Transposed, for an input position phase + i*stride:
+    out = i + (phase + pad - k*dilation) / stride, an exact division for the phase's taps."""
+    if TRANSPOSED:
+        return (phase + pad - k * dilation) // stride
+    else:
+        return k * dilation - pad
+
+
+@triton.jit
+def _load_nchw(ptr, s_n, s_c, s_h, s_w, relu_out_ptr, o_n, o_c, o_h, o_w, n, c, h, w, valid,
+               MASK_BY_RELU: tl.constexpr):
+    """tensor[n, c, h, w] for broadcastable index blocks, zero where not valid; with MASK_BY_RELU the
+    tensor is grad_out and the ReLU's mask (out > 0) is applied as it is loaded."""
+    # the pixel part first: it stays a column vector when only c varies along the block's columns
+    value = tl.load(ptr + ((n * s_n + h * s_h + w * s_w) + c * s_c), mask=valid, other=0.0)
+    if MASK_BY_RELU:
+        out = tl.load(relu_out_ptr + ((n * o_n + h * o_h + w * o_w) + c * o_c), mask=valid, other=0.0)
+        value = tl.where(out > 0, value, 0.0)
+    return value
+
+
+@triton.autotune(
+    configs=_conv_configs(),
+    key=["BATCH", "SRC_H", "SRC_W", "DST_H", "DST_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW", "KH", "KW",
+         "TRANSPOSED", "DEPTHWISE", "MASK_SRC_BY_RELU"],
+)
+@triton.jit
+def _conv2d_implicit_gemm_kernel(
+    src_ptr, weight_ptr, dst_ptr, bias_ptr, residual_ptr, relu_out_ptr,
+    BATCH, SRC_H, SRC_W, DST_H, DST_W, K_CH, N_CH,
+    src_sn, src_sc, src_sh, src_sw,
+    w_sk, w_sn, w_sh, w_sw, w_group_stride,
+    dst_sn, dst_sc, dst_sh, dst_sw,
+    res_sn, res_sc, res_sh, res_sw,
+    relu_sn, relu_sc, relu_sh, relu_sw,
+    SH, SW, PH, PW, DH, DW, TAP_STEP_H, TAP_STEP_W,
+    KH: tl.constexpr, KW: tl.constexpr,
+    TRANSPOSED: tl.constexpr, DEPTHWISE: tl.constexpr, POINTWISE: tl.constexpr, TAP_MAJOR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
+    MASK_SRC_BY_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dst[pixel, n-channel] = sum over (tap, k-channel) of src[pixel moved by tap, k-channel] * weight.
+
+    Forward: src = input, dst = out, k-channels = cin of the group, n-channels = cout of the group.
+    TRANSPOSED (input gradient): src = grad_out, dst = grad_input, k = cout, n = cin; destination pixels
+    are split by phase (position mod stride, grid axis 2), so that every pixel of a program meets the
+    same taps and no MMA is spent on taps that fall between output pixels.
+    Grid: (pixel tiles x n-channel tiles, groups, phases).
+    """
+    group = tl.program_id(1)
+    if TRANSPOSED:
+        phase_h = tl.program_id(2) // SW
+        phase_w = tl.program_id(2) % SW
+        dst_step_h = SH
+        dst_step_w = SW
+        src_step_h = 1
+        src_step_w = 1
+        first_h, count_h = _phase_taps(phase_h, PH, DH, SH, KH)
+        first_w, count_w = _phase_taps(phase_w, PW, DW, SW, KW)
+    else:
+        phase_h = 0
+        phase_w = 0
+        dst_step_h = 1
+        dst_step_w = 1
+        src_step_h = SH
+        src_step_w = SW
+        first_h = 0
+        first_w = 0
+        count_h = KH
+        count_w = KW
+
+    rows = tl.cdiv(DST_H - phase_h, dst_step_h)
+    cols = tl.cdiv(DST_W - phase_w, dst_step_w)
+    m_total = BATCH * rows * cols
+    num_pid_m = tl.cdiv(BATCH * tl.cdiv(DST_H, dst_step_h) * tl.cdiv(DST_W, dst_step_w), BLOCK_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(N_CH, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= m_total:  # the grid is sized for phase 0, the largest
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < m_total
+    n = (offs_m // (rows * cols)).to(tl.int64)
+    i_h = (offs_m % (rows * cols)) // cols
+    i_w = offs_m % cols
+    base_h = i_h * src_step_h
+    base_w = i_w * src_step_w
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N_CH
+    offs_k = tl.arange(0, BLOCK_K)
+    w_base = weight_ptr + group * w_group_stride
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if DEPTHWISE:
+        # groups == channels: each channel only meets itself, so per tap the GEMM is a multiply-add
+        # over a [pixels, channels] tile
+        for tap in range(count_h * count_w):
+            kh = first_h + (tap // count_w) * TAP_STEP_H
+            kw = first_w + (tap % count_w) * TAP_STEP_W
+            src_h = base_h + _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)
+            src_w = base_w + _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)
+            row_ok = m_ok & (src_h >= 0) & (src_h < SRC_H) & (src_w >= 0) & (src_w < SRC_W)
+            a = _load_nchw(src_ptr, src_sn, src_sc, src_sh, src_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
+                           n[:, None], offs_n[None, :], src_h[:, None], src_w[:, None],
+                           row_ok[:, None] & n_ok[None, :], MASK_SRC_BY_RELU)
+            b = tl.load(w_base + offs_n * w_sn + kh * w_sh + kw * w_sw, mask=n_ok, other=0.0)
+            acc += a.to(tl.float32) * b.to(tl.float32)[None, :]
+    else:
+        if POINTWISE:
+            num_steps = tl.cdiv(K_CH, BLOCK_K)
+        elif TAP_MAJOR:
+            c_blocks = tl.cdiv(K_CH, BLOCK_K)
+            num_steps = count_h * count_w * c_blocks
+        else:
+            k_total = count_h * count_w * K_CH
+            num_steps = tl.cdiv(k_total, BLOCK_K)
+        # one flat loop over K (not taps x channel blocks) so that the pipeliner overlaps every step
+        for step in range(num_steps):
+            if POINTWISE:
+                # 1x1, stride 1, no padding: a plain GEMM, row addresses loop-invariant, no bounds checks
+                c = step * BLOCK_K + offs_k
+                k_ok = c < K_CH
+                w_tap = 0
+                valid = m_ok[:, None] & k_ok[None, :]
+                src_h = base_h[:, None]
+                src_w = base_w[:, None]
+            else:
+                if TAP_MAJOR:
+                    # K ordered (kh, kw, channel block): the tap is a scalar, bounds a column vector
+                    tap = step // c_blocks
+                    c = (step % c_blocks) * BLOCK_K + offs_k
+                    k_ok = c < K_CH
+                    kh = first_h + (tap // count_w) * TAP_STEP_H
+                    kw = first_w + (tap % count_w) * TAP_STEP_W
+                    shift_h = _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)
+                    shift_w = _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)
+                    w_tap = kh * w_sh + kw * w_sw
+                else:
+                    # K ordered (tap, channel) element by element: taps vary along the block's columns
+                    k = step * BLOCK_K + offs_k
+                    k_ok = k < k_total
+                    tap = k // K_CH
+                    c = k % K_CH
+                    kh = first_h + (tap // count_w) * TAP_STEP_H
+                    kw = first_w + (tap % count_w) * TAP_STEP_W
+                    shift_h = _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)[None, :]
+                    shift_w = _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)[None, :]
+                    w_tap = (kh * w_sh + kw * w_sw)[:, None]
+                src_h = base_h[:, None] + shift_h
+                src_w = base_w[:, None] + shift_w
+                valid = (m_ok[:, None] & k_ok[None, :]
+                         & (src_h >= 0) & (src_h < SRC_H) & (src_w >= 0) & (src_w < SRC_W))
+            a = _load_nchw(src_ptr, src_sn, src_sc, src_sh, src_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
+                           n[:, None], (group * K_CH + c)[None, :], src_h, src_w, valid, MASK_SRC_BY_RELU)
+            b = tl.load(w_base + c[:, None] * w_sk + w_tap + offs_n[None, :] * w_sn,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    dst_h = phase_h + i_h * dst_step_h
+    dst_w = phase_w + i_w * dst_step_w
+    channel = group * N_CH + offs_n
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + channel, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + ((n * res_sn + dst_h * res_sh + dst_w * res_sw)[:, None]
+                                           + channel[None, :] * res_sc), mask=out_ok, other=0.0)
+        acc += residual.to(tl.float32)
+    if APPLY_RELU:
+        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as in torch.relu
+    tl.store(dst_ptr + ((n * dst_sn + dst_h * dst_sh + dst_w * dst_sw)[:, None] + channel[None, :] * dst_sc),
+             acc.to(dst_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.autotune(
+    configs=_weight_grad_configs(),
+    key=["BATCH", "H", "W", "OH", "OW", "CIN_G", "COUT_G", "SH", "SW", "DH", "DW", "KH", "KW", "DEPTHWISE",
+         "COMPUTE_WEIGHT"],
+)
+@triton.jit
+def _conv2d_weight_grad_kernel(
+    input_ptr, grad_ptr, relu_out_ptr, grad_weight_ptr, grad_bias_ptr, grad_residual_ptr,
+    BATCH, H, W, OH, OW, CIN_G, COUT_G,
+    x_sn, x_sc, x_sh, x_sw,
+    g_sn, g_sc, g_sh, g_sw,
+    relu_sn, relu_sc, relu_sh, relu_sw,
+    gr_sn, gr_sc, gr_sh, gr_sw,
+    gw_split, gw_s0, gw_s1, gw_s2, gw_s3, gb_split,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr,
+    DEPTHWISE: tl.constexpr, TAP_MAJOR: tl.constexpr, COMPUTE_WEIGHT: tl.constexpr, COMPUTE_BIAS: tl.constexpr,
+    WRITE_MASKED_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grad_weight[cout, cin, kh, kw] = sum over output pixels of grad_out[pixel, cout] * input[pixel moved
+    by (kh, kw), cin]: a GEMM [couts x pixels] @ [pixels x (tap, cin)] reducing over N*OH*OW.
+
+    Grid: (cout tiles x column tiles, groups, splits). Split s sums a fixed contiguous range of pixel
+    blocks into its own partial slice (no atomics); the launcher adds the slices in a fixed order.
+    grad_bias and grad_residual (the masked grad_out) come from the grad_out tiles loaded for the GEMM:
+    every program sums its tile (branch-free; cheap next to the MMA) but only column tile 0 stores the
+    sums and the masked tile, so each element is written exactly once and no extra pass reads grad_out.
+    """
+    num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
+    pid_n = tl.program_id(0) % num_pid_n  # cout tiles fastest: neighbours share the input columns in L2
+    pid_k = tl.program_id(0) // num_pid_n
+    group = tl.program_id(1)
+    split = tl.program_id(2)
+    cout = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cout_ok = cout < COUT_G
+    channel = group * COUT_G + cout
+    m_total = BATCH * OH * OW
+    m_blocks = tl.cdiv(m_total, BLOCK_M)
+    blocks_per_split = tl.cdiv(m_blocks, tl.num_programs(2))
+    first_block = split * blocks_per_split
+    last_block = tl.minimum(first_block + blocks_per_split, m_blocks)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    if DEPTHWISE:
+        kh = pid_k // KW
+        kw = pid_k % KW
+        shift_h = kh * DH - PH
+        shift_w = kw * DW - PW
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        if TAP_MAJOR:
+            c_blocks = tl.cdiv(CIN_G, BLOCK_K)
+            tap = pid_k // c_blocks
+            c = (pid_k % c_blocks) * BLOCK_K + offs_k
+            k_ok = c < CIN_G
+            kh = tap // KW
+            kw = tap % KW
+            shift_h = kh * DH - PH
+            shift_w = kw * DW - PW
+        else:
+            k = pid_k * BLOCK_K + offs_k
+            k_ok = k < KH * KW * CIN_G
+            tap = k // CIN_G
+            c = k % CIN_G
+            kh = tap // KW
+            kw = tap % KW
+            shift_h = (kh * DH - PH)[None, :]
+            shift_w = (kw * DW - PW)[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+    for block in range(first_block, last_block):
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_total
+        n = (offs_m // (OH * OW)).to(tl.int64)
+        oh = (offs_m % (OH * OW)) // OW
+        ow = offs_m % OW
+        g_ok = cout_ok[:, None] & m_ok[None, :]
+        g = _load_nchw(grad_ptr, g_sn, g_sc, g_sh, g_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
+                       n[None, :], channel[:, None], oh[None, :], ow[None, :], g_ok, True)
+        if WRITE_MASKED_GRAD:
+            tl.store(grad_residual_ptr + ((n * gr_sn + oh * gr_sh + ow * gr_sw)[None, :] + channel[:, None] * gr_sc),
+                     g, mask=g_ok & (pid_k == 0))
+        if COMPUTE_BIAS:
+            bias_acc += tl.sum(g.to(tl.float32), axis=1)
+        if COMPUTE_WEIGHT:
+            if DEPTHWISE:
+                ih = oh * SH + shift_h
+                iw = ow * SW + shift_w
+                x_ok = g_ok & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
+                x = _load_nchw(input_ptr, x_sn, x_sc, x_sh, x_sw, input_ptr, x_sn, x_sc, x_sh, x_sw,
+                               n[None, :], channel[:, None], ih[None, :], iw[None, :], x_ok, False)
+                acc += tl.sum(g.to(tl.float32) * x.to(tl.float32), axis=1)
+            else:
+                ih = (oh * SH)[:, None] + shift_h
+                iw = (ow * SW)[:, None] + shift_w
+                x_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x = _load_nchw(input_ptr, x_sn, x_sc, x_sh, x_sw, input_ptr, x_sn, x_sc, x_sh, x_sw,
+                               n[:, None], (group * CIN_G + c)[None, :], ih, iw, x_ok, False)
+                acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION)
+
+    if COMPUTE_WEIGHT:
+        weight_ptrs = grad_weight_ptr + split * gw_split
+        if DEPTHWISE:
+            tl.store(weight_ptrs + channel * gw_s0 + kh * gw_s2 + kw * gw_s3,
+                     acc.to(grad_weight_ptr.dtype.element_ty), mask=cout_ok)
+        else:
+            tl.store(weight_ptrs + channel[:, None] * gw_s0 + (c * gw_s1 + kh * gw_s2 + kw * gw_s3)[None, :],
+                     acc.to(grad_weight_ptr.dtype.element_ty), mask=cout_ok[:, None] & k_ok[None, :])
+    if COMPUTE_BIAS:
+        tl.store(grad_bias_ptr + split * gb_split + channel, bias_acc.to(grad_bias_ptr.dtype.element_ty),
+                 mask=cout_ok & (pid_k == 0))
+
+
+def _cudnn_conv_uses_tf32() -> bool:
+    # torch >= 2.9 keeps a per-op setting (parents' settings propagate into it); reading the legacy
+    # allow_tf32 raises once legacy and new settings disagree
+    conv_settings = getattr(torch.backends.cudnn, "conv", None)
+    if conv_settings is None:
+        return torch.backends.cudnn.allow_tf32
+    return conv_settings.fp32_precision == "tf32"
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands use TF32 tensor cores exactly when torch's cuDNN convolutions do."""
+    if dtype == torch.float32 and not _INTERPRET and _cudnn_conv_uses_tf32():
+        return "tf32"
+    return "ieee"
+
+
+def _check_operands(*tensors: torch.Tensor) -> None:
+    dtype = tensors[0].dtype
+    assert dtype in (torch.float16, torch.bfloat16, torch.float32), (
+        f"conv2d_relu Triton kernels take float16, bfloat16 or float32, not {dtype}; route float64 to torch"
+    )
+    assert all(t.dtype == dtype for t in tensors), "conv2d_relu: all tensors must share one dtype"
+    assert all(t.dim() == 4 for t in tensors), "conv2d_relu Triton kernels take 4-D tensors"
+
+
+def _is_depthwise(weight: torch.Tensor, groups: int) -> bool:
+    """One input and one output channel per group: the GEMM degenerates to a per-channel stencil."""
+    return weight.shape[1] == 1 and weight.shape[0] == groups
+
+
+def _launch_implicit_gemm(src, weight, dst, bias, residual, relu_out, stride, padding, dilation, groups,
+                          transposed):
+    batch = dst.shape[0]
+    cout, cin_per_group = weight.shape[:2]
+    kh, kw = weight.shape[2:]
+    w_s0, w_s1, w_s2, w_s3 = weight.stride()
+    depthwise = _is_depthwise(weight, groups)
+    if transposed:
+        k_channels, n_channels, w_sk, w_sn = cout // groups, cin_per_group, w_s0, w_s1
+        dst_step = stride
+        # taps reaching one stride phase are spaced stride / gcd(stride, dilation) apart
+        tap_step = tuple(s // math.gcd(s, d) for s, d in zip(stride, dilation))
+        phases = stride[0] * stride[1]
+    else:
+        k_channels, n_channels, w_sk, w_sn = cin_per_group, cout // groups, w_s1, w_s0
+        dst_step, tap_step, phases = (1, 1), (1, 1), 1
+    grid_groups = groups
+    if depthwise:
+        n_channels, w_sn, grid_groups = cout, w_s0, 1
+    pointwise = not depthwise and (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+    m_max = batch * triton.cdiv(dst.shape[2], dst_step[0]) * triton.cdiv(dst.shape[3], dst_step[1])
+
+    def grid(meta):
+        return (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(n_channels, meta["BLOCK_N"]), grid_groups, phases)
+
+    absent = (0, 0, 0, 0)  # strides of a tensor not given; its pointer is a never-read placeholder
+    _conv2d_implicit_gemm_kernel[grid](
+        src, weight, dst,
+        dst if bias is None else bias,
+        dst if residual is None else residual,
+        dst if relu_out is None else relu_out,
+        batch, src.shape[2], src.shape[3], dst.shape[2], dst.shape[3], k_channels, n_channels,
+        *src.stride(),
+        w_sk, w_sn, w_s2, w_s3, (cout // groups) * w_s0,
+        *dst.stride(),
+        *(absent if residual is None else residual.stride()),
+        *(absent if relu_out is None else relu_out.stride()),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], tap_step[0], tap_step[1],
+        KH=kh, KW=kw, TRANSPOSED=transposed, DEPTHWISE=depthwise, POINTWISE=pointwise,
+        TAP_MAJOR=k_channels % _TAP_MAJOR_CHANNELS == 0,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=not transposed,
+        MASK_SRC_BY_RELU=relu_out is not None, INPUT_PRECISION=_dot_precision(src.dtype), GROUP_M=8,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _weight_grad_splits(pixels: int, tiles: int, device: torch.device) -> int:
+    """How many slices the pixel reduction is cut into: enough programs to fill the GPU twice over,
+    each slice long enough that writing its partial tile is cheap next to its reduction."""
+    if device.type == "cuda":
+        target, min_pixels = 2 * _multiprocessor_count(device.index or 0), 2048
+    else:  # the interpreter: a few slices, so that the split path is exercised on small tests
+        target, min_pixels = 6, 16
+    return max(1, min(triton.cdiv(target, tiles), pixels // min_pixels))
+
+
+def _launch_weight_grad(grad_out, out, input, weight, grad_weight, grad_bias, grad_residual,
+                        stride, padding, dilation, groups):
+    batch, _, out_h, out_w = grad_out.shape
+    cout, cin_per_group, kh, kw = weight.shape
+    depthwise = _is_depthwise(weight, groups)
+    tap_major = cin_per_group % _TAP_MAJOR_CHANNELS == 0
+    couts, grid_groups = (cout, 1) if depthwise else (cout // groups, groups)
+    compute_weight = grad_weight is not None
+
+    def column_tiles(block_k):
+        if not compute_weight:
+            return 1
+        if depthwise:
+            return kh * kw
+        if tap_major:
+            return kh * kw * triton.cdiv(cin_per_group, block_k)
+        return triton.cdiv(kh * kw * cin_per_group, block_k)
+
+    nominal_block = 16 if _INTERPRET else 64
+    tiles = triton.cdiv(couts, nominal_block) * column_tiles(nominal_block) * grid_groups
+    splits = _weight_grad_splits(batch * out_h * out_w, tiles, grad_out.device)
+
+    # one split writes straight into the gradients; more write float32 partials summed below
+    weight_target, bias_target = grad_weight, grad_bias
+    weight_strides = (0, *grad_weight.stride()) if compute_weight else (0,) * 5
+    if splits > 1 and compute_weight:
+        weight_target = torch.empty((splits, *weight.shape), dtype=torch.float32, device=weight.device)
+        weight_strides = weight_target.stride()
+    if splits > 1 and grad_bias is not None:
+        bias_target = torch.empty((splits, cout), dtype=torch.float32, device=weight.device)
+
+    def grid(meta):
+        return (triton.cdiv(couts, meta["BLOCK_N"]) * column_tiles(meta["BLOCK_K"]), grid_groups, splits)
+
+    # an output not asked for gets a placeholder pointer that its constexpr switch never touches
+    _conv2d_weight_grad_kernel[grid](
+        input, grad_out, out,
+        grad_out if weight_target is None else weight_target,
+        grad_out if bias_target is None else bias_target,
+        grad_out if grad_residual is None else grad_residual,
+        batch, input.shape[2], input.shape[3], out_h, out_w, cin_per_group, couts,
+        *input.stride(),
+        *grad_out.stride(),
+        *out.stride(),
+        *((0, 0, 0, 0) if grad_residual is None else grad_residual.stride()),
+        *weight_strides, cout if splits > 1 else 0,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kh, KW=kw, DEPTHWISE=depthwise, TAP_MAJOR=tap_major, COMPUTE_WEIGHT=compute_weight,
+        COMPUTE_BIAS=grad_bias is not None, WRITE_MASKED_GRAD=grad_residual is not None,
+        INPUT_PRECISION=_dot_precision(input.dtype),
+    )
+    if splits > 1:
+        # the partial slices are added in index order: the same sum every run
+        if compute_weight:
+            grad_weight.copy_(weight_target.sum(0))
+        if grad_bias is not None:
+            grad_bias.copy_(bias_target.sum(0))
+
+
+def conv2d_relu_forward(input, weight, bias, residual, stride, padding, dilation, groups, output_size):
+    """out = relu(conv2d(input, weight, bias, stride, padding, dilation, groups) + residual).
+
+    input (N, Cin, H, W) and weight (Cout, Cin/groups, KH, KW) with any strides; bias (Cout,) or None;
+    residual None or out's shape (any strides); padding = (top, left); positions past the input on
+    any side read as zero, so torch's asymmetric 'same' padding is expressed through output_size.
+    out has input's dtype and memory format (channels_last iff shapes.is_channels_last(input)).
+    """
+    _check_operands(input, weight)
+    batch, in_channels = input.shape[:2]
+    cout, cin_per_group = weight.shape[:2]
+    assert in_channels == cin_per_group * groups and cout % groups == 0, "conv2d_relu: channels do not match groups"
+    out = torch.empty((batch, cout, *output_size), dtype=input.dtype, device=input.device,
+                      memory_format=memory_format(is_channels_last(input)))
+    assert residual is None or residual.shape == out.shape, "conv2d_relu: residual must have the output's shape"
+    assert bias is None or bias.shape == (cout,), "conv2d_relu: bias must have shape (Cout,)"
+    if out.numel() == 0:
+        return out
+    _launch_implicit_gemm(input, weight, out, bias, residual, None, stride, padding, dilation, groups, transposed=False)
+    return out
+
+
+def conv2d_relu_backward(grad_out, out, input, weight, stride, padding, dilation, groups, needs, channels_last):
+    """(grad_input, grad_weight, grad_bias, grad_residual) of conv2d_relu_forward, None where
+    needs = (input, weight, bias, residual) is False; the ReLU mask is recovered from out > 0.
+    grad_input and grad_residual are channels_last iff ``channels_last`` (the forward's format).
+
+    When grad_residual is needed it is the masked grad_out, written by the weight-gradient kernel
+    while it reads grad_out anyway; the input-gradient kernel then reads that one tensor instead of
+    grad_out and out. Otherwise each kernel masks grad_out as it loads it. All sums are
+    deterministic: the weight and bias reductions are split into slices added in a fixed order.
+    """
+    _check_operands(grad_out, out, input, weight)
+    need_input, need_weight, need_bias, need_residual = needs
+    device = input.device
+    grad_input = grad_weight = grad_bias = grad_residual = None
+    if need_input:
+        grad_input = torch.empty(input.shape, dtype=input.dtype, device=device,
+                                 memory_format=memory_format(channels_last))
+    if need_weight:
+        grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device,
+                                  memory_format=memory_format(is_channels_last(weight)))
+    if need_bias:
+        grad_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
+    if need_residual:
+        grad_residual = torch.empty(out.shape, dtype=grad_out.dtype, device=device,
+                                    memory_format=memory_format(channels_last))
+    if grad_out.numel() == 0 or input.numel() == 0:
+        for grad in (grad_input, grad_weight, grad_bias):
+            if grad is not None:
+                grad.zero_()
+        return grad_input, grad_weight, grad_bias, grad_residual
+
+    if need_weight or need_bias or need_residual:
+        _launch_weight_grad(grad_out, out, input, weight, grad_weight, grad_bias, grad_residual,
+                            stride, padding, dilation, groups)
+    if need_input:
+        if grad_residual is not None:
+            _launch_implicit_gemm(grad_residual, weight, grad_input, None, None, None,
+                                  stride, padding, dilation, groups, transposed=True)
+        else:
+            _launch_implicit_gemm(grad_out, weight, grad_input, None, None, out,
+                                  stride, padding, dilation, groups, transposed=True)
+    return grad_input, grad_weight, grad_bias, grad_residual
