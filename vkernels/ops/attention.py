@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vkernels import dispatch
+from vkernels.ops.library import backend_op, define_backend_ops
 from vkernels.shapes import attention_batch_shape
 from vkernels.triton_kernels import attention as triton_attention
 
@@ -30,13 +31,6 @@ TRITON_LAUNCHERS = {
     "attention_backward": triton_attention.attention_backward,
 }
 
-_library = torch.library.Library("vkernels", "FRAGMENT")
-for _backend in dispatch.KERNEL_BACKENDS:
-    for _name, _schema in SCHEMAS.items():
-        _library.define(f"{_name}_{_backend}{_schema}")
-for _name, _launcher in TRITON_LAUNCHERS.items():
-    for _device in ("CPU", "CUDA"):
-        _library.impl(f"{_name}_triton", _launcher, _device)
 
 
 def _attention_fake(query, key, value, attn_mask, is_causal, scale):
@@ -55,22 +49,20 @@ def _save_for_backward(ctx, inputs, output):
     ctx.is_causal, ctx.scale = is_causal, scale
 
 
-def _register(backend: str) -> None:
-    name = f"vkernels::attention_{backend}"
-    backward_op = getattr(torch.ops.vkernels, f"attention_backward_{backend}").default
+def _register_autograd(backend: str) -> None:
+    backward_op = backend_op("attention_backward", backend)
 
     def backward(ctx, grad_out, _grad_lse):
         query, key, value, out, lse, attn_mask = ctx.saved_tensors
         grads = backward_op(grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale)
         return *grads, None, None, None
 
-    torch.library.register_fake(name, _attention_fake)
-    torch.library.register_fake(f"vkernels::attention_backward_{backend}", _attention_backward_fake)
-    torch.library.register_autograd(name, backward, setup_context=_save_for_backward)
+    torch.library.register_autograd(f"vkernels::attention_{backend}", backward, setup_context=_save_for_backward)
 
 
+define_backend_ops(SCHEMAS, {"attention": _attention_fake, "attention_backward": _attention_backward_fake}, TRITON_LAUNCHERS)
 for _backend in dispatch.KERNEL_BACKENDS:
-    _register(_backend)
+    _register_autograd(_backend)
 
 
 def _kernel_limits(query, key, value, attn_mask, dropout_p) -> dict[str, str]:
@@ -136,5 +128,5 @@ def attention(
     mask = None if attn_mask is None else _as_4d(attn_mask.expand(*batch, query_len, key_len), batch)
     if chosen == "cuda":  # the CUDA kernels read rows of the head dim as contiguous vectors
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, _ = getattr(torch.ops.vkernels, f"attention_{chosen}")(q, k, v, mask, is_causal, scale)
+    out, _ = backend_op("attention", chosen)(q, k, v, mask, is_causal, scale)
     return out.view(*batch, query_len, value.shape[-1])

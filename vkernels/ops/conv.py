@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from vkernels import dispatch
+from vkernels.ops.library import backend_op, define_backend_ops
 from vkernels.shapes import conv2d_geometry, is_channels_last, memory_format
 from vkernels.triton_kernels import conv as triton_conv
 
@@ -31,13 +32,6 @@ TRITON_LAUNCHERS = {
     "conv2d_relu_backward": triton_conv.conv2d_relu_backward,
 }
 
-_library = torch.library.Library("vkernels", "FRAGMENT")
-for _backend in dispatch.KERNEL_BACKENDS:
-    for _name, _schema in SCHEMAS.items():
-        _library.define(f"{_name}_{_backend}{_schema}")
-for _name, _launcher in TRITON_LAUNCHERS.items():
-    for _device in ("CPU", "CUDA"):
-        _library.impl(f"{_name}_triton", _launcher, _device)
 
 
 def _conv2d_relu_fake(input, weight, bias, residual, stride, padding, dilation, groups, output_size):
@@ -67,8 +61,8 @@ def _save_for_backward(ctx, inputs, output):
     ctx.channels_last = is_channels_last(input)
 
 
-def _register(backend: str) -> None:
-    backward_op = getattr(torch.ops.vkernels, f"conv2d_relu_backward_{backend}").default
+def _register_autograd(backend: str) -> None:
+    backward_op = backend_op("conv2d_relu_backward", backend)
 
     def backward(ctx, grad_output):
         output, input, weight = ctx.saved_tensors
@@ -76,13 +70,14 @@ def _register(backend: str) -> None:
         grads = backward_op(grad_output, output, input, weight, *ctx.geometry, needs, ctx.channels_last)
         return *grads, None, None, None, None, None
 
-    torch.library.register_fake(f"vkernels::conv2d_relu_{backend}", _conv2d_relu_fake)
-    torch.library.register_fake(f"vkernels::conv2d_relu_backward_{backend}", _conv2d_relu_backward_fake)
     torch.library.register_autograd(f"vkernels::conv2d_relu_{backend}", backward, setup_context=_save_for_backward)
 
 
+define_backend_ops(
+    SCHEMAS, {"conv2d_relu": _conv2d_relu_fake, "conv2d_relu_backward": _conv2d_relu_backward_fake}, TRITON_LAUNCHERS
+)
 for _backend in dispatch.KERNEL_BACKENDS:
-    _register(_backend)
+    _register_autograd(_backend)
 
 
 def conv2d_relu(
@@ -118,7 +113,7 @@ def conv2d_relu(
         raise RuntimeError(f"conv2d_relu: input, weight and bias must share a dtype, got {input.dtype}, {weight.dtype}"
                            f"{'' if bias is None else f' and {bias.dtype}'}")
     batched = input.dim() == 4
-    out = getattr(torch.ops.vkernels, f"conv2d_relu_{chosen}")(
+    out = backend_op("conv2d_relu", chosen)(
         input if batched else input.unsqueeze(0),
         weight,
         bias,
