@@ -1,0 +1,24 @@
+"""vkernels: fused Triton and CUDA C++ kernels for vision models, as drop-ins for torch.nn.functional.
+
+Every public function takes torch's arguments plus ``backend=`` (``"triton"``, ``"cuda"``,
+``"torch"`` or ``"auto"``); see :mod:`vkernels.dispatch` for how a backend is chosen.
+"""
+from vkernels.dispatch import BackendUnavailableError, backends, use_backend
+from vkernels.ops.attention import attention
+from vkernels.ops.conv import conv2d_relu
+from vkernels.ops.pooling import adaptive_avg_pool2d, avg_pool2d, max_pool2d
+from vkernels import nn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "adaptive_avg_pool2d",
+    "attention",
+    "avg_pool2d",
+    "backends",
+    "conv2d_relu",
+    "max_pool2d",
+    "nn",
+    "use_backend",
+]
