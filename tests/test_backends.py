@@ -31,7 +31,7 @@ def test_auto_selects_a_verified_available_kernel_on_cuda(monkeypatch):
     monkeypatch.setitem(dispatch._STATUS, "cuda", available)
     monkeypatch.setitem(dispatch._STATUS, "triton", available)
     monkeypatch.setattr(dispatch, "TRITON_INTERPRETED", False)
-    monkeypatch.setattr(dispatch, "_has_cuda_kernel", lambda op: True)
+    monkeypatch.setattr(dispatch, "has_cuda_kernel", lambda op: True)
     cuda = torch.device("cuda")
     assert dispatch.choose("pooling", None, cuda, torch.float16, POOLING_DTYPES, op="max_pool2d") == "cuda"
     # a per-input limit moves auto to the next verified backend, then to torch

@@ -91,7 +91,7 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown vkernels backend {name!r}; expected one of {(*BACKENDS, 'auto')}")
 
 
-def _has_cuda_kernel(op: str) -> bool:
+def has_cuda_kernel(op: str) -> bool:
     """Whether vkernels._C registered a CUDA kernel for ``vkernels::<op>_cuda``."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"vkernels::{op}_cuda", "CUDA")
 
@@ -103,7 +103,7 @@ def _unfit_reason(backend: str, op: str, device: torch.device, dtype: torch.dtyp
         return status.reason
     if backend == "torch":
         return None
-    if backend == "cuda" and not _has_cuda_kernel(op):
+    if backend == "cuda" and not has_cuda_kernel(op):
         return f"vkernels._C has no CUDA kernel for {op} yet"
     if dtype not in dtypes:
         return f"dtype {dtype} is not one of {[str(d).removeprefix('torch.') for d in dtypes]}"

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One GPU lease, one call, from the repository root:  bash bench/gpu_run.sh
+# Builds the CUDA extension, runs every test (CUDA ones included), compute-sanitizer memcheck over
+# the CUDA tests, then both benchmarks. Each stage has a time budget and a failing stage does not
+# stop the next; a summary of exit statuses comes last. Everything lands in $OUT (at most 8 files):
+#   gpu_run.log   every stage's output      junit.xml   the test suite's results
+#   bench/        results.json results.md speedup.png (python -m vkernels.bench)
+#   bench.json    pytest-benchmark's results with extra_info (GB/s, device times)
+set -o pipefail
+OUT=${OUT:-bench-results/gpu-run}  # $OUT is set on a lease; bench-results/ is git-ignored
+mkdir -p "$OUT"
+LOG="$OUT/gpu_run.log"
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if [ -z "${CUDA_HOME:-}" ]; then
+    if [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda
+    elif command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")"); export CUDA_HOME; fi
+fi
+
+START=$SECONDS
+SUMMARY=()
+# run_stage NAME DEADLINE COMMAND...: DEADLINE is seconds since the start by which the stage must
+# end, so time an early stage leaves unused passes on to the later ones (about 9 minutes in all).
+run_stage() {
+    local name=$1 deadline=$2; shift 2
+    local budget=$((deadline - (SECONDS - START))) began=$SECONDS status
+    if [ "$budget" -lt 10 ]; then
+        SUMMARY+=("$(printf '%-16s skipped: out of time' "$name")"); return
+    fi
+    echo "=== $name (budget ${budget}s): $*" | tee -a "$LOG"
+    timeout --kill-after=10 "$budget" "$@" 2>&1 | tee -a "$LOG"
+    status=$?
+    [ "$status" -eq 124 ] && echo "=== $name: TIMED OUT after ${budget}s" | tee -a "$LOG"
+    SUMMARY+=("$(printf '%-16s exit %-4s %4ss' "$name" "$status" "$((SECONDS - began))")")
+}
+
+run_stage info 20 bash -c "nvidia-smi; $PYTHON -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)'; nvcc --version | tail -2; echo CUDA_HOME=\$CUDA_HOME"
+
+# No internet there and torch is preinstalled: no build isolation, no dependencies, no index.
+export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+run_stage build 150 bash -c "$PYTHON -m pip install --no-build-isolation --no-deps --no-index -e . \
+    || { echo 'pip install -e failed; building in place instead'; $PYTHON setup.py build_ext --inplace; }"
+run_stage import 160 $PYTHON -c "import vkernels; print({name: tuple(s) for name, s in vkernels.backends().items()})"
+
+run_stage tests 270 $PYTHON -m pytest tests -x -q -rs --junitxml="$OUT/junit.xml"
+# Without the caching allocator every tensor is its own allocation, so memcheck sees overruns
+# that would otherwise land inside a cached block.
+run_stage memcheck 350 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+    --error-exitcode 1 $PYTHON -m pytest tests -m cuda -x -q -rs -p no:cacheprovider
+run_stage bench 470 $PYTHON -m vkernels.bench --out "$OUT/bench"
+run_stage pytest-bench 550 $PYTHON -m pytest bench/ --benchmark-only -q -rs -p no:cacheprovider \
+    --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,iqr,rounds
+
+# The call's reply carries only the end of the output: the main table, then the summary.
+[ -f "$OUT/bench/results.md" ] && cat "$OUT/bench/results.md"
+{
+    echo "=== summary (total $((SECONDS - START))s; files in $OUT)"
+    printf '%s\n' "${SUMMARY[@]}"
+} | tee -a "$LOG"

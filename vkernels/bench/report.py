@@ -1,0 +1,131 @@
+"""Results as a printed/markdown table, JSON and a PNG chart of speed-ups over stock PyTorch."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from vkernels.bench.case import BASELINE
+from vkernels.bench.runner import Result
+
+IMPLS_LEGEND = (
+    f"`{BASELINE}` = stock eager PyTorch (reference and speed-up baseline); `torch.compile` = stock "
+    "PyTorch under Inductor; `vk.<backend>` = the vkernels public function with `backend=<backend>`. "
+    "GB/s = bytes an ideal implementation moves / median time; % copy = that over the measured "
+    "copy bandwidth (device-to-device on GPUs)."
+)
+
+
+def format_time(ms: float | None) -> str:
+    if ms is None:
+        return "—"
+    if ms < 1:
+        return f"{ms * 1e3:.1f} µs"
+    if ms < 1000:
+        return f"{ms:.3f} ms"
+    return f"{ms / 1e3:.2f} s"
+
+
+def _number(value: float | None, suffix: str = "") -> str:
+    """Whole numbers from 100 up, else two or three significant digits (CPU runs are slow)."""
+    if value is None:
+        return "—"
+    return (f"{value:.0f}" if value >= 100 else f"{value:.3g}" if value >= 1 else f"{value:.2g}") + suffix
+
+
+def _check(result: Result, footnotes: dict[str, int]) -> str:
+    if result.status == "ok":
+        return "reference" if result.impl == BASELINE else f"ok ({result.rel_error:.1e})"
+    if result.status == "skipped":  # the same reason recurs on every case: say it once, below
+        return f"skipped [{footnotes.setdefault(f'{result.impl}: {result.note}', len(footnotes) + 1)}]"
+    return f"**{result.status.upper()}** {result.note}"
+
+
+def format_table(results: list[Result]) -> str:
+    """Markdown tables, one per op family, padded so they read as plain text too."""
+    with_flops = any(r.tflops is not None for r in results)
+    header = ["case", "impl", "median", "min", "IQR", "GB/s", "% copy"]
+    header += ["TFLOP/s"] if with_flops else []
+    header += [f"vs {BASELINE}", "check"]
+    sections = []
+    for family in dict.fromkeys(r.family for r in results):
+        rows, footnotes = [], {}
+        for r in (r for r in results if r.family == family):
+            row = [r.case, r.impl, format_time(r.median_ms), format_time(r.min_ms), format_time(r.iqr_ms),
+                   _number(r.gbps), _number(None if r.copy_fraction is None else 100 * r.copy_fraction, "%")]
+            row += [_number(r.tflops)] if with_flops else []
+            row += [_number(r.speedup, "×"), _check(r, footnotes)]
+            rows.append([cell.replace("|", "\\|") for cell in row])
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = [header, ["-" * w for w in widths], *rows]
+        table = "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines)
+        notes = "".join(f"\n\n[{number}] skipped {text}" for text, number in footnotes.items())
+        sections.append(f"### {family}\n\n{table}{notes}")
+    return "\n\n".join(sections)
+
+
+def machine_lines(machine: dict) -> list[str]:
+    lines = [
+        f"- date: {machine['date']}",
+        f"- device: {machine['device']}",
+        f"- versions: Python {machine['python']}, torch {machine['torch']}, Triton {machine['triton']}",
+        f"- command: `{machine['command']}`",
+        f"- copy bandwidth (one large tensor copy, bytes read + written): {_number(machine['copy_gbps'])} GB/s",
+    ]
+    if machine.get("matmul_tflops"):
+        lines.append(f"- bf16 matmul 8192³: {machine['matmul_tflops']:.0f} TFLOP/s")
+    lines += [f"- backend {name}: {status}" for name, status in machine["backends"].items()]
+    return lines
+
+
+def write_outputs(out_dir: Path, machine: dict, results: list[Result], problems: list[str], chart: bool = True) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path, chart_path = out_dir / "results.json", out_dir / "results.md", out_dir / "speedup.png"
+    json_path.write_text(json.dumps(
+        {"machine": machine, "problems": problems, "results": [dataclasses.asdict(r) for r in results]},
+        indent=1, ensure_ascii=False))
+    markdown = ["## " + machine["title"], "", *machine_lines(machine), "", IMPLS_LEGEND, "", format_table(results)]
+    if problems:
+        markdown += ["", "**Problems:**", "", *[f"- {p}" for p in problems]]
+    markdown_path.write_text("\n".join(markdown) + "\n")
+    if not chart:
+        return [json_path, markdown_path]
+    draw_speedups(chart_path, machine["title"], results)
+    return [json_path, markdown_path, chart_path]
+
+
+def draw_speedups(path: Path, title: str, results: list[Result]) -> None:
+    """Horizontal bars, one group per case, one bar per timed implementation other than BASELINE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in results if r.speedup is not None and r.impl != BASELINE]
+    cases = list(dict.fromkeys(r.case for r in timed))
+    impls = list(dict.fromkeys(r.impl for r in timed))
+    bar = 0.8 / max(len(impls), 1)
+    figure, axes = plt.subplots(figsize=(10, 1.2 + 0.22 * max(len(timed), 1) + 0.15 * len(cases)))
+    for k, impl in enumerate(impls):
+        rows = [(cases.index(r.case), r) for r in timed if r.impl == impl]
+        positions = [i + (k - (len(impls) - 1) / 2) * bar for i, _ in rows]
+        bars = axes.barh(positions, [r.speedup for _, r in rows], height=bar, label=impl)
+        for rectangle, (_, r) in zip(bars, rows):
+            if r.status != "ok":  # a wrong answer's speed means nothing: say so on the bar
+                rectangle.set_hatch("xx")
+                axes.text(rectangle.get_width(), rectangle.get_y() + bar / 2, f" {r.status.upper()}",
+                          va="center", fontsize=7, color="red")
+    axes.axvline(1.0, color="black", linewidth=0.8)
+    speedups = [r.speedup for r in timed]
+    if speedups and max(speedups) / min(speedups) > 20:  # e.g. interpreted Triton on a CPU
+        axes.set_xscale("log")
+        axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.set_yticks(range(len(cases)), cases, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel("speed-up over stock PyTorch (×, ratio of median times; > 1 is faster)")
+    axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
