@@ -65,7 +65,8 @@ class MultiheadAttention(_BackendChoice, torch.nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` plus ``backend=``; same parameters, state_dict and results.
 
     ``forward`` never returns attention weights from the kernels: ``need_weights=True`` (torch's
-    default) runs torch's own forward, so pass ``need_weights=False`` to use vkernels.
+    default) runs torch's own forward, so pass ``need_weights=False`` to use vkernels. A query whose
+    keys are all masked gives zeros on the kernel backends where torch gives NaN.
     """
 
     def extra_repr(self) -> str:  # torch's MultiheadAttention has no extra_repr of its own
