@@ -31,46 +31,56 @@ class Case:
     tolerance: float = 1e-5  # largest relative error against BASELINE that counts as a match
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 def tolerance(dtype: torch.dtype) -> float:
     """Relative error allowed against stock PyTorch: a few roundings in the output dtype."""
     return {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
 
 
-def forward_only(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Inputs], Outputs]:
-    return lambda inputs: forward(inputs["x"])
+def forward_only(forward: Callable[..., torch.Tensor], args: tuple[str, ...] = ("x",)) -> Callable[[Inputs], Outputs]:
+    """forward(*inputs[args]): the inputs named in ``args``, in that order."""
+    return lambda inputs: forward(*(inputs[name] for name in args))
 
 
-def forward_backward(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Inputs], Outputs]:
-    """The forward on inputs["x"] and its gradient for inputs["grad_out"]. autograd.grad returns the
-    gradient instead of accumulating it in x.grad, so repeated calls stay independent."""
+def forward_backward(forward: Callable[..., torch.Tensor], args: tuple[str, ...] = ("x",)) -> Callable[[Inputs], Outputs]:
+    """The forward on inputs[args] and, for inputs["grad_out"], the gradient of each of those inputs
+    that requires grad, in ``args`` order. autograd.grad returns the gradients instead of
+    accumulating them in .grad, so repeated calls stay independent."""
 
     def run(inputs: Inputs) -> Outputs:
-        out = forward(inputs["x"])
-        (grad_x,) = torch.autograd.grad(out, inputs["x"], inputs["grad_out"])
-        return out, grad_x
+        tensors = [inputs[name] for name in args]
+        out = forward(*tensors)
+        grads = torch.autograd.grad(out, [t for t in tensors if t.requires_grad], inputs["grad_out"])
+        return out, *grads
 
     return run
 
 
 def vkernels_impls(
-    forward_for_backend: Callable[[str], Callable[[torch.Tensor], torch.Tensor]],
+    op: str,
+    forward_for_backend: Callable[[str], Callable[..., torch.Tensor]],
     wrap: Callable[[Callable], Callable[[Inputs], Outputs]],
 ) -> tuple[dict[str, Callable[[Inputs], Outputs]], dict[str, str]]:
-    """One implementation "vk.<backend>" per vkernels backend; unavailable ones go to skipped with
-    the reason vkernels.backends() gives."""
+    """One implementation "vk.<backend>" per vkernels backend that can run ``op``; the others go to
+    skipped, with the reason vkernels.backends() gives or the missing CUDA kernel."""
     import vkernels
+    from vkernels.dispatch import has_cuda_kernel
 
     impls, skipped = {}, {}
     for backend, status in vkernels.backends().items():
         name = f"vk.{backend}"
-        if status.available:
-            impls[name] = wrap(forward_for_backend(backend))
-        else:
+        if not status.available:
             skipped[name] = status.reason
+        elif backend == "cuda" and not has_cuda_kernel(op):
+            skipped[name] = f"vkernels._C has no CUDA kernel for {op} yet"
+        else:
+            impls[name] = wrap(forward_for_backend(backend))
     return impls, skipped
 
 
-def compiled(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+def compiled(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Stock PyTorch under torch.compile (Inductor writes its own kernel). Static shapes: one case,
     one shape; the harness resets dynamo between cases so no case meets the recompile limit."""
     return torch.compile(forward, dynamic=False)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vkernels
-from vkernels.bench.case import Case, compiled, forward_backward, forward_only, tolerance, vkernels_impls
+from vkernels.bench.case import DTYPE_NAMES, Case, compiled, forward_backward, forward_only, tolerance, vkernels_impls
 
 # op -> (its arguments, how the case name shows them, bytes per output saved for the backward)
 POOLS = {
@@ -30,7 +30,6 @@ CPU_SHAPES = {  # small: the Triton interpreter takes ~0.1 s per thousand output
     "adaptive_avg_pool2d": (2, 16, 16, 16),
     "avg_pool2d": (2, 8, 16, 16),
 }
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -62,7 +61,7 @@ def pooling_case(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
 
     wrap = forward_backward if training else forward_only
     impls, skipped = vkernels_impls(
-        lambda backend: functools.partial(getattr(vkernels, op), **arguments, backend=backend), wrap)
+        op, lambda backend: functools.partial(getattr(vkernels, op), **arguments, backend=backend), wrap)
     if compile_skip:
         skipped["torch.compile"] = compile_skip
     else:

@@ -1,0 +1,84 @@
+"""Scaled dot-product attention at the issue's shapes on CUDA (bf16), and at tiny fp32 shapes on CPU.
+
+The baseline is F.scaled_dot_product_attention: torch picks its fastest backend (flash, cuDNN,
+memory-efficient or math) for each input. FLOPs, as in the FlashAttention benchmarks: two matmuls
+of 2·B·H·Lq·Lk·D each forward, 2.5× that for the backward (five matmuls), halved when causal.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+import vkernels
+from vkernels.bench.case import DTYPE_NAMES, Case, forward_backward, forward_only, tolerance, vkernels_impls
+
+
+class Shape(NamedTuple):
+    label: str  # where the shape comes from
+    batch: int
+    heads: int
+    length: int  # Lq = Lk
+    head_dim: int
+    causal: bool = False
+    key_padding: bool = False  # a bool (B, 1, 1, L) mask with a random number of padded keys per sample
+
+
+CUDA_SHAPES = [
+    # FlashAttention-3's anchors: 16k tokens per batch, heads × head dim = 2048.
+    *(Shape("anchor", 8, 32, 2048, 64, causal) for causal in (False, True)),
+    *(Shape("anchor", 8, 16, 2048, 128, causal) for causal in (False, True)),
+    Shape("ViT-B/16@224", 256, 12, 197, 64),
+    Shape("ViT-B/16@384", 64, 12, 577, 64),  # batch 64, not 256: 4× fewer tokens keeps memory sane
+    Shape("ViT-H/14", 128, 16, 257, 80),
+    Shape("ViT-B/16@224 key-padding", 256, 12, 197, 64, key_padding=True),  # where SDPA leaves flash
+]
+CPU_SHAPES = [  # tiny: the Triton interpreter runs each program in numpy
+    Shape("tiny", 1, 2, 50, 32),
+    Shape("tiny", 1, 2, 50, 32, causal=True),
+    Shape("tiny", 1, 2, 50, 32, key_padding=True),
+]
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    return [attention_case(shape, dtype, device, direction)
+            for shape in (CUDA_SHAPES if on_gpu else CPU_SHAPES)
+            for direction in ("fwd", "fwd+bwd")]
+
+
+def attention_case(shape: Shape, dtype: torch.dtype, device: torch.device, direction: str) -> Case:
+    batch, heads, length, head_dim = shape.batch, shape.heads, shape.length, shape.head_dim
+    training = direction == "fwd+bwd"
+    args = ("query", "key", "value", "attn_mask") if shape.key_padding else ("query", "key", "value")
+
+    def make_inputs() -> dict[str, torch.Tensor]:
+        qkv = {name: torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype).requires_grad_(training)
+               for name in ("query", "key", "value")}
+        inputs = {**qkv, "grad_out": torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)}
+        if shape.key_padding:  # True = attend; every sample keeps at least half its keys
+            kept = torch.randint(length // 2, length + 1, (batch, 1, 1, 1), device=device)
+            inputs["attn_mask"] = torch.arange(length, device=device) < kept
+        return inputs
+
+    wrap = functools.partial(forward_backward if training else forward_only, args=args)
+    stock = functools.partial(F.scaled_dot_product_attention, is_causal=shape.causal)
+    impls, skipped = vkernels_impls(
+        "attention", lambda backend: functools.partial(vkernels.attention, is_causal=shape.causal, backend=backend), wrap)
+
+    flops = 4 * batch * heads * length * length * head_dim * (3.5 if training else 1) / (2 if shape.causal else 1)
+    attributes = " causal" if shape.causal else ""
+    attributes += " mask(B,1,1,L)" if shape.key_padding else ""
+    return Case(
+        name=f"attention {shape.label} B{batch} H{heads} L{length} D{head_dim}{attributes} {DTYPE_NAMES[dtype]} {direction}",
+        family="attention",
+        direction=direction,
+        make_inputs=make_inputs,
+        impls={"pytorch": wrap(stock), **impls},
+        skipped=skipped,
+        flops=int(flops),
+        tolerance=tolerance(dtype),
+    )

@@ -1,0 +1,103 @@
+"""conv2d + bias + ReLU at the issue's ResNet-50 layer shapes on CUDA (bf16, channels_last, batch
+256), and at tiny fp32 shapes on CPU.
+
+Stock eager runs cuDNN's conv, then the ReLU as its own kernel; torch.compile (default mode) fuses
+what Inductor can around cuDNN. FLOPs: 2·N·OH·OW·Cout·Cin/groups·KH·KW forward, 3× that for
+forward+backward (the input and the weight gradients are one such GEMM each).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+import vkernels
+from vkernels.bench.case import DTYPE_NAMES, Case, compiled, forward_backward, forward_only, tolerance, vkernels_impls
+
+ARGS = ("x", "weight", "bias")
+
+
+class Layer(NamedTuple):
+    label: str  # "3x3/2 128->128 @56"
+    in_channels: int
+    out_channels: int
+    size: int  # input height = width
+    kernel: int
+    stride: int = 1
+    groups: int = 1
+
+    @property
+    def padding(self) -> int:  # "same"-style padding, as ResNet pads
+        return self.kernel // 2
+
+
+CUDA_BATCH = 256
+CUDA_LAYERS = [
+    Layer("stem 7x7/2 3->64 @224", 3, 64, 224, 7, stride=2),
+    Layer("1x1 64->256 @56", 64, 256, 56, 1),
+    Layer("1x1 256->64 @56", 256, 64, 56, 1),
+    Layer("3x3 64->64 @56", 64, 64, 56, 3),
+    Layer("3x3 256->256 @14", 256, 256, 14, 3),
+    Layer("3x3/2 128->128 @56", 128, 128, 56, 3, stride=2),
+    Layer("depthwise 3x3 64 @56", 64, 64, 56, 3, groups=64),
+]
+CPU_BATCH = 2
+CPU_LAYERS = [Layer("3x3 8->16 @12", 8, 16, 12, 3)]  # tiny: the Triton interpreter runs each program in numpy
+
+
+def stock(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, layer: Layer) -> torch.Tensor:
+    return F.relu(F.conv2d(x, weight, bias, layer.stride, layer.padding, 1, layer.groups))
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    batch, layers = (CUDA_BATCH, CUDA_LAYERS) if on_gpu else (CPU_BATCH, CPU_LAYERS)
+    # Inductor's CPU code is not what we compete with, and it compiles for tens of seconds per case.
+    compile_skip = None if on_gpu else "timed on GPUs only (~20 s of compiling per case on a CPU)"
+    return [conv_case(layer, batch, dtype, device, direction, compile_skip)
+            for layer in layers for direction in ("fwd", "fwd+bwd")]
+
+
+def conv_case(layer: Layer, batch: int, dtype: torch.dtype, device: torch.device, direction: str,
+              compile_skip: str | None) -> Case:
+    training = direction == "fwd+bwd"
+    x_shape = (batch, layer.in_channels, layer.size, layer.size)
+    weight_shape = (layer.out_channels, layer.in_channels // layer.groups, layer.kernel, layer.kernel)
+    forward = functools.partial(stock, layer=layer)
+    meta = [torch.empty(shape, device="meta") for shape in (x_shape, weight_shape, (layer.out_channels,))]
+    out_shape = forward(*meta).shape
+
+    def make_inputs() -> dict[str, torch.Tensor]:
+        fan_in = weight_shape[1] * layer.kernel * layer.kernel  # unit-variance outputs, as after init
+        x = torch.randn(x_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = (torch.randn(weight_shape, device=device, dtype=dtype) / fan_in**0.5).contiguous(memory_format=torch.channels_last)
+        bias = torch.randn(layer.out_channels, device=device, dtype=dtype)
+        grad_out = torch.randn(out_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        tensors = {"x": x, "weight": weight, "bias": bias}
+        return {**{name: t.requires_grad_(training) for name, t in tensors.items()}, "grad_out": grad_out}
+
+    wrap = functools.partial(forward_backward if training else forward_only, args=ARGS)
+    impls, skipped = vkernels_impls(
+        "conv2d_relu",
+        lambda backend: functools.partial(vkernels.conv2d_relu, stride=layer.stride, padding=layer.padding,
+                                          groups=layer.groups, backend=backend),
+        wrap)
+    if compile_skip:
+        skipped["torch.compile"] = compile_skip
+    else:
+        impls = {"torch.compile": wrap(compiled(forward)), **impls}
+
+    flops = 2 * out_shape.numel() * weight_shape[1] * layer.kernel * layer.kernel
+    return Case(
+        name=f"conv2d_relu {layer.label} N{batch} {DTYPE_NAMES[dtype]} channels_last {direction}",
+        family="conv",
+        direction=direction,
+        make_inputs=make_inputs,
+        impls={"pytorch": wrap(forward), **impls},
+        skipped=skipped,
+        flops=flops * (3 if training else 1),
+        tolerance=tolerance(dtype),
+    )
