@@ -1,0 +1,966 @@
+// Fused conv2d + bias (+ residual) + ReLU, forward and backward, in CUDA C++. The op schemas are
+// defined in Python (vkernels/ops/conv.py); this file registers their CUDA implementations:
+//   conv2d_relu_cuda(input, weight, bias?, residual?, stride, padding, dilation, groups, output_size)
+//   conv2d_relu_backward_cuda(grad_out, out, input, weight, stride, padding, dilation, groups, needs,
+//                             channels_last) -> (grad_input?, grad_weight?, grad_bias?, grad_residual?)
+// Semantics are those of vkernels/triton_kernels/conv.py: out = relu(conv2d + bias + residual) with the
+// epilogue fused (the pre-activation is never written); padding = (top, left) and output positions
+// whose window reaches past the input read zeros there, which expresses torch's asymmetric 'same'.
+// The backward recovers the ReLU mask from out > 0 as it loads grad_out, and is deterministic: the
+// weight and bias reductions are split into slices summed in a fixed order, no atomics.
+//
+// Every convolution runs as an implicit GEMM (no im2col buffer); the operands are gathered from NHWC
+// activations on the fly, K ordered (kh, kw, channel) so that 8 consecutive K elements are one
+// 16-byte load whenever the channels per group are a multiple of 8:
+//   forward       [N*OH*OW x Cout_g] = sum over K = KH*KW*Cin_g of input[moved pixel, cin] * weight
+//                 (A = input rows, B = weight rows [cout][kh][kw][cin] = OHWI); bias, residual and
+//                 ReLU in the epilogue.
+//   input grad    [N*H*W x Cin_g] over K = (tap, cout): A = masked grad_out at pixel (ih + pad -
+//                 kh*dil) / stride, B = weight stored [cin][kh][kw][cout] (a small permuted copy).
+//                 Input pixels are split by phase (position mod stride, grid z), so that every pixel
+//                 of a block meets the same taps and no MMA is spent on taps between output pixels.
+//   weight grad   [KH*KW*Cin_g x Cout_g] reducing over the N*OH*OW pixels (A = moved input, B =
+//                 masked grad_out, both stored pixel-major: [k][m] and [k][n] tiles, read with
+//                 ldmatrix .trans); grid z splits the pixels into slices written as float32
+//                 partials, which a second kernel adds in slice order into the weight's format.
+// fp16/bf16 run on tensor cores (mma.sync m16n8k16, fp32 accumulators): 128x64x32 tiles, 4 warps of
+// 64x32, A and B double-buffered with cp.async (zero-filled outside the input). Operands that cannot
+// be copied 16 bytes at a time (channels per group not a multiple of 8, e.g. the RGB stem) or that
+// carry the ReLU mask go through registers instead: loaded before the MMAs of the current stage,
+// stored to shared memory after them. fp32 runs a plain-FMA tiled kernel (64x64x16) on the same
+// gathers, exact up to summation order. A convolution with fewer than 8 output channels per group
+// (depthwise) runs forward as a direct per-output loop; its gradients reuse the GEMM kernels.
+//
+// Host-side copies (documented costs): input, grad_out and out are read channels_last-contiguous
+// (NCHW tensors are copied once); the forward weight is read OHWI (copied when it is OIHW), the
+// input-gradient weight [cin][kh][kw][cout]. Residual, bias and all outputs use their own strides.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "mma.cuh"
+
+namespace vkernels {
+namespace {
+
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+
+// Tensor-core tiles: kThreads = 4 warps in a 2x2 grid, each warp 64 x 32 of the 128 x 64 tile.
+constexpr int kBlockM = 128, kBlockN = 64, kBlockK = 32, kThreads = 128;
+constexpr int kChunk = 8;  // 16-bit elements per 16-byte copy
+// Plain-FMA tiles: 256 threads, each 4 x 4 outputs.
+constexpr int kSimtM = 64, kSimtN = 64, kSimtK = 16, kSimtThreads = 256;
+// Weight-gradient slices hold a multiple of both K steps, so a slice never splits a K tile.
+constexpr int kSliceQuantum = 32;
+
+// A 4-D tensor read through its strides, in logical (N, C, H, W) order, in elements.
+struct View4 {
+  const void* data;
+  int64_t sn, sc, sh, sw;
+};
+
+struct ConvArgs {
+  View4 x;               // input (N, Cin, H, W)
+  View4 w;               // weight (Cout, Cin_g, KH, KW)
+  View4 g;               // grad_out (N, Cout, OH, OW)
+  const void* relu_out;  // out, with g's strides: grad_out is masked by out > 0 as it is loaded; null = no mask
+  View4 residual;        // data is null when there is none
+  const void* bias;      // contiguous (Cout,), or null
+  void* dst;             // forward: out; input gradient: grad_input (N, Cin, H, W)
+  int64_t dst_sn, dst_sc, dst_sh, dst_sw;
+  float* partial;        // weight gradient: (slices, groups, KH*KW*Cin_g, Cout_g) float32 sums
+  int batch, in_h, in_w, out_h, out_w, groups, cin_g, cout_g, kh, kw;
+  int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int slice_pixels;  // weight gradient: pixels per slice, a multiple of kSliceQuantum
+  bool vec_a, vec_b; // the A / B gathers may move 8 elements (16 bytes) at a time
+};
+
+// What one block computes: a GEMM of m_size x n_size over k in [k_begin, k_end), for one group
+// (grid y) and one input-gradient phase or weight-gradient slice (grid z).
+struct Block {
+  int group, m_size, n_size, k_begin, k_end;
+  int slice;
+  int phase_h, phase_w, rows, cols, first_h, first_w, count_w, step_h, step_w;  // input gradient
+};
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// out > 0 for the bits of an fp16/bf16 value: 0 < bits <= +inf (NaN, -0 and negatives are not).
+template <typename T>
+__device__ __forceinline__ bool positive_bits(uint32_t bits) {
+  constexpr uint32_t kInfBits = std::is_same_v<T, __half> ? 0x7c00u : 0x7f80u;
+  return ((bits - 1u) & 0xffffu) < kInfBits;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The three GEMMs: where element (m, k) of A and (n, k) of B live (-1: outside, reads zero), and
+// what happens to an accumulated element (m, n).
+// ---------------------------------------------------------------------------------------------
+
+struct ForwardOp {
+  static constexpr bool kTransposed = false;  // A tile [m][k], B tile [n][k]: K is the contiguous dim
+  static constexpr bool kMaskA = false, kMaskB = false;
+  __device__ static const void* a_data(const ConvArgs& a) { return a.x.data; }
+  __device__ static const void* b_data(const ConvArgs& a) { return a.w.data; }
+
+  __device__ static Block block(const ConvArgs& a, int group, int) {
+    Block b{};
+    b.group = group;
+    b.m_size = a.batch * a.out_h * a.out_w;
+    b.n_size = a.cout_g;
+    b.k_end = a.kh * a.kw * a.cin_g;
+    return b;
+  }
+  __device__ static int64_t a_offset(const ConvArgs& a, const Block& b, int m, int k) {
+    if (m >= b.m_size || k >= b.k_end) return -1;
+    const int ow = m % a.out_w, rest = m / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
+    const int c = k % a.cin_g, tap = k / a.cin_g;
+    const int ih = oh * a.stride_h - a.pad_h + (tap / a.kw) * a.dil_h;
+    const int iw = ow * a.stride_w - a.pad_w + (tap % a.kw) * a.dil_w;
+    if (ih < 0 || ih >= a.in_h || iw < 0 || iw >= a.in_w) return -1;
+    return img * a.x.sn + ih * a.x.sh + iw * a.x.sw + static_cast<int64_t>(b.group * a.cin_g + c) * a.x.sc;
+  }
+  __device__ static int64_t b_offset(const ConvArgs& a, const Block& b, int n, int k) {
+    if (n >= b.n_size || k >= b.k_end) return -1;
+    const int c = k % a.cin_g, tap = k / a.cin_g;
+    return static_cast<int64_t>(b.group * a.cout_g + n) * a.w.sn + c * a.w.sc + (tap / a.kw) * a.w.sh +
+           (tap % a.kw) * a.w.sw;
+  }
+  template <typename T>
+  __device__ static void store(const ConvArgs& a, const Block& b, int m, int n, float v) {
+    const int ow = m % a.out_w, rest = m / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
+    const int channel = b.group * a.cout_g + n;
+    if (a.bias != nullptr) v += to_float(static_cast<const T*>(a.bias)[channel]);
+    if (a.residual.data != nullptr) {
+      v += to_float(static_cast<const T*>(a.residual.data)[img * a.residual.sn + channel * a.residual.sc +
+                                                            oh * a.residual.sh + ow * a.residual.sw]);
+    }
+    v = v < 0.0f ? 0.0f : v;  // NaN stays NaN, as in torch.relu
+    static_cast<T*>(a.dst)[img * a.dst_sn + channel * a.dst_sc + oh * a.dst_sh + ow * a.dst_sw] = from_float<T>(v);
+  }
+};
+
+struct InputGradOp {
+  static constexpr bool kTransposed = false;
+  static constexpr bool kMaskA = true, kMaskB = false;
+  __device__ static const void* a_data(const ConvArgs& a) { return a.g.data; }
+  __device__ static const void* b_data(const ConvArgs& a) { return a.w.data; }
+
+  // Taps along one axis that connect input positions = phase (mod stride) to output positions: tap k
+  // does iff phase + pad - k*dil is a multiple of stride; they are `step` = stride / gcd apart.
+  __device__ static void phase_taps(int phase, int pad, int dil, int stride, int taps, int& first, int& count) {
+    first = 0;
+    count = 0;
+    for (int k = taps - 1; k >= 0; --k) {
+      if ((phase + pad - k * dil) % stride == 0) {
+        first = k;
+        ++count;
+      }
+    }
+  }
+  __device__ static int gcd(int a, int b) {
+    while (b != 0) {
+      const int t = a % b;
+      a = b;
+      b = t;
+    }
+    return a;
+  }
+  __device__ static Block block(const ConvArgs& a, int group, int phase) {
+    Block b{};
+    b.group = group;
+    b.phase_h = phase / a.stride_w;
+    b.phase_w = phase % a.stride_w;
+    b.rows = max(0, ceil_div(a.in_h - b.phase_h, a.stride_h));
+    b.cols = max(0, ceil_div(a.in_w - b.phase_w, a.stride_w));
+    int count_h;
+    phase_taps(b.phase_h, a.pad_h, a.dil_h, a.stride_h, a.kh, b.first_h, count_h);
+    phase_taps(b.phase_w, a.pad_w, a.dil_w, a.stride_w, a.kw, b.first_w, b.count_w);
+    b.step_h = a.stride_h / gcd(a.stride_h, a.dil_h);
+    b.step_w = a.stride_w / gcd(a.stride_w, a.dil_w);
+    b.m_size = a.batch * b.rows * b.cols;
+    b.n_size = a.cin_g;
+    b.k_end = count_h * b.count_w * a.cout_g;
+    return b;
+  }
+  __device__ static void tap_of(const ConvArgs& a, const Block& b, int k, int& co, int& kh, int& kw) {
+    co = k % a.cout_g;
+    const int tap = k / a.cout_g;
+    kh = b.first_h + (tap / b.count_w) * b.step_h;
+    kw = b.first_w + (tap % b.count_w) * b.step_w;
+  }
+  __device__ static int64_t a_offset(const ConvArgs& a, const Block& b, int m, int k) {
+    if (m >= b.m_size || k >= b.k_end) return -1;
+    const int j = m % b.cols, rest = m / b.cols, i = rest % b.rows, img = rest / b.rows;
+    int co, kh, kw;
+    tap_of(a, b, k, co, kh, kw);
+    // exact divisions: the phase's taps make the numerators multiples of the stride
+    const int oh = i + (b.phase_h + a.pad_h - kh * a.dil_h) / a.stride_h;
+    const int ow = j + (b.phase_w + a.pad_w - kw * a.dil_w) / a.stride_w;
+    if (oh < 0 || oh >= a.out_h || ow < 0 || ow >= a.out_w) return -1;
+    return img * a.g.sn + oh * a.g.sh + ow * a.g.sw + static_cast<int64_t>(b.group * a.cout_g + co) * a.g.sc;
+  }
+  __device__ static int64_t b_offset(const ConvArgs& a, const Block& b, int n, int k) {
+    if (n >= b.n_size || k >= b.k_end) return -1;
+    int co, kh, kw;
+    tap_of(a, b, k, co, kh, kw);
+    return static_cast<int64_t>(b.group * a.cout_g + co) * a.w.sn + n * a.w.sc + kh * a.w.sh + kw * a.w.sw;
+  }
+  template <typename T>
+  __device__ static void store(const ConvArgs& a, const Block& b, int m, int n, float v) {
+    const int j = m % b.cols, rest = m / b.cols, i = rest % b.rows, img = rest / b.rows;
+    const int ih = b.phase_h + i * a.stride_h, iw = b.phase_w + j * a.stride_w;
+    static_cast<T*>(a.dst)[img * a.dst_sn + static_cast<int64_t>(b.group * a.cin_g + n) * a.dst_sc + ih * a.dst_sh +
+                           iw * a.dst_sw] = from_float<T>(v);
+  }
+};
+
+// grad_weight^T: m = (tap, cin) column of the weight, n = cout of the group, k = output pixel.
+struct WeightGradOp {
+  static constexpr bool kTransposed = true;  // A tile [k][m], B tile [k][n]: M and N are contiguous
+  static constexpr bool kMaskA = false, kMaskB = true;
+  __device__ static const void* a_data(const ConvArgs& a) { return a.x.data; }
+  __device__ static const void* b_data(const ConvArgs& a) { return a.g.data; }
+
+  __device__ static Block block(const ConvArgs& a, int group, int slice) {
+    Block b{};
+    b.group = group;
+    b.slice = slice;
+    b.m_size = a.kh * a.kw * a.cin_g;
+    b.n_size = a.cout_g;
+    const int pixels = a.batch * a.out_h * a.out_w;
+    b.k_begin = min(pixels, slice * a.slice_pixels);
+    b.k_end = min(pixels, b.k_begin + a.slice_pixels);
+    return b;
+  }
+  __device__ static int64_t a_offset(const ConvArgs& a, const Block& b, int m, int k) {
+    if (m >= b.m_size || k >= b.k_end) return -1;
+    const int ow = k % a.out_w, rest = k / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
+    const int c = m % a.cin_g, tap = m / a.cin_g;
+    const int ih = oh * a.stride_h - a.pad_h + (tap / a.kw) * a.dil_h;
+    const int iw = ow * a.stride_w - a.pad_w + (tap % a.kw) * a.dil_w;
+    if (ih < 0 || ih >= a.in_h || iw < 0 || iw >= a.in_w) return -1;
+    return img * a.x.sn + ih * a.x.sh + iw * a.x.sw + static_cast<int64_t>(b.group * a.cin_g + c) * a.x.sc;
+  }
+  __device__ static int64_t b_offset(const ConvArgs& a, const Block& b, int n, int k) {
+    if (n >= b.n_size || k >= b.k_end) return -1;
+    const int ow = k % a.out_w, rest = k / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
+    return img * a.g.sn + oh * a.g.sh + ow * a.g.sw + static_cast<int64_t>(b.group * a.cout_g + n) * a.g.sc;
+  }
+  template <typename T>
+  __device__ static void store(const ConvArgs& a, const Block& b, int m, int n, float v) {
+    a.partial[(static_cast<int64_t>(b.slice) * a.groups + b.group) * b.m_size * b.n_size +
+              static_cast<int64_t>(m) * b.n_size + n] = v;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core implicit GEMM (fp16/bf16)
+// ---------------------------------------------------------------------------------------------
+
+// One 8-element chunk of an operand tile. `offset(e)` locates element e of the chunk (-1 = zero).
+// async: one cp.async of 16 bytes straight to shared memory (only the first element is located: the
+// host guarantees the 8 share a pixel and a tap). Otherwise into `staged` (registers), 16 bytes at a
+// time when `vec`, else element by element, and masked by relu_out > 0 when `mask` is set.
+template <typename T, typename Offset>
+__device__ __forceinline__ void fetch_chunk(uint4& staged, uint32_t smem_dst, const T* src, const T* mask, bool vec,
+                                            bool async, Offset offset) {
+  if (async) {
+    const int64_t o = offset(0);
+    cp_async_16(smem_dst, o >= 0 ? src + o : src, o >= 0);
+    return;
+  }
+  uint32_t words[4] = {0u, 0u, 0u, 0u};
+  if (vec) {
+    const int64_t o = offset(0);
+    if (o >= 0) {
+      const uint4 v = *reinterpret_cast<const uint4*>(src + o);
+      words[0] = v.x;
+      words[1] = v.y;
+      words[2] = v.z;
+      words[3] = v.w;
+      if (mask != nullptr) {
+        const uint4 keep = *reinterpret_cast<const uint4*>(mask + o);
+        const uint32_t keep_words[4] = {keep.x, keep.y, keep.z, keep.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t lo = positive_bits<T>(keep_words[i]) ? 0x0000ffffu : 0u;
+          const uint32_t hi = positive_bits<T>(keep_words[i] >> 16) ? 0xffff0000u : 0u;
+          words[i] &= lo | hi;
+        }
+      }
+    }
+  } else {
+    const uint16_t* src_bits = reinterpret_cast<const uint16_t*>(src);
+    const uint16_t* mask_bits = reinterpret_cast<const uint16_t*>(mask);
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) {
+      const int64_t o = offset(e);
+      uint32_t bits = 0u;
+      if (o >= 0) {
+        bits = src_bits[o];
+        if (mask_bits != nullptr && !positive_bits<T>(mask_bits[o])) bits = 0u;
+      }
+      words[e / 2] |= bits << (16 * (e % 2));
+    }
+  }
+  staged = make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+template <typename T, typename Op>
+__global__ void __launch_bounds__(kThreads) conv_mma_kernel(const ConvArgs args) {
+  constexpr bool kTr = Op::kTransposed;
+  // shared tiles are [rows][ld], the contiguous dim last, padded by 16 bytes so that the 8 row
+  // addresses of every ldmatrix phase fall into distinct bank groups
+  constexpr int kARows = kTr ? kBlockK : kBlockM, kACols = kTr ? kBlockM : kBlockK;
+  constexpr int kBRows = kTr ? kBlockK : kBlockN, kBCols = kTr ? kBlockN : kBlockK;
+  constexpr int kLdA = kACols + 8, kLdB = kBCols + 8;
+  constexpr int kAChunks = kARows * kACols / kChunk / kThreads, kBChunks = kBRows * kBCols / kChunk / kThreads;
+  static_assert(kAChunks * kChunk * kThreads == kARows * kACols && kBChunks * kChunk * kThreads == kBRows * kBCols);
+  __shared__ alignas(16) uint16_t smem_a[2][kARows * kLdA];
+  __shared__ alignas(16) uint16_t smem_b[2][kBRows * kLdB];
+
+  const Block blk = Op::block(args, blockIdx.y, blockIdx.z);
+  const int n_tiles = ceil_div(blk.n_size, kBlockN);
+  const int m0 = static_cast<int>(blockIdx.x / n_tiles) * kBlockM;
+  const int n0 = static_cast<int>(blockIdx.x % n_tiles) * kBlockN;
+  if (m0 >= blk.m_size) return;  // the input-gradient grid is sized for the largest phase
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = warp / 2, warp_n = warp % 2;
+  const T* a_src = static_cast<const T*>(Op::a_data(args));
+  const T* b_src = static_cast<const T*>(Op::b_data(args));
+  const T* a_mask = Op::kMaskA ? static_cast<const T*>(args.relu_out) : nullptr;
+  const T* b_mask = Op::kMaskB ? static_cast<const T*>(args.relu_out) : nullptr;
+  const bool a_async = args.vec_a && a_mask == nullptr;
+  const bool b_async = args.vec_b && b_mask == nullptr;
+  const int k_tiles = blk.k_end > blk.k_begin ? ceil_div(blk.k_end - blk.k_begin, kBlockK) : 0;
+
+  uint4 a_staged[kAChunks], b_staged[kBChunks];
+  // Chunk i of a tile: (row, col) with col a multiple of kChunk along the contiguous dim.
+  auto a_row = [&](int i) { return (tid + i * kThreads) / (kACols / kChunk); };
+  auto a_col = [&](int i) { return (tid + i * kThreads) % (kACols / kChunk) * kChunk; };
+  auto b_row = [&](int i) { return (tid + i * kThreads) / (kBCols / kChunk); };
+  auto b_col = [&](int i) { return (tid + i * kThreads) % (kBCols / kChunk) * kChunk; };
+
+  // Starts the loads of K tile kt into `stage`: cp.async chunks land by themselves, staged ones wait
+  // in registers for store_staged.
+  auto issue = [&](int kt, int stage) {
+    const int k0 = blk.k_begin + kt * kBlockK;
+#pragma unroll
+    for (int i = 0; i < kAChunks; ++i) {
+      const int r = a_row(i), c = a_col(i);
+      fetch_chunk<T>(a_staged[i], smem_u32(&smem_a[stage][r * kLdA + c]), a_src, a_mask, args.vec_a, a_async,
+                     [&](int e) {
+                       return kTr ? Op::a_offset(args, blk, m0 + c + e, k0 + r)
+                                  : Op::a_offset(args, blk, m0 + r, k0 + c + e);
+                     });
+    }
+#pragma unroll
+    for (int i = 0; i < kBChunks; ++i) {
+      const int r = b_row(i), c = b_col(i);
+      fetch_chunk<T>(b_staged[i], smem_u32(&smem_b[stage][r * kLdB + c]), b_src, b_mask, args.vec_b, b_async,
+                     [&](int e) {
+                       return kTr ? Op::b_offset(args, blk, n0 + c + e, k0 + r)
+                                  : Op::b_offset(args, blk, n0 + r, k0 + c + e);
+                     });
+    }
+    cp_async_commit();
+  };
+  auto store_staged = [&](int stage) {
+    if (!a_async) {
+#pragma unroll
+      for (int i = 0; i < kAChunks; ++i) {
+        *reinterpret_cast<uint4*>(&smem_a[stage][a_row(i) * kLdA + a_col(i)]) = a_staged[i];
+      }
+    }
+    if (!b_async) {
+#pragma unroll
+      for (int i = 0; i < kBChunks; ++i) {
+        *reinterpret_cast<uint4*>(&smem_b[stage][b_row(i) * kLdB + b_col(i)]) = b_staged[i];
+      }
+    }
+  };
+
+  float acc[4][4][4] = {};
+  if (k_tiles > 0) {
+    issue(0, 0);
+    store_staged(0);
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    // one barrier publishes tile kt and proves everyone is done reading the other stage (kt - 1)
+    cp_async_wait_all();
+    __syncthreads();
+    const bool more = kt + 1 < k_tiles;
+    if (more) issue(kt + 1, (kt + 1) % 2);
+    const uint32_t a_base = smem_u32(smem_a[kt % 2]), b_base = smem_u32(smem_b[kt % 2]);
+#pragma unroll
+    for (int kk = 0; kk < kBlockK; kk += 16) {
+      uint32_t af[4][4], bf[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) {
+        const int m = warp_m * 64 + mt * 16;
+        if constexpr (kTr) {
+          ldmatrix_x4_trans(af[mt], a_base + (kk * kLdA + m) * 2 + b_lane_offset<kLdA>(lane));
+        } else {
+          ldmatrix_x4(af[mt], a_base + (m * kLdA + kk) * 2 + a_lane_offset<kLdA>(lane));
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int n = warp_n * 32 + j * 16;
+        if constexpr (kTr) {
+          ldmatrix_x4_trans(bf[j], b_base + (kk * kLdB + n) * 2 + a_lane_offset<kLdB>(lane));
+        } else {
+          ldmatrix_x4(bf[j], b_base + (n * kLdB + kk) * 2 + b_lane_offset<kLdB>(lane));
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          mma_16816<T>(acc[mt][nt], af[mt], bf[nt / 2][(nt % 2) * 2], bf[nt / 2][(nt % 2) * 2 + 1]);
+        }
+      }
+    }
+    if (more) store_staged((kt + 1) % 2);
+  }
+
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int m = m0 + warp_m * 64 + mt * 16 + g + half * 8;
+      if (m >= blk.m_size) continue;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int n = n0 + warp_n * 32 + nt * 8 + 2 * t + e;
+          if (n < blk.n_size) Op::template store<T>(args, blk, m, n, acc[mt][nt][half * 2 + e]);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain-FMA implicit GEMM (fp32, exact) and the direct forward for few channels per group
+// ---------------------------------------------------------------------------------------------
+
+template <typename Op>
+__global__ void __launch_bounds__(kSimtThreads) conv_fma_kernel(const ConvArgs args) {
+  __shared__ float tile_a[kSimtK][kSimtM + 4];
+  __shared__ float tile_b[kSimtK][kSimtN + 4];
+  const Block blk = Op::block(args, blockIdx.y, blockIdx.z);
+  const int n_tiles = ceil_div(blk.n_size, kSimtN);
+  const int m0 = static_cast<int>(blockIdx.x / n_tiles) * kSimtM;
+  const int n0 = static_cast<int>(blockIdx.x % n_tiles) * kSimtN;
+  if (m0 >= blk.m_size) return;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const float* a_src = static_cast<const float*>(Op::a_data(args));
+  const float* b_src = static_cast<const float*>(Op::b_data(args));
+  const float* a_mask = Op::kMaskA ? static_cast<const float*>(args.relu_out) : nullptr;
+  const float* b_mask = Op::kMaskB ? static_cast<const float*>(args.relu_out) : nullptr;
+
+  float acc[4][4] = {};
+  for (int k0 = blk.k_begin; k0 < blk.k_end; k0 += kSimtK) {
+#pragma unroll
+    for (int i = 0; i < kSimtM * kSimtK / kSimtThreads; ++i) {
+      // consecutive threads walk the operand's contiguous dim (K, or M/N when transposed)
+      const int e = tid + i * kSimtThreads;
+      const int kk = Op::kTransposed ? e / kSimtM : e % kSimtK;
+      const int mm = Op::kTransposed ? e % kSimtM : e / kSimtK;
+      const int64_t o = Op::a_offset(args, blk, m0 + mm, k0 + kk);
+      tile_a[kk][mm] = o >= 0 && (a_mask == nullptr || a_mask[o] > 0.0f) ? a_src[o] : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < kSimtN * kSimtK / kSimtThreads; ++i) {
+      const int e = tid + i * kSimtThreads;
+      const int kk = Op::kTransposed ? e / kSimtN : e % kSimtK;
+      const int nn = Op::kTransposed ? e % kSimtN : e / kSimtK;
+      const int64_t o = Op::b_offset(args, blk, n0 + nn, k0 + kk);
+      tile_b[kk][nn] = o >= 0 && (b_mask == nullptr || b_mask[o] > 0.0f) ? b_src[o] : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kSimtK; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        a[i] = tile_a[kk][ty * 4 + i];
+        b[i] = tile_b[kk][tx * 4 + i];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = m0 + ty * 4 + i;
+    if (m >= blk.m_size) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = n0 + tx * 4 + j;
+      if (n < blk.n_size) Op::template store<float>(args, blk, m, n, acc[i][j]);
+    }
+  }
+}
+
+// One thread per output, channels fastest (coalesced NHWC stores): for depthwise-like convolutions,
+// where a GEMM tile of at least 8 output channels per group would be mostly padding.
+template <typename T>
+__global__ void conv_direct_forward_kernel(const ConvArgs args, int64_t total) {
+  const int cout = args.groups * args.cout_g;
+  for (int64_t index = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; index < total;
+       index += int64_t{gridDim.x} * blockDim.x) {
+    const int channel = static_cast<int>(index % cout);
+    const int pixel = static_cast<int>(index / cout);
+    const Block blk = ForwardOp::block(args, channel / args.cout_g, 0);
+    const int n = channel % args.cout_g;
+    const T* x = static_cast<const T*>(args.x.data);
+    const T* w = static_cast<const T*>(args.w.data);
+    float acc = 0.0f;
+    for (int k = 0; k < blk.k_end; ++k) {
+      const int64_t o = ForwardOp::a_offset(args, blk, pixel, k);
+      if (o >= 0) acc = fmaf(to_float(x[o]), to_float(w[ForwardOp::b_offset(args, blk, n, k)]), acc);
+    }
+    ForwardOp::store<T>(args, blk, pixel, n, acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward helpers: masked grad_out, bias sums, and the fixed-order sums of the slices
+// ---------------------------------------------------------------------------------------------
+
+// masked[i] = out[i] > 0 ? grad[i] : 0 over tensors sharing one dense layout.
+template <typename T>
+__global__ void relu_mask_kernel(const T* grad, const T* out, T* masked, int64_t total) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
+    masked[i] = to_float(out[i]) > 0.0f ? grad[i] : from_float<T>(0.0f);
+  }
+}
+
+// partial[slice, c] = sum over the slice's pixels of grad (NHWC-dense, masked by relu_out if given).
+// Block (32 channels) x (8 pixel lanes); lanes are added in lane order.
+template <typename T>
+__global__ void bias_grad_partial_kernel(const T* grad, const T* relu_out, int64_t pixels, int channels,
+                                         int64_t slice_pixels, float* partial) {
+  __shared__ float sums[8][33];
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  const int64_t begin = blockIdx.y * slice_pixels;
+  const int64_t end = begin + slice_pixels < pixels ? begin + slice_pixels : pixels;
+  float sum = 0.0f;
+  if (c < channels) {
+    for (int64_t p = begin + threadIdx.y; p < end; p += 8) {
+      const int64_t o = p * channels + c;
+      if (relu_out == nullptr || to_float(relu_out[o]) > 0.0f) sum += to_float(grad[o]);
+    }
+  }
+  sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < channels) {
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) total += sums[i][threadIdx.x];
+    partial[blockIdx.y * int64_t{channels} + c] = total;
+  }
+}
+
+template <typename T>
+__global__ void bias_grad_finish_kernel(const float* partial, int slices, int channels, T* grad_bias) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  float total = 0.0f;
+  for (int s = 0; s < slices; ++s) total += partial[int64_t{s} * channels + c];
+  grad_bias[c] = from_float<T>(total);
+}
+
+// grad_weight[co, ci, kh, kw] (its own strides) = sum over slices, in order, of the partial
+// (slice, group, (kh, kw, ci), co_g) sums.
+template <typename T>
+__global__ void weight_grad_finish_kernel(const float* partial, int slices, ConvArgs args, View4 grad_weight,
+                                          int64_t total) {
+  const int taps_cin = args.kh * args.kw * args.cin_g;
+  const int64_t slice_stride = int64_t{args.groups} * taps_cin * args.cout_g;
+  for (int64_t index = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; index < total;
+       index += int64_t{gridDim.x} * blockDim.x) {
+    // index runs over (co, kh, kw, ci), ci fastest
+    const int ci = static_cast<int>(index % args.cin_g);
+    int64_t rest = index / args.cin_g;
+    const int kw = static_cast<int>(rest % args.kw);
+    rest /= args.kw;
+    const int kh = static_cast<int>(rest % args.kh);
+    const int co = static_cast<int>(rest / args.kh);
+    const int group = co / args.cout_g, co_g = co % args.cout_g;
+    const int64_t at = (int64_t{group} * taps_cin + (kh * args.kw + kw) * args.cin_g + ci) * args.cout_g + co_g;
+    float sum = 0.0f;
+    for (int s = 0; s < slices; ++s) sum += partial[s * slice_stride + at];
+    static_cast<T*>(const_cast<void*>(grad_weight.data))[co * grad_weight.sn + ci * grad_weight.sc +
+                                                         kh * grad_weight.sh + kw * grad_weight.sw] =
+        from_float<T>(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, dim3 grid, dim3 block, const Args&... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  kernel<<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Blocks of a grid-stride elementwise loop over `total` items.
+dim3 elementwise_grid(int64_t total, int threads) {
+  return dim3(static_cast<unsigned>(std::min<int64_t>((total + threads - 1) / threads, int64_t{1} << 20)));
+}
+
+// Calls fn with a value of the CUDA element type of `dtype` (float, __half or __nv_bfloat16).
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      fn(float{});
+      break;
+    case at::kHalf:
+      fn(__half{});
+      break;
+    case at::kBFloat16:
+      fn(__nv_bfloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
+  }
+}
+
+bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::MemoryFormat memory_format(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+View4 view_of(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// 16-byte gathers along the channel dim need: 16-bit elements, unit channel stride, 16-byte aligned
+// data and strides of the other (non-singleton) dims, and chunks of 8 channels that stay inside a
+// group (channels per group a multiple of 8).
+bool vectorizable(const at::Tensor& t, int64_t channels_per_group) {
+  if (t.element_size() != 2 || channels_per_group % kChunk != 0 || t.stride(1) != 1) return false;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int d : {0, 2, 3}) {
+    if (t.size(d) > 1 && t.stride(d) % kChunk != 0) return false;
+  }
+  return true;
+}
+
+std::array<int, 2> int_pair(at::IntArrayRef values, const char* op, const char* name, int64_t minimum) {
+  TORCH_CHECK(values.size() == 2, op, ": ", name, " must have two values, got ", values);
+  for (const int64_t v : values) {
+    TORCH_CHECK(v >= minimum && v <= kInt32Max, op, ": ", name, " must be in [", minimum, ", 2^31), got ", values);
+  }
+  return {static_cast<int>(values[0]), static_cast<int>(values[1])};
+}
+
+void check_device(const at::Tensor& t, const at::Tensor& input, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
+              input.device());
+}
+
+void check_tensor_core_device(const at::Tensor& t, const char* op) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.device().index()));
+  TORCH_CHECK(major >= 8, op, ": float16/bfloat16 need a GPU of compute capability 8.0 or newer");
+}
+
+// Checks input and weight and the geometry, and fills everything of ConvArgs but the pointers.
+ConvArgs check_geometry(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t out_h,
+                        int64_t out_w, const char* op) {
+  TORCH_CHECK(input.is_cuda(), op, ": input must be a CUDA tensor, got one on ", input.device());
+  check_device(weight, input, op, "weight");
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got shape ", input.sizes());
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D (Cout, Cin/groups, KH, KW), got shape ", weight.sizes());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
+              ": input must be float16, bfloat16 or float32, got ", dtype);
+  TORCH_CHECK(weight.scalar_type() == dtype, op, ": input and weight must share a dtype, got ", dtype, " and ",
+              weight.scalar_type());
+  const auto s = int_pair(stride, op, "stride", 1);
+  const auto p = int_pair(padding, op, "padding", 0);
+  const auto d = int_pair(dilation, op, "dilation", 1);
+  TORCH_CHECK(groups >= 1 && groups <= 65535, op, ": groups must be in [1, 65535], got ", groups);
+  const int64_t cin = input.size(1), cout = weight.size(0);
+  TORCH_CHECK(cin % groups == 0 && weight.size(1) * groups == cin, op, ": input has ", cin,
+              " channels, which must equal weight.size(1) * groups = ", weight.size(1), " * ", groups);
+  TORCH_CHECK(cout % groups == 0, op, ": weight has ", cout, " output channels, not divisible by groups = ", groups);
+  TORCH_CHECK(out_h >= 0 && out_w >= 0, op, ": output size must be non-negative, got ", out_h, "x", out_w);
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  // every index the kernels form must fit in 32 bits (memory offsets are 64-bit)
+  const int64_t pixels = std::max(input.size(0) * input.size(2) * input.size(3), input.size(0) * out_h * out_w);
+  const int64_t reach_h = out_h * s[0] + kh * d[0] + p[0] + input.size(2);
+  const int64_t reach_w = out_w * s[1] + kw * d[1] + p[1] + input.size(3);
+  TORCH_CHECK(pixels <= kInt32Max && reach_h <= kInt32Max && reach_w <= kInt32Max &&
+                  kh * kw * std::max(weight.size(1), cout / groups) <= kInt32Max && cout <= kInt32Max,
+              op, ": sizes too large for 32-bit indexing: input ", input.sizes(), ", weight ", weight.sizes(),
+              ", output ", out_h, "x", out_w);
+  ConvArgs a{};
+  a.batch = static_cast<int>(input.size(0));
+  a.in_h = static_cast<int>(input.size(2));
+  a.in_w = static_cast<int>(input.size(3));
+  a.out_h = static_cast<int>(out_h);
+  a.out_w = static_cast<int>(out_w);
+  a.groups = static_cast<int>(groups);
+  a.cin_g = static_cast<int>(weight.size(1));
+  a.cout_g = static_cast<int>(cout / groups);
+  a.kh = static_cast<int>(kh);
+  a.kw = static_cast<int>(kw);
+  a.stride_h = s[0];
+  a.stride_w = s[1];
+  a.pad_h = p[0];
+  a.pad_w = p[1];
+  a.dil_h = d[0];
+  a.dil_w = d[1];
+  return a;
+}
+
+// Grid of a GEMM of m_size x n_size per (group, z): tiles along x, m-major so that neighbouring blocks
+// share A rows.
+dim3 gemm_grid(int64_t m_size, int64_t n_size, int block_m, int block_n, int64_t groups, int64_t z, const char* op) {
+  const int64_t tiles = ((m_size + block_m - 1) / block_m) * ((n_size + block_n - 1) / block_n);
+  TORCH_CHECK(tiles <= kInt32Max && z <= 65535, op, ": problem too large for one launch (", tiles, " tiles, ", z,
+              " slices)");
+  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(groups), static_cast<unsigned>(z));
+}
+
+template <typename Op, typename T>
+void launch_gemm(const ConvArgs& args, int64_t m_size, int64_t n_size, int64_t z, const char* op) {
+  if constexpr (std::is_same_v<T, float>) {
+    launch(conv_fma_kernel<Op>, gemm_grid(m_size, n_size, kSimtM, kSimtN, args.groups, z, op), dim3(kSimtThreads),
+           args);
+  } else {
+    launch(conv_mma_kernel<T, Op>, gemm_grid(m_size, n_size, kBlockM, kBlockN, args.groups, z, op), dim3(kThreads),
+           args);
+  }
+}
+
+int multiprocessor_count(const at::Tensor& t) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.device().index()));
+  return count;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops (schemas in vkernels/ops/conv.py)
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups, at::IntArrayRef output_size) {
+  constexpr const char* op = "conv2d_relu_cuda";
+  TORCH_CHECK(output_size.size() == 2, op, ": output_size must have two values, got ", output_size);
+  ConvArgs args =
+      check_geometry(input, weight, stride, padding, dilation, groups, output_size[0], output_size[1], op);
+  const int64_t cout = weight.size(0);
+  const std::vector<int64_t> out_shape{input.size(0), cout, output_size[0], output_size[1]};
+  if (bias.has_value()) {
+    check_device(*bias, input, op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == cout, op, ": bias must have shape (", cout, "), got ",
+                bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": bias must have the input dtype ",
+                input.scalar_type(), ", got ", bias->scalar_type());
+  }
+  if (residual.has_value()) {
+    check_device(*residual, input, op, "residual");
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_shape), op, ": residual must have the output shape ",
+                at::IntArrayRef(out_shape), ", got ", residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), op, ": residual must have the input dtype ",
+                input.scalar_type(), ", got ", residual->scalar_type());
+  }
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty(out_shape, input.options().memory_format(memory_format(is_channels_last(input))));
+  if (out.numel() == 0) return out;
+  const bool tensor_cores = input.scalar_type() != at::kFloat;
+  if (tensor_cores) check_tensor_core_device(input, op);
+
+  // NHWC input and OHWI weight: K = (kh, kw, cin) is contiguous per pixel and per output channel
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  args.x = view_of(x);
+  args.w = view_of(w);
+  args.bias = b.defined() ? b.data_ptr() : nullptr;
+  args.residual = residual.has_value() ? view_of(*residual) : View4{nullptr, 0, 0, 0, 0};
+  args.dst = out.data_ptr();
+  args.dst_sn = out.stride(0);
+  args.dst_sc = out.stride(1);
+  args.dst_sh = out.stride(2);
+  args.dst_sw = out.stride(3);
+  args.vec_a = vectorizable(x, args.cin_g);
+  args.vec_b = vectorizable(w, args.cin_g);
+
+  dispatch_dtype(input.scalar_type(), op, [&](auto element) {
+    using T = decltype(element);
+    if (args.cout_g < kChunk) {
+      const int64_t total = out.numel();
+      launch(conv_direct_forward_kernel<T>, elementwise_grid(total, 256), dim3(256), args, total);
+    } else {
+      launch_gemm<ForwardOp, T>(args, int64_t{args.batch} * args.out_h * args.out_w, args.cout_g, 1, op);
+    }
+  });
+  return out;
+}
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> conv2d_relu_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 4> needs, bool channels_last) {
+  constexpr const char* op = "conv2d_relu_backward_cuda";
+  TORCH_CHECK(grad_output.dim() == 4, op, ": grad_output must be 4-D (N, Cout, OH, OW), got shape ",
+              grad_output.sizes());
+  ConvArgs args = check_geometry(input, weight, stride, padding, dilation, groups, grad_output.size(2),
+                                 grad_output.size(3), op);
+  check_device(grad_output, input, op, "grad_output");
+  check_device(output, input, op, "output");
+  const std::vector<int64_t> out_shape{input.size(0), weight.size(0), grad_output.size(2), grad_output.size(3)};
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == at::IntArrayRef(out_shape), op,
+              ": grad_output and output must have shape ", at::IntArrayRef(out_shape), ", got ", grad_output.sizes(),
+              " and ", output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && output.scalar_type() == input.scalar_type(), op,
+              ": grad_output and output must have the input dtype ", input.scalar_type(), ", got ",
+              grad_output.scalar_type(), " and ", output.scalar_type());
+  const bool need_input = needs[0], need_weight = needs[1], need_bias = needs[2], need_residual = needs[3];
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto options = input.options();
+  at::Tensor grad_input, grad_weight, grad_bias, grad_residual;
+  if (need_input) grad_input = at::empty(input.sizes(), options.memory_format(memory_format(channels_last)));
+  if (need_weight) grad_weight = at::empty(weight.sizes(), options.memory_format(memory_format(is_channels_last(weight))));
+  if (need_bias) grad_bias = at::empty({weight.size(0)}, options);
+  if (need_residual) grad_residual = at::empty(out_shape, options.memory_format(memory_format(channels_last)));
+  auto result = [&]() -> std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> {
+    auto some = [](const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; };
+    return {some(grad_input), some(grad_weight), some(grad_bias), some(grad_residual)};
+  };
+  if (grad_output.numel() == 0) {  // nothing flows back: the sums are empty
+    for (at::Tensor* grad : {&grad_input, &grad_weight, &grad_bias}) {
+      if (grad->defined()) grad->zero_();
+    }
+    return result();
+  }
+  if (!(need_input || need_weight || need_bias || need_residual)) return result();
+  const bool tensor_cores = input.scalar_type() != at::kFloat;
+  if (tensor_cores) check_tensor_core_device(input, op);
+
+  // grad_out and out in one dense NHWC layout, so that one offset finds both (the mask's source)
+  at::Tensor g = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor o = output.contiguous(at::MemoryFormat::ChannelsLast);
+  const void* relu_out = o.data_ptr();
+  const int64_t pixels = int64_t{args.batch} * args.out_h * args.out_w;
+  const int64_t cout = weight.size(0);
+  dispatch_dtype(input.scalar_type(), op, [&](auto element) {
+    using T = decltype(element);
+    if (need_residual) {
+      // grad_residual is the masked grad_out; the GEMMs then read it without a mask
+      at::Tensor masked = channels_last ? grad_residual : at::empty_like(g, at::MemoryFormat::ChannelsLast);
+      const int64_t total = g.numel();
+      launch(relu_mask_kernel<T>, elementwise_grid(total, 256), dim3(256), static_cast<const T*>(g.const_data_ptr()),
+             static_cast<const T*>(o.const_data_ptr()), static_cast<T*>(masked.mutable_data_ptr()), total);
+      if (!channels_last) grad_residual.copy_(masked);
+      g = masked;
+      relu_out = nullptr;
+    }
+    args.g = view_of(g);
+    args.relu_out = relu_out;
+
+    if (need_bias) {
+      const int64_t slices = std::clamp<int64_t>(pixels / 4096, 1, 256);
+      const int64_t slice_pixels = (pixels + slices - 1) / slices;
+      at::Tensor partial = at::empty({slices, cout}, options.dtype(at::kFloat));
+      launch(bias_grad_partial_kernel<T>, dim3(static_cast<unsigned>((cout + 31) / 32), static_cast<unsigned>(slices)),
+             dim3(32, 8), static_cast<const T*>(g.const_data_ptr()), static_cast<const T*>(relu_out), pixels, static_cast<int>(cout),
+             slice_pixels, partial.data_ptr<float>());
+      launch(bias_grad_finish_kernel<T>, dim3(static_cast<unsigned>((cout + 255) / 256)), dim3(256),
+             partial.const_data_ptr<float>(), static_cast<int>(slices), static_cast<int>(cout),
+             static_cast<T*>(grad_bias.mutable_data_ptr()));
+    }
+    if (need_weight && grad_weight.numel() > 0) {
+      if (input.numel() == 0) {
+        grad_weight.zero_();
+      } else {
+        const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+        args.x = view_of(x);
+        args.vec_a = vectorizable(x, args.cin_g);
+        args.vec_b = vectorizable(g, args.cout_g);
+        const int64_t m_size = int64_t{args.kh} * args.kw * args.cin_g;
+        const int block_m = tensor_cores ? kBlockM : kSimtM, block_n = tensor_cores ? kBlockN : kSimtN;
+        const int64_t tiles = ((m_size + block_m - 1) / block_m) * ((args.cout_g + block_n - 1) / block_n) * groups;
+        // enough blocks to fill the GPU twice, each slice long enough to amortise writing its partial
+        int64_t slices = std::min<int64_t>((2 * multiprocessor_count(input) + tiles - 1) / tiles, pixels / 2048);
+        slices = std::clamp<int64_t>(slices, 1, 1024);
+        const int64_t quanta = (pixels + kSliceQuantum - 1) / kSliceQuantum;
+        args.slice_pixels = static_cast<int>((quanta + slices - 1) / slices * kSliceQuantum);
+        slices = (pixels + args.slice_pixels - 1) / args.slice_pixels;
+        at::Tensor partial = at::empty({slices, groups, m_size, args.cout_g}, options.dtype(at::kFloat));
+        args.partial = partial.data_ptr<float>();
+        launch_gemm<WeightGradOp, T>(args, m_size, args.cout_g, slices, op);
+        const int64_t total = grad_weight.numel();
+        launch(weight_grad_finish_kernel<T>, elementwise_grid(total, 256), dim3(256), partial.const_data_ptr<float>(),
+               static_cast<int>(slices), args, view_of(grad_weight), total);
+      }
+    }
+    if (need_input && grad_input.numel() > 0) {
+      // weight as [cin][kh][kw][cout] (cout stride 1): K = (tap, cout) is contiguous per input channel
+      const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous().permute({3, 0, 1, 2});
+      args.w = view_of(w);
+      args.vec_a = vectorizable(g, args.cout_g);
+      args.vec_b = args.cout_g % kChunk == 0 && tensor_cores &&
+                   reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 && w.stride(0) == 1;
+      args.dst = grad_input.data_ptr();
+      args.dst_sn = grad_input.stride(0);
+      args.dst_sc = grad_input.stride(1);
+      args.dst_sh = grad_input.stride(2);
+      args.dst_sw = grad_input.stride(3);
+      const int64_t rows = (args.in_h + args.stride_h - 1) / args.stride_h;  // phase 0 has the most pixels
+      const int64_t cols = (args.in_w + args.stride_w - 1) / args.stride_w;
+      launch_gemm<InputGradOp, T>(args, int64_t{args.batch} * rows * cols, args.cin_g,
+                                  int64_t{args.stride_h} * args.stride_w, op);
+    }
+  });
+  return result();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vkernels, CUDA, m) {
+  m.impl("conv2d_relu_cuda", &conv2d_relu_cuda);
+  m.impl("conv2d_relu_backward_cuda", &conv2d_relu_backward_cuda);
+}
+
+}  // namespace vkernels
