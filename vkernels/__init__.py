@@ -8,6 +8,7 @@ from vkernels.ops.attention import attention
 from vkernels.ops.conv import conv2d_relu
 from vkernels.ops.pooling import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from vkernels import nn
+from vkernels.patch import patch
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,6 @@ __all__ = [
     "conv2d_relu",
     "max_pool2d",
     "nn",
+    "patch",
     "use_backend",
 ]
