@@ -1,0 +1,278 @@
+"""vkernels.models: each model on the Triton kernels equals itself on stock PyTorch (forward, and
+gradients for the CNN and ViT), parameter names match torchvision/timm so their weights load and give
+the same outputs, and a small CNN trains identically on both backends.
+
+Tiny configs throughout: the Triton interpreter costs milliseconds per output pixel of a conv.
+"""
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import vkernels
+from support import device_for, relative_error
+from vkernels.models import (
+    CLIP, DigitTokenizer, FusionClassifier, ResNet, SeedCNN, VisionTransformer, contrastive_loss, digit_prompts,
+    resnet18, vit_tiny,
+)
+
+RTOL = 1e-4  # Triton vs torch, fp32, as ‖Δ‖/‖ref‖
+
+
+class KernelCalls(TorchDispatchMode):
+    """Counts the vkernels ops a forward dispatches, e.g. {"conv2d_relu_triton": 3}."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace, name = func.name().split("::")
+        if namespace == "vkernels":
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def run_both(model, *inputs, grads=False, loss=lambda out: out.square().mean()):
+    """The model's output (and parameter gradients) on backend "triton" and on "torch", with the
+    vkernels ops the Triton run dispatched."""
+    results = {}
+    for backend in ("torch", "triton"):
+        model.backend = backend
+        model.zero_grad(set_to_none=True)
+        calls = KernelCalls()
+        with calls if backend == "triton" else contextlib.nullcontext():
+            out = model(*inputs)
+        if grads:
+            loss(out[0] if isinstance(out, tuple) else out).backward()
+        grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = (out, grad, calls.counts)
+    return results
+
+
+def assert_same(results, grads=False):
+    (out_t, grad_t, _), (out_k, grad_k, _) = results["torch"], results["triton"]
+    outs_t, outs_k = (out_t, out_k) if isinstance(out_t, tuple) else ((out_t,), (out_k,))
+    for a, e in zip(outs_k, outs_t):
+        assert relative_error(a, e) <= RTOL
+    if grads:
+        assert grad_k.keys() == grad_t.keys() and grad_t
+        for name in grad_t:
+            assert relative_error(grad_k[name], grad_t[name]) <= RTOL, name
+
+
+def randomize_batch_norm(model):
+    """Non-trivial running statistics and affine parameters, so that folding BN is really tested."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+
+
+def tiny_cnn(device):
+    return SeedCNN(channels=(4, 8, 8), hidden=16, image_size=18).to(device)
+
+
+# --- SeedCNN ---------------------------------------------------------------------------------
+
+def test_seed_cnn_shapes():
+    model = SeedCNN(backend="torch")
+    assert model.fc1.in_features == 64 * 4 * 4  # 32 → 30 → 15 → 13 → 6 → 4
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="image_size"):
+        SeedCNN(image_size=17)
+
+
+def test_seed_cnn_triton_matches_torch_with_gradients():
+    device = device_for("triton")
+    model = tiny_cnn(device)
+    x = torch.randn(2, 3, 18, 18, device=device)
+    results = run_both(model, x, grads=True)
+    assert_same(results, grads=True)
+    assert results["triton"][2] == {"conv2d_relu_triton": 3, "max_pool2d_triton": 2}
+
+
+def test_seed_cnn_convergence_triton_vs_torch():
+    """Same seed, 3 SGD steps: the loss at every step and the final parameters agree."""
+    device = device_for("triton")
+    x = torch.randn(2, 3, 18, 18, device=device)
+    y = torch.randint(0, 10, (2,), device=device)
+    reference = tiny_cnn(device)
+    runs = {}
+    for backend in ("torch", "triton"):
+        model = copy.deepcopy(reference)
+        model.backend = backend
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        losses = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        runs[backend] = (losses, dict(model.named_parameters()))
+    (losses_t, params_t), (losses_k, params_k) = runs["torch"], runs["triton"]
+    assert losses_k == pytest.approx(losses_t, rel=RTOL)
+    assert losses_t[-1] != losses_t[0]  # it moved
+    for name, param in params_t.items():
+        assert relative_error(params_k[name].detach(), param.detach()) <= RTOL, name
+
+
+# --- ResNet ----------------------------------------------------------------------------------
+
+def test_resnet18_loads_torchvision_weights():
+    torchvision = pytest.importorskip("torchvision")
+    stock = torchvision.models.resnet18(weights=None, num_classes=10)
+    ours = ResNet(layers=(2, 2, 2, 2), width=64, num_classes=10, backend="torch")
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in stock.state_dict().items()}
+    randomize_batch_norm(stock)
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    stock.eval(), ours.eval()
+    with torch.no_grad():  # eval: BN folded into fused convs
+        assert relative_error(ours(x), stock(x)) <= 1e-5
+    stock.train(), ours.train()
+    assert relative_error(ours(x), stock(x)) <= 1e-5  # train: batch statistics, stock conv/BN
+    assert torch.allclose(ours.layer1[0].bn1.running_mean, stock.layer1[0].bn1.running_mean)
+    assert resnet18().state_dict().keys() == torchvision.models.resnet18(weights=None).state_dict().keys()
+
+
+def test_resnet_triton_matches_torch():
+    device = device_for("triton")
+    model = ResNet(layers=(1, 1), width=4, num_classes=5).to(device)
+    randomize_batch_norm(model)
+    x = torch.randn(1, 3, 16, 16, device=device)
+    model.eval()
+    results = run_both(model, x)
+    assert_same(results)
+    # stem, 2 blocks × (first conv, final conv with residual); one pool each
+    assert results["triton"][2] == {"conv2d_relu_triton": 5, "max_pool2d_triton": 1, "adaptive_avg_pool2d_triton": 1}
+    model.train()
+    results = run_both(model, x)
+    assert_same(results)
+    assert results["triton"][2] == {"max_pool2d_triton": 1, "adaptive_avg_pool2d_triton": 1}
+
+
+# --- ViT -------------------------------------------------------------------------------------
+
+def tiny_vit(device, **kwargs):
+    config = dict(image_size=8, patch_size=4, num_classes=5, embed_dim=32, depth=2, num_heads=2)
+    return VisionTransformer(**{**config, **kwargs}).to(device)
+
+
+def test_vit_triton_matches_torch_with_gradients():
+    device = device_for("triton")
+    model = tiny_vit(device)
+    results = run_both(model, torch.randn(2, 3, 8, 8, device=device), grads=True)
+    assert_same(results, grads=True)
+    assert results["triton"][2] == {"attention_triton": 2}
+
+
+def test_vit_any_image_and_patch_size():
+    model = VisionTransformer((12, 8), (4, 2), num_classes=3, embed_dim=16, depth=1, num_heads=2, global_pool="avg")
+    assert model.pos_embed.shape == (1, 1 + 3 * 4, 16)
+    assert model(torch.randn(2, 3, 12, 8)).shape == (2, 3)
+    with pytest.raises(ValueError, match="multiple"):
+        VisionTransformer(10, 4)
+
+
+def test_vit_tiny_loads_timm_weights():
+    timm = pytest.importorskip("timm", reason="timm is not installed")
+    stock = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
+    ours = vit_tiny(num_classes=10, backend="torch").eval()
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    ours.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert relative_error(ours(x), stock(x)) <= 1e-5
+
+
+# --- CLIP and fusion -------------------------------------------------------------------------
+
+TOKENIZER = DigitTokenizer(context_length=8)
+TOWERS = dict(image_size=8, patch_size=4, vision_width=32, vision_depth=1, vision_heads=2,
+              vocab_size=TOKENIZER.vocab_size, context_length=8, text_width=32, text_depth=1, text_heads=2)
+
+
+def test_tokenizer():
+    tokens = TOKENIZER(["a photo of the digit seven", "Digit 7!", "what is this blob"])
+    vocab = TOKENIZER.vocab
+    assert tokens[0].tolist() == [1, vocab["a"], vocab["photo"], vocab["of"], vocab["the"], vocab["digit"], vocab["seven"], TOKENIZER.eot_id]
+    assert tokens[1].tolist()[:4] == [1, vocab["digit"], vocab["7"], TOKENIZER.eot_id]
+    assert tokens[2, 4] == TOKENIZER.unk_id
+    assert (tokens.argmax(dim=-1) == torch.tensor([7, 3, 5])).all()  # <eot> has the largest id
+    long = TOKENIZER("a photo of the digit number seven seven seven")
+    assert long.shape == (1, 8) and long[0, -1] == TOKENIZER.eot_id
+    assert digit_prompts()[7] == "a photo of the digit seven"
+
+
+def test_clip_triton_matches_torch():
+    device = device_for("triton")
+    model = CLIP(embed_dim=16, **TOWERS).to(device)
+    images = torch.randn(3, 3, 8, 8, device=device)
+    tokens = TOKENIZER(["a photo of the digit one", "digit two", "nine"]).to(device)
+    results = run_both(model, images, tokens)
+    assert_same(results)
+    assert results["triton"][2] == {"attention_triton": 2}
+    model.backend = "triton"
+    loss_k = model.contrastive_loss(images, tokens)
+    model.backend = "torch"
+    assert relative_error(loss_k, model.contrastive_loss(images, tokens)) <= RTOL
+
+
+def test_clip_text_tower_and_zero_shot():
+    model = CLIP(embed_dim=16, **TOWERS, backend="torch")
+    tokens = TOKENIZER(["digit one", "digit two"])
+    padded = tokens.clone()
+    padded[:, 5:] = 3  # different tokens after <eot>: the causal tower pooled at <eot> ignores them
+    assert torch.equal(model.encode_text(tokens), model.encode_text(padded))
+    # backend assignment reaches both towers
+    model.backend = "cuda" if not torch.cuda.is_available() else "torch"
+    assert model.visual.backend == model.text.backend == model.backend
+    model.backend = "torch"
+
+    logits_per_image, logits_per_text = model(torch.randn(2, 3, 8, 8), tokens)
+    assert torch.equal(logits_per_text, logits_per_image.t())
+    expected = (F.cross_entropy(logits_per_image, torch.arange(2)) + F.cross_entropy(logits_per_text, torch.arange(2))) / 2
+    assert torch.allclose(contrastive_loss(logits_per_image), expected)
+
+    classifier = model.zero_shot_classifier(digit_prompts(), tokenizer=TOKENIZER)
+    assert classifier.shape == (10, 16) and torch.allclose(classifier.norm(dim=-1), torch.ones(10))
+    ensembled = model.zero_shot_classifier(torch.stack([TOKENIZER(digit_prompts()), TOKENIZER(digit_prompts("digit {}"))], 1))
+    assert ensembled.shape == (10, 16)
+    logits = model.zero_shot_logits(torch.randn(4, 3, 8, 8), classifier)
+    assert logits.shape == (4, 10)
+
+
+def test_fusion_triton_matches_torch():
+    device = device_for("triton")
+    model = FusionClassifier(num_classes=10, fusion_depth=1, **TOWERS).to(device)
+    images = torch.randn(2, 3, 8, 8, device=device)
+    tokens = TOKENIZER("what digit is this").to(device)  # one prompt for every image
+    results = run_both(model, images, tokens)
+    assert_same(results)
+    assert results["triton"][2] == {"attention_triton": 3}  # ViT, text, cross (Lq=8, Lk=4)
+    assert results["torch"][0].shape == (2, 10)
+
+
+def test_forced_unavailable_backend_reaches_the_kernels():
+    """backend= is passed to the vkernels calls: forcing one that cannot serve CPU tensors raises."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where the cuda backend cannot serve CPU tensors")
+    x = torch.randn(1, 3, 18, 18)
+    for model, inputs in [
+        (tiny_cnn("cpu"), (x,)),
+        (ResNet(layers=(1,), width=4).eval(), (x,)),
+        (tiny_vit("cpu"), (x[..., :8, :8],)),
+        (CLIP(embed_dim=16, **TOWERS), (x[..., :8, :8], TOKENIZER("one"))),
+    ]:
+        model.backend = "cuda"
+        with pytest.raises(vkernels.BackendUnavailableError):
+            model(*inputs)
