@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vkernels
+from vkernels.nn.conv import fold_batch_norm
 
 
 def _conv_output(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
@@ -63,20 +64,6 @@ class SeedCNN(nn.Module):
         return "" if self.backend is None else f"backend={self.backend!r}"
 
 
-def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of one conv equal to ``bn(conv(x))`` for an eval-mode ``bn``.
-
-    Unlike ``vkernels.nn.conv.fold_batch_norm`` (detached, for rewriting a model once) this is
-    recomputed every forward and stays differentiable, so an eval-mode model still trains its conv
-    weights and BN affine parameters (frozen-statistics fine-tuning).
-    """
-    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    shift = bn.bias - bn.running_mean * scale
-    if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    return conv.weight * scale.view(-1, 1, 1, 1), shift
-
-
 class BasicBlock(nn.Module):
     """torchvision's ResNet basic block: conv3×3 → BN → ReLU → conv3×3 → BN → (+ shortcut) → ReLU."""
 
@@ -103,11 +90,11 @@ class BasicBlock(nn.Module):
         if self.downsample is None:
             identity = x
         else:
-            weight, bias = fold_bn(self.downsample[0], self.downsample[1])
+            weight, bias = fold_batch_norm(self.downsample[0].weight, self.downsample[0].bias, self.downsample[1])
             identity = F.conv2d(x, weight, bias, self.downsample[0].stride)  # no ReLU: stock conv
-        weight, bias = fold_bn(self.conv1, self.bn1)
+        weight, bias = fold_batch_norm(self.conv1.weight, self.conv1.bias, self.bn1)
         out = vkernels.conv2d_relu(x, weight, bias, self.stride, 1, backend=backend)
-        weight, bias = fold_bn(self.conv2, self.bn2)
+        weight, bias = fold_batch_norm(self.conv2.weight, self.conv2.bias, self.bn2)
         return vkernels.conv2d_relu(out, weight, bias, 1, 1, residual=identity, backend=backend)
 
 
@@ -161,7 +148,7 @@ class ResNet(nn.Module):
         if self.training:
             x = F.relu(self.bn1(self.conv1(x)))
         else:
-            weight, bias = fold_bn(self.conv1, self.bn1)
+            weight, bias = fold_batch_norm(self.conv1.weight, self.conv1.bias, self.bn1)
             x = vkernels.conv2d_relu(x, weight, bias, 2, 3, backend=b)
         x = vkernels.max_pool2d(x, 3, 2, 1, backend=b)
         for stage in range(self.num_stages):

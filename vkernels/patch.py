@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from vkernels.nn.attention import MultiheadAttention
+from vkernels.nn.conv import fold_batch_norm
 from vkernels.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from vkernels.ops.attention import attention
 from vkernels.ops.conv import conv2d_relu
@@ -228,21 +229,6 @@ def _foldable(conv, bn) -> bool:
     )
 
 
-def _fold(weight, bias, bn):
-    """The weight and bias of one conv computing ``bn(conv(x))`` for an eval-mode ``bn``, differentiable
-    (frozen-BN fine-tuning trains through it). In float64, cast back once, as ``fold_batch_norm``."""
-    f64 = dict(dtype=torch.float64)
-    scale = (bn.running_var.to(**f64) + bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(**f64)
-    shift = -bn.running_mean.to(**f64) if bias is None else bias.to(**f64) - bn.running_mean.to(**f64)
-    shift = shift * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(**f64)
-    folded = weight.to(**f64) * scale.view(-1, 1, 1, 1)
-    return folded.to(weight.dtype), shift.to(weight.dtype)
-
-
 class _FoldCache:
     """Folded weights of one conv + BN pair, recomputed when any of their tensors changes (in-place
     updates bump ``_version``; ``.to()`` moves data). With gradients needed it folds every call."""
@@ -253,11 +239,11 @@ class _FoldCache:
     def __call__(self, conv, bn):
         tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return _fold(conv.weight, conv.bias, bn)
+            return fold_batch_norm(conv.weight, conv.bias, bn)
         key = (bn.eps, *((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
         if key != self.key:
             with torch.no_grad():
-                self.value = _fold(conv.weight, conv.bias, bn)
+                self.value = fold_batch_norm(conv.weight, conv.bias, bn)
             self.key = key
         return self.value
 

@@ -15,7 +15,8 @@ def fold_batch_norm(
 
     ``bn(y) = (y - mean) * gamma / sqrt(var + eps) + beta`` is an affine map per output channel, so
     it scales the weight's rows and shifts the bias. Computed in float64 and cast back to the
-    weight's dtype, so the fold itself adds no rounding beyond that one cast.
+    weight's dtype, so the fold itself adds no rounding beyond that one cast. Differentiable: a model
+    folded on the fly still trains its conv and BN affine parameters (frozen-statistics fine-tuning).
     """
     if bn.training:
         raise ValueError("fold_batch_norm: BatchNorm is in training mode (it normalizes by batch statistics); call .eval() first")
@@ -24,17 +25,15 @@ def fold_batch_norm(
     out_channels = weight.shape[0]
     if bn.num_features != out_channels:
         raise ValueError(f"fold_batch_norm: BatchNorm has {bn.num_features} features but the conv has {out_channels} output channels")
-    with torch.no_grad():
-        f64 = dict(dtype=torch.float64, device=weight.device)
-        scale = (bn.running_var.to(**f64) + bn.eps).rsqrt()
-        shift = torch.zeros(out_channels, **f64) if bias is None else bias.to(**f64)
-        shift = shift - bn.running_mean.to(**f64)
-        if bn.affine:
-            scale = scale * bn.weight.to(**f64)
-        shift = shift * scale
-        if bn.affine:
-            shift = shift + bn.bias.to(**f64)
-        folded_weight = weight.to(**f64) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    f64 = dict(dtype=torch.float64, device=weight.device)
+    scale = (bn.running_var.to(**f64) + bn.eps).rsqrt()
+    shift = -bn.running_mean.to(**f64) if bias is None else bias.to(**f64) - bn.running_mean.to(**f64)
+    if bn.affine:
+        scale = scale * bn.weight.to(**f64)
+    shift = shift * scale
+    if bn.affine:
+        shift = shift + bn.bias.to(**f64)
+    folded_weight = weight.to(**f64) * scale.view(-1, *([1] * (weight.dim() - 1)))
     return folded_weight.to(weight.dtype), shift.to(weight.dtype)
 
 
@@ -70,7 +69,8 @@ class Conv2dReLU(_BackendChoice, torch.nn.Conv2d):
         """
         weight, bias = conv.weight, conv.bias
         if bn is not None:
-            weight, bias = fold_batch_norm(weight, bias, bn)
+            with torch.no_grad():
+                weight, bias = fold_batch_norm(weight, bias, bn)
         module = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, bias=bias is not None, padding_mode=conv.padding_mode,
