@@ -29,6 +29,7 @@ class Case:
     bytes_moved: int | None = None  # device-memory traffic of an ideal implementation
     flops: int | None = None  # floating-point operations of an ideal implementation
     tolerance: float = 1e-5  # largest relative error against BASELINE that counts as a match
+    items: int | None = None  # images (or samples) one call processes: the report shows items/s
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -29,6 +29,8 @@ class Result:
     copy_fraction: float | None = None  # gbps over the measured device-to-device copy bandwidth
     tflops: float | None = None
     speedup: float | None = None  # BASELINE's median over this one's
+    items_per_s: float | None = None  # case.items / median time
+    peak_mib: float | None = None  # CUDA only: peak memory allocated during one call, above what was allocated before it
 
 
 def discover_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str]]:
@@ -65,6 +67,17 @@ def relative_error(actual: Outputs, expected: Outputs) -> float:
 def short_error(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def peak_memory_mib(fn, inputs, device: torch.device) -> float:
+    """Peak memory allocated during one call of fn(inputs), above what was allocated before it (the
+    inputs, the model and other cases' leftovers are not counted): activations, workspaces, gradients."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn(inputs)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def run_case(case: Case, device: torch.device, quick: bool, ceilings: Ceilings) -> list[Result]:
@@ -111,6 +124,10 @@ def run_case(case: Case, device: torch.device, quick: bool, ceilings: Ceilings) 
             result.copy_fraction = result.gbps / ceilings.copy_gbps
         if case.flops:
             result.tflops = case.flops / seconds / 1e12
+        if case.items:
+            result.items_per_s = case.items / seconds
+        if device.type == "cuda":
+            result.peak_mib = peak_memory_mib(case.impls[name], inputs, device)
     del input_sets, inputs
 
     baseline_ms = results[BASELINE].median_ms
