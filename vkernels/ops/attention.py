@@ -115,13 +115,13 @@ def attention(
     in the kernels, never NaN. ``dropout_p > 0`` and a mask that requires grad run on stock PyTorch
     under ``auto`` and are refused by a forced kernel backend.
     """
-    batch = attention_batch_shape(query, key, value, attn_mask)
     if is_causal and attn_mask is not None:
         raise RuntimeError("attention: an explicit attn_mask should not be set when is_causal=True (as in SDPA)")
     limits = _kernel_limits(query, key, value, attn_mask, dropout_p)
     chosen = dispatch.choose(FAMILY, backend, query.device, query.dtype, DTYPES, limits, op="attention")
-    if chosen == "torch":
+    if chosen == "torch":  # SDPA checks its own arguments
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+    batch = attention_batch_shape(query, key, value, attn_mask)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     query_len, key_len = query.shape[-2], key.shape[-2]
     q, k, v = (_as_4d(t, batch) for t in (query, key, value))
