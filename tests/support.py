@@ -1,5 +1,9 @@
-"""Helpers shared by the tests: which device a backend runs on, error measures, output poisoning."""
+"""Helpers shared by the tests: which device a backend runs on, error measures, output poisoning,
+training a model a few steps on two backends."""
 from __future__ import annotations
+
+import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -59,3 +63,32 @@ def layout(tensor: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def train_steps(model: torch.nn.Module, backend: str, loss_fn: Callable[[torch.nn.Module], torch.Tensor], steps: int = 3,
+                lr: float = 0.5) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """A copy of ``model`` on ``backend`` trained ``steps`` SGD steps (momentum 0.9) on ``loss_fn(model)``:
+    the loss at every step and the final parameters."""
+    model = copy.deepcopy(model)
+    model.backend = backend
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = loss_fn(model)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, {name: param.detach() for name, param in model.named_parameters()}
+
+
+def assert_trains_identically(model: torch.nn.Module, loss_fn, *, steps: int = 3, lr: float = 0.5, rtol: float = 1e-4,
+                              backends: tuple[str, str] = ("torch", "triton")) -> None:
+    """From the same weights, ``steps`` SGD steps on the two backends agree: the loss at every step and
+    every final parameter within ``rtol``; and the loss moved (the test trained something)."""
+    (losses_ref, params_ref), (losses, params) = (train_steps(model, b, loss_fn, steps, lr) for b in backends)
+    assert losses == pytest.approx(losses_ref, rel=rtol)
+    assert losses_ref[-1] != losses_ref[0]
+    assert params.keys() == params_ref.keys()
+    for name, param in params_ref.items():
+        assert relative_error(params[name], param) <= rtol, name

@@ -5,7 +5,6 @@ the same outputs, and a small CNN trains identically on both backends.
 Tiny configs throughout: the Triton interpreter costs milliseconds per output pixel of a conv.
 """
 import contextlib
-import copy
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vkernels
-from support import device_for, relative_error
+from support import assert_trains_identically, device_for, relative_error
 from vkernels.models import (
     CLIP, DigitTokenizer, FusionClassifier, ResNet, SeedCNN, VisionTransformer, contrastive_loss, digit_prompts,
     resnet18, vit_tiny,
@@ -103,25 +102,7 @@ def test_seed_cnn_convergence_triton_vs_torch():
     device = device_for("triton")
     x = torch.randn(2, 3, 18, 18, device=device)
     y = torch.randint(0, 10, (2,), device=device)
-    reference = tiny_cnn(device)
-    runs = {}
-    for backend in ("torch", "triton"):
-        model = copy.deepcopy(reference)
-        model.backend = backend
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-        losses = []
-        for _ in range(3):
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        runs[backend] = (losses, dict(model.named_parameters()))
-    (losses_t, params_t), (losses_k, params_k) = runs["torch"], runs["triton"]
-    assert losses_k == pytest.approx(losses_t, rel=RTOL)
-    assert losses_t[-1] != losses_t[0]  # it moved
-    for name, param in params_t.items():
-        assert relative_error(params_k[name].detach(), param.detach()) <= RTOL, name
+    assert_trains_identically(tiny_cnn(device), lambda model: F.cross_entropy(model(x), y), rtol=RTOL)
 
 
 # --- ResNet ----------------------------------------------------------------------------------
