@@ -111,3 +111,13 @@ def test_opcheck(backend):
     op = getattr(torch.ops.vkernels, f"attention_{backend}").default
     torch.library.opcheck(op, (q, k, v, None, True, 0.25))
     torch.library.opcheck(op, (q, k, v, mask, False, 0.25))
+
+
+def test_autocast_runs_the_kernel_in_the_autocast_dtype_like_sdpa():
+    device = device_for("triton")
+    q, k, v = (torch.randn(1, 2, 9, 16, device=device) for _ in range(3))
+    with torch.autocast(device.type, dtype=torch.float16):
+        ours = vkernels.attention(q, k, v, backend="triton")
+        expected = F.scaled_dot_product_attention(q, k, v)
+    assert ours.dtype == expected.dtype == torch.float16
+    assert relative_error(ours, expected) < tolerance(torch.float16)

@@ -86,3 +86,14 @@ def test_opcheck(backend):
     op = getattr(torch.ops.vkernels, f"conv2d_relu_{backend}").default
     torch.library.opcheck(op, (x, w, b, r, [2, 2], [1, 1], [1, 1], 1, [3, 4]))
     torch.library.opcheck(op, (x.detach().contiguous(memory_format=torch.channels_last), w, None, None, [1, 1], [0, 0], [1, 1], 1, [4, 5]))
+
+
+def test_autocast_runs_the_kernel_in_the_autocast_dtype_like_torch():
+    """Under autocast conv2d_relu casts like F.conv2d does, so patched AMP models stay in low precision."""
+    device = device_for("triton")
+    x, w, b = torch.randn(2, 4, 6, 6, device=device), torch.randn(6, 4, 3, 3, device=device), torch.randn(6, device=device)
+    with torch.autocast(device.type, dtype=torch.float16):
+        ours = vkernels.conv2d_relu(x, w, b, padding=1, backend="triton")
+        expected = F.relu(F.conv2d(x, w, b, padding=1))
+    assert ours.dtype == expected.dtype == torch.float16
+    assert relative_error(ours, expected) < tolerance(torch.float16)

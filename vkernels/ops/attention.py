@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vkernels import dispatch
-from vkernels.ops.library import backend_op, define_backend_ops
+from vkernels.ops.library import autocast_inputs, backend_op, define_backend_ops
 from vkernels.shapes import attention_batch_shape
 from vkernels.triton_kernels import attention as triton_attention
 
@@ -118,9 +118,11 @@ def attention(
     if is_causal and attn_mask is not None:
         raise RuntimeError("attention: an explicit attn_mask should not be set when is_causal=True (as in SDPA)")
     limits = _kernel_limits(query, key, value, attn_mask, dropout_p)
-    chosen = dispatch.choose(FAMILY, backend, query.device, query.dtype, DTYPES, limits, op="attention")
-    if chosen == "torch":  # SDPA checks its own arguments
+    operands = autocast_inputs(query.device.type, query, key, value)
+    chosen = dispatch.choose(FAMILY, backend, query.device, operands[0].dtype, DTYPES, limits, op="attention")
+    if chosen == "torch":  # SDPA checks its own arguments and applies autocast itself
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+    query, key, value = operands
     batch = attention_batch_shape(query, key, value, attn_mask)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     query_len, key_len = query.shape[-2], key.shape[-2]

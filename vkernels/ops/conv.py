@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from vkernels import dispatch
-from vkernels.ops.library import backend_op, define_backend_ops
+from vkernels.ops.library import autocast_inputs, backend_op, define_backend_ops
 from vkernels.shapes import conv2d_geometry, is_channels_last, memory_format
 from vkernels.triton_kernels import conv as triton_conv
 
@@ -105,10 +105,12 @@ def conv2d_relu(
     output_shape = (*input.shape[:-3], weight.shape[0], *output_size)
     if residual is not None and tuple(residual.shape) != output_shape:
         raise RuntimeError(f"conv2d_relu: residual of shape {tuple(residual.shape)} does not match the output {output_shape}")
-    chosen = dispatch.choose(FAMILY, backend, input.device, input.dtype, DTYPES, op="conv2d_relu")
-    if chosen == "torch":
+    operands = autocast_inputs(input.device.type, input, weight, bias, residual)
+    chosen = dispatch.choose(FAMILY, backend, input.device, operands[0].dtype, DTYPES, op="conv2d_relu")
+    if chosen == "torch":  # stock autocast semantics: conv in low precision, the add promotes
         out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
         return F.relu(out if residual is None else out + residual)
+    input, weight, bias, residual = operands
     if not input.dtype == weight.dtype == (input.dtype if bias is None else bias.dtype):
         raise RuntimeError(f"conv2d_relu: input, weight and bias must share a dtype, got {input.dtype}, {weight.dtype}"
                            f"{'' if bias is None else f' and {bias.dtype}'}")

@@ -28,3 +28,12 @@ def define_backend_ops(
 
 def backend_op(name: str, backend: str) -> torch._ops.OpOverload:
     return getattr(torch.ops.vkernels, f"{name}_{backend}").default
+
+
+def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Floating tensors cast to the autocast dtype when autocast is on for ``device_type``, as torch
+    casts the inputs of conv2d and scaled_dot_product_attention; unchanged otherwise."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
