@@ -32,7 +32,6 @@ TRITON_LAUNCHERS = {
 }
 
 
-
 def _attention_fake(query, key, value, attn_mask, is_causal, scale):
     batch, heads, query_len, _ = query.shape
     out = query.new_empty((batch, heads, query_len, value.shape[-1]))

@@ -33,7 +33,6 @@ TRITON_LAUNCHERS = {
 }
 
 
-
 def _conv2d_relu_fake(input, weight, bias, residual, stride, padding, dilation, groups, output_size):
     return torch.empty(
         (input.shape[0], weight.shape[0], *output_size),

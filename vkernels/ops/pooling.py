@@ -55,7 +55,6 @@ TRITON_LAUNCHERS = {
 }
 
 
-
 # Fake kernels: shapes, dtypes and memory formats of the outputs, shared by both backends.
 
 
