@@ -97,3 +97,56 @@ def test_autocast_runs_the_kernel_in_the_autocast_dtype_like_torch():
         expected = F.relu(F.conv2d(x, w, b, padding=1))
     assert ours.dtype == expected.dtype == torch.float16
     assert relative_error(ours, expected) < tolerance(torch.float16)
+
+
+POOLS = {
+    "2x2/2": dict(pool_kernel_size=2),
+    "3x3/2 pad1": dict(pool_kernel_size=3, pool_stride=2, pool_padding=1),
+}
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("pool", POOLS)
+def test_conv2d_relu_maxpool2d_matches_torch(pool, memory_format):
+    """Values and input, weight and bias gradients of max_pool2d(relu(conv2d)) after a 3x3 conv."""
+    device = device_for("triton")
+    x = layout(torch.randn(2, 4, 9, 8, device=device), memory_format).requires_grad_()
+    w = (torch.randn(6, 4, 3, 3, device=device) * 0.3).requires_grad_()
+    b = torch.randn(6, device=device).requires_grad_()
+    ours = vkernels.conv2d_relu_maxpool2d(x, w, b, padding=1, **POOLS[pool], backend="triton")
+    refs = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    window = POOLS[pool]
+    expected = F.max_pool2d(F.relu(F.conv2d(refs[0], refs[1], refs[2], padding=1)), window["pool_kernel_size"],
+                            window.get("pool_stride"), window.get("pool_padding", 0))
+    assert ours.shape == expected.shape
+    assert ours.is_contiguous(memory_format=torch.channels_last if memory_format == "channels_last" else torch.contiguous_format)
+    assert relative_error(ours, expected) < tolerance(torch.float32) * 10
+    grad = torch.randn_like(ours)
+    ours.backward(grad)
+    expected.backward(grad.double())
+    for leaf, ref in zip((x, w, b), refs):
+        assert relative_error(leaf.grad, ref.grad) < tolerance(torch.float32) * 10
+
+
+def test_conv2d_relu_maxpool2d_torch_backend_is_the_composition():
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(5, 3, 3, 3)
+    ours = vkernels.conv2d_relu_maxpool2d(x, w, stride=1, pool_kernel_size=2, backend="torch")
+    torch.testing.assert_close(ours, F.max_pool2d(F.relu(F.conv2d(x, w)), 2))
+
+
+def test_conv2d_relu_maxpool2d_opcheck():
+    device = device_for("triton")
+    x = torch.randn(2, 4, 7, 6, device=device, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    op = torch.ops.vkernels.conv2d_relu_maxpool2d_triton.default
+    torch.library.opcheck(op, (x, w, b, [1, 1], [1, 1], [1, 1], 1, [7, 6], [3, 3], [2, 2], [1, 1], [4, 3]))
+    torch.library.opcheck(op, (x.detach().contiguous(memory_format=torch.channels_last), w, None, [1, 1], [0, 0], [1, 1],
+                               1, [5, 4], [2, 2], [2, 2], [0, 0], [2, 2]))
+
+
+def test_conv2d_relu_maxpool2d_forced_cuda_raises():
+    """The cuda backend has no fused pool kernel (nor, here, a GPU): forcing it explains why."""
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(5, 3, 3, 3)
+    with pytest.raises(vkernels.BackendUnavailableError):
+        vkernels.conv2d_relu_maxpool2d(x, w, pool_kernel_size=2, backend="cuda")

@@ -4,7 +4,9 @@ Each kernel backend has the ops ``vkernels::conv2d_relu_<backend>`` and
 ``vkernels::conv2d_relu_backward_<backend>`` with one schema written here; the Triton ops are
 implemented here by ``vkernels.triton_kernels.conv``. Bias, residual and ReLU live in the GEMM's
 epilogue, so the pre-activation is never written; the backward saves only the output and recovers
-the ReLU mask from ``output > 0`` inside its own loads.
+the ReLU mask from ``output > 0`` inside its own loads. ``conv2d_relu_maxpool2d_<backend>`` adds a
+max-pool epilogue and saves only the 1-byte window positions of the maxima; its backward recomputes
+the activation.
 """
 from __future__ import annotations
 
@@ -12,8 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from vkernels import dispatch
+from vkernels.ops import pooling  # noqa: F401  defines the max_pool2d_backward ops the fused pool's backward calls
 from vkernels.ops.library import autocast_inputs, backend_op, define_backend_ops
-from vkernels.shapes import conv2d_geometry, is_channels_last, memory_format
+from vkernels.shapes import (
+    conv2d_geometry,
+    is_channels_last,
+    memory_format,
+    pair,
+    pool2d_output_size,
+    window_index_dtype,
+)
 from vkernels.triton_kernels import conv as triton_conv
 
 FAMILY = "conv"
@@ -26,10 +36,16 @@ SCHEMAS = {
     # channels_last = the forward's memory format, for grad_input and grad_residual
     "conv2d_relu_backward": "(Tensor grad_output, Tensor output, Tensor input, Tensor weight, int[2] stride, "
     "int[2] padding, int[2] dilation, int groups, bool[4] needs, bool channels_last) -> (Tensor?, Tensor?, Tensor?, Tensor?)",
+    # max_pool2d(relu(conv2d(...))) and each maximum's position in its pool window (the max_pool2d
+    # ops' argmax); the activation is never written
+    "conv2d_relu_maxpool2d": "(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+    "int[2] dilation, int groups, int[2] conv_output_size, int[2] pool_kernel_size, int[2] pool_stride, "
+    "int[2] pool_padding, int[2] output_size) -> (Tensor, Tensor)",
 }
 TRITON_LAUNCHERS = {
     "conv2d_relu": triton_conv.conv2d_relu_forward,
     "conv2d_relu_backward": triton_conv.conv2d_relu_backward,
+    "conv2d_relu_maxpool2d": triton_conv.conv2d_relu_maxpool2d_forward,
 }
 
 
@@ -53,10 +69,26 @@ def _conv2d_relu_backward_fake(grad_output, output, input, weight, stride, paddi
     )
 
 
+def _conv2d_relu_maxpool2d_fake(input, weight, bias, stride, padding, dilation, groups, conv_output_size,
+                                pool_kernel_size, pool_stride, pool_padding, output_size):
+    shape = (input.shape[0], weight.shape[0], *output_size)
+    layout = memory_format(is_channels_last(input))
+    argmax_dtype = window_index_dtype(pool_kernel_size[0] * pool_kernel_size[1])
+    return (torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=layout),
+            torch.empty(shape, dtype=argmax_dtype, device=input.device, memory_format=layout))
+
+
 def _save_for_backward(ctx, inputs, output):
     input, weight, bias, residual, stride, padding, dilation, groups, _ = inputs
     ctx.save_for_backward(output, input, weight)
     ctx.geometry = (stride, padding, dilation, groups)
+    ctx.channels_last = is_channels_last(input)
+
+
+def _save_for_maxpool_backward(ctx, inputs, output):
+    input, weight, bias, *geometry, _ = inputs
+    ctx.save_for_backward(input, weight, bias, output[1])
+    ctx.geometry = geometry
     ctx.channels_last = is_channels_last(input)
 
 
@@ -71,9 +103,35 @@ def _register_autograd(backend: str) -> None:
 
     torch.library.register_autograd(f"vkernels::conv2d_relu_{backend}", backward, setup_context=_save_for_backward)
 
+    forward_op = backend_op("conv2d_relu", backend)
+    max_pool_backward_op = backend_op("max_pool2d_backward", backend)
+
+    def maxpool_backward(ctx, grad_output, _grad_argmax):
+        # the activation was never saved: recompute it (compute traded for its memory), route the
+        # gradient through the pool's window positions, then through the conv + ReLU backward
+        input, weight, bias, argmax = ctx.saved_tensors
+        stride, padding, dilation, groups, conv_output_size, pool_kernel_size, pool_stride, pool_padding = ctx.geometry
+        activation = forward_op(input, weight, bias, None, stride, padding, dilation, groups, conv_output_size)
+        grad_activation = max_pool_backward_op(grad_output, argmax, conv_output_size, pool_kernel_size, pool_stride,
+                                               pool_padding, [1, 1], ctx.channels_last)
+        needs = [*ctx.needs_input_grad[:3], False]
+        grad_input, grad_weight, grad_bias, _ = backward_op(
+            grad_activation, activation, input, weight, stride, padding, dilation, groups, needs, ctx.channels_last
+        )
+        return grad_input, grad_weight, grad_bias, *([None] * 9)
+
+    torch.library.register_autograd(f"vkernels::conv2d_relu_maxpool2d_{backend}", maxpool_backward,
+                                    setup_context=_save_for_maxpool_backward)
+
 
 define_backend_ops(
-    SCHEMAS, {"conv2d_relu": _conv2d_relu_fake, "conv2d_relu_backward": _conv2d_relu_backward_fake}, TRITON_LAUNCHERS
+    SCHEMAS,
+    {
+        "conv2d_relu": _conv2d_relu_fake,
+        "conv2d_relu_backward": _conv2d_relu_backward_fake,
+        "conv2d_relu_maxpool2d": _conv2d_relu_maxpool2d_fake,
+    },
+    TRITON_LAUNCHERS,
 )
 for _backend in dispatch.KERNEL_BACKENDS:
     _register_autograd(_backend)
@@ -123,6 +181,65 @@ def conv2d_relu(
         padding_hw,
         dilation_hw,
         groups,
+        output_size,
+    )
+    return out if batched else out.squeeze(0)
+
+
+def conv2d_relu_maxpool2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    pool_kernel_size,
+    pool_stride=None,
+    pool_padding=0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``F.max_pool2d(relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups)),
+    pool_kernel_size, pool_stride, pool_padding)``: the CNN block conv -> ReLU -> pool in one kernel.
+
+    The conv takes every argument of ``F.conv2d``; the pool takes max_pool2d's kernel size, stride
+    (default: the kernel size) and padding (at most half the kernel), with no dilation or ceil_mode.
+    The kernel never writes the activation; its backward recomputes it from the inputs and the saved
+    1-byte window positions of the maxima. The output keeps the input's memory format.
+    """
+    stride_hw, padding_hw, dilation_hw, conv_output_size = conv2d_geometry(
+        input.shape, weight.shape, None if bias is None else bias.shape, stride, padding, dilation, groups
+    )
+    pool_kernel_size = pair(pool_kernel_size, "conv2d_relu_maxpool2d: pool_kernel_size")
+    no_stride = pool_stride is None or (not isinstance(pool_stride, int) and len(pool_stride) == 0)
+    pool_stride = pool_kernel_size if no_stride else pair(pool_stride, "conv2d_relu_maxpool2d: pool_stride")
+    pool_padding = pair(pool_padding, "conv2d_relu_maxpool2d: pool_padding")
+    output_size = pool2d_output_size(
+        (*input.shape[:-3], weight.shape[0], *conv_output_size), pool_kernel_size, pool_stride, pool_padding, (1, 1), False
+    )
+    operands = autocast_inputs(input.device.type, input, weight, bias)
+    chosen = dispatch.choose(FAMILY, backend, input.device, operands[0].dtype, DTYPES, op="conv2d_relu_maxpool2d")
+    if chosen == "torch":
+        return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups)),
+                            pool_kernel_size, pool_stride, pool_padding)
+    input, weight, bias = operands
+    if not input.dtype == weight.dtype == (input.dtype if bias is None else bias.dtype):
+        raise RuntimeError(f"conv2d_relu_maxpool2d: input, weight and bias must share a dtype, got {input.dtype}, "
+                           f"{weight.dtype}{'' if bias is None else f' and {bias.dtype}'}")
+    batched = input.dim() == 4
+    out, _ = backend_op("conv2d_relu_maxpool2d", chosen)(
+        input if batched else input.unsqueeze(0),
+        weight,
+        bias,
+        stride_hw,
+        padding_hw,
+        dilation_hw,
+        groups,
+        conv_output_size,
+        pool_kernel_size,
+        pool_stride,
+        pool_padding,
         output_size,
     )
     return out if batched else out.squeeze(0)

@@ -7,6 +7,7 @@ A convolution is a GEMM whose operands are gathered on the fly, with no im2col b
   grad_out[pixel moved back by tap, cout] * weight[cout, cin, tap];
 - weight gradient: grad_weight[cout, (tap, cin)] = sum over output pixels of grad_out * moved input,
   which also yields grad_bias and the materialised grad_residual from the same grad_out tiles.
+The fused max-pool runs the forward GEMM once per pool tap and keeps a running maximum.
 The ReLU mask (out > 0) is applied to grad_out as it is loaded. Tensors are read through their strides;
 with channels_last every channel block is one contiguous load.
 """
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vkernels.shapes import is_channels_last, memory_format
+from vkernels.shapes import is_channels_last, memory_format, window_index_dtype
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Channels per group from which K is walked tap by tap (every block of channels a contiguous load);
@@ -101,6 +102,103 @@ def _load_nchw(ptr, s_n, s_c, s_h, s_w, relu_out_ptr, o_n, o_c, o_h, o_w, n, c, 
     return value
 
 
+@triton.jit
+def _implicit_gemm_tile(
+    src_ptr, src_sn, src_sc, src_sh, src_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
+    w_base, w_sk, w_sn, w_sh, w_sw,
+    n, base_h, base_w, m_ok, offs_n, n_ok, group, SRC_H, SRC_W, K_CH,
+    phase_h, phase_w, first_h, first_w, count_h, count_w,
+    SH, SW, PH, PW, DH, DW, TAP_STEP_H, TAP_STEP_W,
+    KH: tl.constexpr, KW: tl.constexpr,
+    TRANSPOSED: tl.constexpr, DEPTHWISE: tl.constexpr, POINTWISE: tl.constexpr, TAP_MAJOR: tl.constexpr,
+    MASK_SRC_BY_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The fp32 [BLOCK_M pixels, BLOCK_N n-channels] accumulator of the implicit GEMM: destination pixel
+    m reads source rows base_h[m] + tap shift (and columns alike); rows with m_ok False read zeros."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if DEPTHWISE:
+        # groups == channels: each channel only meets itself, so per tap the GEMM is a multiply-add
+        # over a [pixels, channels] tile
+        for tap in range(count_h * count_w):
+            kh = first_h + (tap // count_w) * TAP_STEP_H
+            kw = first_w + (tap % count_w) * TAP_STEP_W
+            src_h = base_h + _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)
+            src_w = base_w + _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)
+            row_ok = m_ok & (src_h >= 0) & (src_h < SRC_H) & (src_w >= 0) & (src_w < SRC_W)
+            a = _load_nchw(src_ptr, src_sn, src_sc, src_sh, src_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
+                           n[:, None], offs_n[None, :], src_h[:, None], src_w[:, None],
+                           row_ok[:, None] & n_ok[None, :], MASK_SRC_BY_RELU)
+            b = tl.load(w_base + offs_n * w_sn + kh * w_sh + kw * w_sw, mask=n_ok, other=0.0)
+            acc += a.to(tl.float32) * b.to(tl.float32)[None, :]
+    else:
+        if POINTWISE:
+            num_steps = tl.cdiv(K_CH, BLOCK_K)
+        elif TAP_MAJOR:
+            c_blocks = tl.cdiv(K_CH, BLOCK_K)
+            num_steps = count_h * count_w * c_blocks
+        else:
+            k_total = count_h * count_w * K_CH
+            num_steps = tl.cdiv(k_total, BLOCK_K)
+        # one flat loop over K (not taps x channel blocks) so that the pipeliner overlaps every step
+        for step in range(num_steps):
+            if POINTWISE:
+                # 1x1, stride 1, no padding: a plain GEMM, row addresses loop-invariant, no bounds checks
+                c = step * BLOCK_K + offs_k
+                k_ok = c < K_CH
+                w_tap = 0
+                valid = m_ok[:, None] & k_ok[None, :]
+                src_h = base_h[:, None]
+                src_w = base_w[:, None]
+            else:
+                if TAP_MAJOR:
+                    # K ordered (kh, kw, channel block): the tap is a scalar, bounds a column vector
+                    tap = step // c_blocks
+                    c = (step % c_blocks) * BLOCK_K + offs_k
+                    k_ok = c < K_CH
+                    kh = first_h + (tap // count_w) * TAP_STEP_H
+                    kw = first_w + (tap % count_w) * TAP_STEP_W
+                    shift_h = _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)
+                    shift_w = _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)
+                    w_tap = kh * w_sh + kw * w_sw
+                else:
+                    # K ordered (tap, channel) element by element: taps vary along the block's columns
+                    k = step * BLOCK_K + offs_k
+                    k_ok = k < k_total
+                    tap = k // K_CH
+                    c = k % K_CH
+                    kh = first_h + (tap // count_w) * TAP_STEP_H
+                    kw = first_w + (tap % count_w) * TAP_STEP_W
+                    shift_h = _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)[None, :]
+                    shift_w = _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)[None, :]
+                    w_tap = (kh * w_sh + kw * w_sw)[:, None]
+                src_h = base_h[:, None] + shift_h
+                src_w = base_w[:, None] + shift_w
+                valid = (m_ok[:, None] & k_ok[None, :]
+                         & (src_h >= 0) & (src_h < SRC_H) & (src_w >= 0) & (src_w < SRC_W))
+            a = _load_nchw(src_ptr, src_sn, src_sc, src_sh, src_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
+                           n[:, None], (group * K_CH + c)[None, :], src_h, src_w, valid, MASK_SRC_BY_RELU)
+            b = tl.load(w_base + c[:, None] * w_sk + w_tap + offs_n[None, :] * w_sn,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _conv_epilogue(acc, bias_ptr, residual_ptr, channel, n_ok, residual_offsets, out_ok,
+                   HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr):
+    """acc + bias + residual, then ReLU, in fp32: what the forward writes instead of the pre-activation."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + channel, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + residual_offsets, mask=out_ok, other=0.0).to(tl.float32)
+    if APPLY_RELU:
+        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as in torch.relu
+    return acc
+
+
 @triton.autotune(
     configs=_conv_configs(),
     key=["BATCH", "SRC_H", "SRC_W", "DST_H", "DST_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW", "KH", "KW",
@@ -169,89 +267,97 @@ def _conv2d_implicit_gemm_kernel(
     base_w = i_w * src_step_w
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N_CH
-    offs_k = tl.arange(0, BLOCK_K)
     w_base = weight_ptr + group * w_group_stride
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    if DEPTHWISE:
-        # groups == channels: each channel only meets itself, so per tap the GEMM is a multiply-add
-        # over a [pixels, channels] tile
-        for tap in range(count_h * count_w):
-            kh = first_h + (tap // count_w) * TAP_STEP_H
-            kw = first_w + (tap % count_w) * TAP_STEP_W
-            src_h = base_h + _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)
-            src_w = base_w + _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)
-            row_ok = m_ok & (src_h >= 0) & (src_h < SRC_H) & (src_w >= 0) & (src_w < SRC_W)
-            a = _load_nchw(src_ptr, src_sn, src_sc, src_sh, src_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
-                           n[:, None], offs_n[None, :], src_h[:, None], src_w[:, None],
-                           row_ok[:, None] & n_ok[None, :], MASK_SRC_BY_RELU)
-            b = tl.load(w_base + offs_n * w_sn + kh * w_sh + kw * w_sw, mask=n_ok, other=0.0)
-            acc += a.to(tl.float32) * b.to(tl.float32)[None, :]
-    else:
-        if POINTWISE:
-            num_steps = tl.cdiv(K_CH, BLOCK_K)
-        elif TAP_MAJOR:
-            c_blocks = tl.cdiv(K_CH, BLOCK_K)
-            num_steps = count_h * count_w * c_blocks
-        else:
-            k_total = count_h * count_w * K_CH
-            num_steps = tl.cdiv(k_total, BLOCK_K)
-        # one flat loop over K (not taps x channel blocks) so that the pipeliner overlaps every step
-        for step in range(num_steps):
-            if POINTWISE:
-                # 1x1, stride 1, no padding: a plain GEMM, row addresses loop-invariant, no bounds checks
-                c = step * BLOCK_K + offs_k
-                k_ok = c < K_CH
-                w_tap = 0
-                valid = m_ok[:, None] & k_ok[None, :]
-                src_h = base_h[:, None]
-                src_w = base_w[:, None]
-            else:
-                if TAP_MAJOR:
-                    # K ordered (kh, kw, channel block): the tap is a scalar, bounds a column vector
-                    tap = step // c_blocks
-                    c = (step % c_blocks) * BLOCK_K + offs_k
-                    k_ok = c < K_CH
-                    kh = first_h + (tap // count_w) * TAP_STEP_H
-                    kw = first_w + (tap % count_w) * TAP_STEP_W
-                    shift_h = _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)
-                    shift_w = _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)
-                    w_tap = kh * w_sh + kw * w_sw
-                else:
-                    # K ordered (tap, channel) element by element: taps vary along the block's columns
-                    k = step * BLOCK_K + offs_k
-                    k_ok = k < k_total
-                    tap = k // K_CH
-                    c = k % K_CH
-                    kh = first_h + (tap // count_w) * TAP_STEP_H
-                    kw = first_w + (tap % count_w) * TAP_STEP_W
-                    shift_h = _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)[None, :]
-                    shift_w = _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)[None, :]
-                    w_tap = (kh * w_sh + kw * w_sw)[:, None]
-                src_h = base_h[:, None] + shift_h
-                src_w = base_w[:, None] + shift_w
-                valid = (m_ok[:, None] & k_ok[None, :]
-                         & (src_h >= 0) & (src_h < SRC_H) & (src_w >= 0) & (src_w < SRC_W))
-            a = _load_nchw(src_ptr, src_sn, src_sc, src_sh, src_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
-                           n[:, None], (group * K_CH + c)[None, :], src_h, src_w, valid, MASK_SRC_BY_RELU)
-            b = tl.load(w_base + c[:, None] * w_sk + w_tap + offs_n[None, :] * w_sn,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    acc = _implicit_gemm_tile(
+        src_ptr, src_sn, src_sc, src_sh, src_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
+        w_base, w_sk, w_sn, w_sh, w_sw,
+        n, base_h, base_w, m_ok, offs_n, n_ok, group, SRC_H, SRC_W, K_CH,
+        phase_h, phase_w, first_h, first_w, count_h, count_w,
+        SH, SW, PH, PW, DH, DW, TAP_STEP_H, TAP_STEP_W,
+        KH, KW, TRANSPOSED, DEPTHWISE, POINTWISE, TAP_MAJOR, MASK_SRC_BY_RELU, INPUT_PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_K,
+    )
 
     dst_h = phase_h + i_h * dst_step_h
     dst_w = phase_w + i_w * dst_step_w
     channel = group * N_CH + offs_n
     out_ok = m_ok[:, None] & n_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + channel, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + ((n * res_sn + dst_h * res_sh + dst_w * res_sw)[:, None]
-                                           + channel[None, :] * res_sc), mask=out_ok, other=0.0)
-        acc += residual.to(tl.float32)
-    if APPLY_RELU:
-        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as in torch.relu
+    residual_offsets = (n * res_sn + dst_h * res_sh + dst_w * res_sw)[:, None] + channel[None, :] * res_sc
+    acc = _conv_epilogue(acc, bias_ptr, residual_ptr, channel, n_ok, residual_offsets, out_ok,
+                         HAS_BIAS, HAS_RESIDUAL, APPLY_RELU)
     tl.store(dst_ptr + ((n * dst_sn + dst_h * dst_sh + dst_w * dst_sw)[:, None] + channel[None, :] * dst_sc),
              acc.to(dst_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.autotune(
+    configs=_conv_configs(),
+    key=["BATCH", "H", "W", "CONV_H", "CONV_W", "POOL_H", "POOL_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW",
+         "KH", "KW", "PKH", "PKW", "PSH", "PSW", "DEPTHWISE"],
+)
+@triton.jit
+def _conv2d_relu_maxpool2d_kernel(
+    input_ptr, weight_ptr, out_ptr, argmax_ptr, bias_ptr,
+    BATCH, H, W, CONV_H, CONV_W, POOL_H, POOL_W, K_CH, N_CH,
+    x_sn, x_sc, x_sh, x_sw,
+    w_sk, w_sn, w_sh, w_sw, w_group_stride,
+    out_sn, out_sc, out_sh, out_sw,
+    am_sn, am_sc, am_sh, am_sw,
+    SH, SW, PH, PW, DH, DW, PSH, PSW, PPH, PPW,
+    KH: tl.constexpr, KW: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
+    DEPTHWISE: tl.constexpr, POINTWISE: tl.constexpr, TAP_MAJOR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[pooled pixel, cout] = max over the pool window of relu(conv2d(input, weight) + bias), and
+    argmax = the window position (row * PKW + col) of that maximum; the activation is never written.
+
+    Each pool tap runs the forward implicit GEMM for the conv pixels under that tap (pool windows
+    overlap, so a 3x3/2 pool recomputes some conv pixels: compute traded for the activation's
+    round trip through memory). Taps outside the conv output are -inf padding and skipped, ties keep
+    the first maximum and NaN wins, as in torch's max-pool. Grid: (pixel tiles x cout tiles, groups).
+    """
+    group = tl.program_id(1)
+    m_total = BATCH * POOL_H * POOL_W
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(m_total, BLOCK_M), tl.cdiv(N_CH, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < m_total
+    n = (offs_m // (POOL_H * POOL_W)).to(tl.int64)
+    pool_h = (offs_m % (POOL_H * POOL_W)) // POOL_W
+    pool_w = offs_m % POOL_W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N_CH
+    channel = group * N_CH + offs_n
+    w_base = weight_ptr + group * w_group_stride
+
+    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    best_position = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for position in range(PKH * PKW):
+        conv_h = pool_h * PSH - PPH + position // PKW
+        conv_w = pool_w * PSW - PPW + position % PKW
+        tap_ok = m_ok & (conv_h >= 0) & (conv_h < CONV_H) & (conv_w >= 0) & (conv_w < CONV_W)
+        acc = _implicit_gemm_tile(
+            input_ptr, x_sn, x_sc, x_sh, x_sw, input_ptr, x_sn, x_sc, x_sh, x_sw,
+            w_base, w_sk, w_sn, w_sh, w_sw,
+            n, conv_h * SH, conv_w * SW, tap_ok, offs_n, n_ok, group, H, W, K_CH,
+            0, 0, 0, 0, KH, KW,
+            SH, SW, PH, PW, DH, DW, 1, 1,
+            KH, KW, False, DEPTHWISE, POINTWISE, TAP_MAJOR, False, INPUT_PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+        acc = _conv_epilogue(acc, bias_ptr, bias_ptr, channel, n_ok, 0, tap_ok[:, None] & n_ok[None, :],
+                             HAS_BIAS, False, True)
+        # compare what the unfused ops would: the activation rounded to the output dtype
+        value = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        take = tap_ok[:, None] & ((value > best) | (value != value))
+        best_position = tl.where(take, position, best_position)
+        best = tl.where(take, value, best)
+
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    pixel = n * out_sn + pool_h * out_sh + pool_w * out_sw
+    tl.store(out_ptr + (pixel[:, None] + channel[None, :] * out_sc), best.to(out_ptr.dtype.element_ty), mask=out_ok)
+    am_pixel = n * am_sn + pool_h * am_sh + pool_w * am_sw
+    tl.store(argmax_ptr + (am_pixel[:, None] + channel[None, :] * am_sc),
+             best_position.to(argmax_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.autotune(
@@ -399,6 +505,21 @@ def _is_depthwise(weight: torch.Tensor, groups: int) -> bool:
     return weight.shape[1] == 1 and weight.shape[0] == groups
 
 
+def _is_pointwise(weight: torch.Tensor, groups: int, stride, padding) -> bool:
+    """1x1, stride 1, no padding: the forward is a plain GEMM over pixels."""
+    return (not _is_depthwise(weight, groups) and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
+            and tuple(padding) == (0, 0))
+
+
+def _forward_gemm_channels(weight: torch.Tensor, groups: int):
+    """(k_channels, n_channels, weight stride along k, weight stride along n, grid groups) of the
+    forward GEMM; depthwise runs every channel in one group of the grid."""
+    cout, cin_per_group = weight.shape[:2]
+    if _is_depthwise(weight, groups):
+        return cin_per_group, cout, weight.stride(1), weight.stride(0), 1
+    return cin_per_group, cout // groups, weight.stride(1), weight.stride(0), groups
+
+
 def _launch_implicit_gemm(src, weight, dst, bias, residual, relu_out, stride, padding, dilation, groups,
                           transposed):
     batch = dst.shape[0]
@@ -412,13 +533,13 @@ def _launch_implicit_gemm(src, weight, dst, bias, residual, relu_out, stride, pa
         # taps reaching one stride phase are spaced stride / gcd(stride, dilation) apart
         tap_step = tuple(s // math.gcd(s, d) for s, d in zip(stride, dilation))
         phases = stride[0] * stride[1]
+        grid_groups = groups
+        if depthwise:
+            n_channels, w_sn, grid_groups = cout, w_s0, 1
     else:
-        k_channels, n_channels, w_sk, w_sn = cin_per_group, cout // groups, w_s1, w_s0
+        k_channels, n_channels, w_sk, w_sn, grid_groups = _forward_gemm_channels(weight, groups)
         dst_step, tap_step, phases = (1, 1), (1, 1), 1
-    grid_groups = groups
-    if depthwise:
-        n_channels, w_sn, grid_groups = cout, w_s0, 1
-    pointwise = not depthwise and (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+    pointwise = _is_pointwise(weight, groups, stride, padding)
     m_max = batch * triton.cdiv(dst.shape[2], dst_step[0]) * triton.cdiv(dst.shape[3], dst_step[1])
 
     def grid(meta):
@@ -538,6 +659,46 @@ def conv2d_relu_forward(input, weight, bias, residual, stride, padding, dilation
         return out
     _launch_implicit_gemm(input, weight, out, bias, residual, None, stride, padding, dilation, groups, transposed=False)
     return out
+
+
+def conv2d_relu_maxpool2d_forward(input, weight, bias, stride, padding, dilation, groups, conv_output_size,
+                                  pool_kernel_size, pool_stride, pool_padding, output_size):
+    """(out, argmax): out = max_pool2d(relu(conv2d(input, weight, bias, ...)), pool_kernel_size,
+    pool_stride, pool_padding) of size output_size, over a conv output of size conv_output_size;
+    argmax = each maximum's position in its pool window (row * pool width + column), in
+    shapes.window_index_dtype, as the max_pool2d ops save it. Both keep input's memory format.
+    """
+    _check_operands(input, weight)
+    batch, in_channels = input.shape[:2]
+    cout, cin_per_group, kh, kw = weight.shape
+    assert in_channels == cin_per_group * groups and cout % groups == 0, "conv2d_relu: channels do not match groups"
+    assert bias is None or bias.shape == (cout,), "conv2d_relu: bias must have shape (Cout,)"
+    (pkh, pkw), (psh, psw), (pph, ppw) = pool_kernel_size, pool_stride, pool_padding
+    out_format = memory_format(is_channels_last(input))
+    out = torch.empty((batch, cout, *output_size), dtype=input.dtype, device=input.device, memory_format=out_format)
+    argmax = torch.empty(out.shape, dtype=window_index_dtype(pkh * pkw), device=input.device,
+                         memory_format=out_format)
+    if out.numel() == 0:
+        return out, argmax
+    k_channels, n_channels, w_sk, w_sn, grid_groups = _forward_gemm_channels(weight, groups)
+    m_total = batch * output_size[0] * output_size[1]
+
+    def grid(meta):
+        return (triton.cdiv(m_total, meta["BLOCK_M"]) * triton.cdiv(n_channels, meta["BLOCK_N"]), grid_groups)
+
+    _conv2d_relu_maxpool2d_kernel[grid](
+        input, weight, out, argmax, out if bias is None else bias,
+        batch, input.shape[2], input.shape[3], *conv_output_size, *output_size, k_channels, n_channels,
+        *input.stride(),
+        w_sk, w_sn, weight.stride(2), weight.stride(3), (cout // groups) * weight.stride(0),
+        *out.stride(),
+        *argmax.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], psh, psw, pph, ppw,
+        KH=kh, KW=kw, PKH=pkh, PKW=pkw, DEPTHWISE=_is_depthwise(weight, groups),
+        POINTWISE=_is_pointwise(weight, groups, stride, padding), TAP_MAJOR=k_channels % _TAP_MAJOR_CHANNELS == 0,
+        HAS_BIAS=bias is not None, INPUT_PRECISION=_dot_precision(input.dtype), GROUP_M=8,
+    )
+    return out, argmax
 
 
 def conv2d_relu_backward(grad_out, out, input, weight, stride, padding, dilation, groups, needs, channels_last):
