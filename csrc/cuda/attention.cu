@@ -1048,24 +1048,6 @@ void dispatch_bool(bool value, Fn&& fn) {
   }
 }
 
-// Calls fn with a value of the CUDA element type of `dtype` (float, __half or __nv_bfloat16).
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat:
-      fn(float{});
-      break;
-    case at::kHalf:
-      fn(__half{});
-      break;
-    case at::kBFloat16:
-      fn(__nv_bfloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, "attention_cuda: unsupported dtype ", dtype);
-  }
-}
-
 Operand operand(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 // cp.async moves 16-byte chunks: the data pointer and every stride that matters must be multiples
@@ -1174,7 +1156,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& query, const
     launch(attention_forward_exact_kernel, ceil_div(p.len_q, kExactWarps) * batch_heads, 32 * kExactWarps, 0, args);
     return {out, lse};
   }
-  dispatch_dtype(query.scalar_type(), [&](auto element) {
+  dispatch_dtype(query.scalar_type(), "attention_cuda", [&](auto element) {
     using T = decltype(element);
     if constexpr (!std::is_same_v<T, float>) {
       dispatch_head_dim_class(std::max(p.dim_qk, p.dim_v), [&](auto head_dim) {
@@ -1234,7 +1216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
                     mask_of(attn_mask, query.scalar_type()), p, lse_rows.data_ptr<float>(), delta.data_ptr<float>(),
                     grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr()};
 
-  dispatch_dtype(query.scalar_type(), [&](auto element) {
+  dispatch_dtype(query.scalar_type(), "attention_cuda", [&](auto element) {
     using T = decltype(element);
     const int64_t rows = batch_heads * p.len_q;
     launch(attention_backward_delta_kernel<T>, (rows + 7) / 8, 256, 0, args, rows);

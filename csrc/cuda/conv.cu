@@ -637,24 +637,6 @@ dim3 elementwise_grid(int64_t total, int threads) {
   return dim3(static_cast<unsigned>(std::min<int64_t>((total + threads - 1) / threads, int64_t{1} << 20)));
 }
 
-// Calls fn with a value of the CUDA element type of `dtype` (float, __half or __nv_bfloat16).
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, const char* op, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat:
-      fn(float{});
-      break;
-    case at::kHalf:
-      fn(__half{});
-      break;
-    case at::kBFloat16:
-      fn(__nv_bfloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
-  }
-}
-
 bool is_channels_last(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }

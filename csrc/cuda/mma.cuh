@@ -16,6 +16,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 #include <type_traits>
 
@@ -85,6 +88,24 @@ __device__ __forceinline__ uint32_t a_lane_offset(int lane) {  // A from [m][k];
 template <int kLd>
 __device__ __forceinline__ uint32_t b_lane_offset(int lane) {  // B from [n][k]; A from [k][m] with .trans
   return (((lane & 7) + ((lane >> 4) << 3)) * kLd + ((lane >> 3) & 1) * 8) * 2;
+}
+
+// Calls fn with a value of the CUDA element type of `dtype` (float, __half or __nv_bfloat16).
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      fn(float{});
+      break;
+    case at::kHalf:
+      fn(__half{});
+      break;
+    case at::kBFloat16:
+      fn(__nv_bfloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
+  }
 }
 
 }  // namespace vkernels
