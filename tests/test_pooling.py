@@ -61,6 +61,21 @@ def check_gradient(ours, reference, x, dtype):
     return x_ours.grad
 
 
+def check_against_torch(ours, reference, x, dtype, context, exact=False):
+    """ours(x) against reference(x in float64): dtype, shape, values (exactly, or by relative
+    error), the input's memory format kept, and the gradient; outputs land on poisoned memory."""
+    poison_allocator(x.device)
+    out = ours(x)
+    expected = reference(x.double())
+    assert out.dtype == dtype and out.shape == expected.shape, context
+    if exact:
+        assert torch.equal(out.double(), expected), context
+    else:
+        assert relative_error(out, expected) < tolerance(dtype), context
+    assert out.is_contiguous(memory_format=expected_memory_format(x)), context
+    check_gradient(ours, reference, x, dtype)
+
+
 def expected_memory_format(x: torch.Tensor) -> torch.memory_format:
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if channels_last else torch.contiguous_format
@@ -75,20 +90,15 @@ def test_max_pool2d_matches_torch(backend, case, seed):
     window = random_window(rng, dilated=True)
     x = random_input(rng, window, device, dtype)
 
-    poison_allocator(device)
-    out, indices = vkernels.max_pool2d(x, **window, return_indices=True, backend=backend)
-    ref_out, ref_indices = F.max_pool2d(x.double(), **window, return_indices=True)
     context = f"window={window} shape={tuple(x.shape)} strides={x.stride()} dtype={dtype}"
-    assert out.dtype == dtype and out.shape == ref_out.shape, context
-    assert torch.equal(out.double(), ref_out), context  # a maximum is exact in any precision
-    assert torch.equal(indices, ref_indices), context
-    assert out.is_contiguous(memory_format=expected_memory_format(x)), context
-    check_gradient(
+    check_against_torch(
         lambda t: vkernels.max_pool2d(t, **window, backend=backend),
         lambda t: F.max_pool2d(t, **window),
-        x,
-        dtype,
+        x, dtype, context, exact=True,  # a maximum is exact in any precision
     )
+    _, indices = vkernels.max_pool2d(x, **window, return_indices=True, backend=backend)
+    _, ref_indices = F.max_pool2d(x.double(), **window, return_indices=True)
+    assert torch.equal(indices, ref_indices), context
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -102,18 +112,11 @@ def test_avg_pool2d_matches_torch(backend, case, seed):
     window["divisor_override"] = rng.choice([None, None, rng.randint(1, 20)])
     x = random_input(rng, window, device, dtype)
 
-    poison_allocator(device)
-    out = vkernels.avg_pool2d(x, **window, backend=backend)
-    ref = F.avg_pool2d(x.double(), **window)
     context = f"window={window} shape={tuple(x.shape)} strides={x.stride()} dtype={dtype}"
-    assert out.dtype == dtype and out.shape == ref.shape, context
-    assert relative_error(out, ref) < tolerance(dtype), context
-    assert out.is_contiguous(memory_format=expected_memory_format(x)), context
-    check_gradient(
+    check_against_torch(
         lambda t: vkernels.avg_pool2d(t, **window, backend=backend),
         lambda t: F.avg_pool2d(t, **window),
-        x,
-        dtype,
+        x, dtype, context,
     )
 
 
@@ -128,18 +131,11 @@ def test_adaptive_avg_pool2d_matches_torch(backend, case, seed):
     output_size = rng.choice([1, (rng.randint(1, 14), rng.randint(1, 14)), (None, rng.randint(1, 5)), rng.randint(1, 6)])
     x = layout(torch.randn(rng.randint(1, 3), rng.randint(1, 5), height, width, device=device).to(dtype), rng.choice(LAYOUTS))
 
-    poison_allocator(device)
-    out = vkernels.adaptive_avg_pool2d(x, output_size, backend=backend)
-    ref = F.adaptive_avg_pool2d(x.double(), output_size)
     context = f"output_size={output_size} shape={tuple(x.shape)} strides={x.stride()} dtype={dtype}"
-    assert out.dtype == dtype and out.shape == ref.shape, context
-    assert relative_error(out, ref) < tolerance(dtype), context
-    assert out.is_contiguous(memory_format=expected_memory_format(x)), context
-    check_gradient(
+    check_against_torch(
         lambda t: vkernels.adaptive_avg_pool2d(t, output_size, backend=backend),
         lambda t: F.adaptive_avg_pool2d(t, output_size),
-        x,
-        dtype,
+        x, dtype, context,
     )
 
 
