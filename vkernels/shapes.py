@@ -23,6 +23,13 @@ def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return value
 
 
+def pool_stride(stride, kernel_size: tuple[int, int], name: str) -> tuple[int, int]:
+    """A pooling stride as torch reads it: None or an empty sequence means the kernel size."""
+    if stride is None or (not isinstance(stride, int) and len(stride) == 0):
+        return kernel_size
+    return pair(stride, name)
+
+
 def pool_output_size(size: int, kernel: int, pad: int, stride: int, dilation: int, ceil_mode: bool) -> int:
     """Output length of one pooling axis; with ceil_mode the last window must start inside the input
     or its left padding."""

@@ -22,6 +22,7 @@ from vkernels.shapes import (
     memory_format,
     pair,
     pool2d_output_size,
+    pool_stride as pool_stride_rule,  # the public function's argument is called pool_stride
     window_index_dtype,
 )
 from vkernels.triton_kernels import conv as triton_conv
@@ -137,6 +138,12 @@ for _backend in dispatch.KERNEL_BACKENDS:
     _register_autograd(_backend)
 
 
+def _check_one_dtype(name: str, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if not input.dtype == weight.dtype == (input.dtype if bias is None else bias.dtype):
+        raise RuntimeError(f"{name}: input, weight and bias must share a dtype, got {input.dtype}, {weight.dtype}"
+                           f"{'' if bias is None else f' and {bias.dtype}'}")
+
+
 def conv2d_relu(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -168,9 +175,7 @@ def conv2d_relu(
         out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
         return F.relu(out if residual is None else out + residual)
     input, weight, bias, residual = operands
-    if not input.dtype == weight.dtype == (input.dtype if bias is None else bias.dtype):
-        raise RuntimeError(f"conv2d_relu: input, weight and bias must share a dtype, got {input.dtype}, {weight.dtype}"
-                           f"{'' if bias is None else f' and {bias.dtype}'}")
+    _check_one_dtype("conv2d_relu", input, weight, bias)
     batched = input.dim() == 4
     out = backend_op("conv2d_relu", chosen)(
         input if batched else input.unsqueeze(0),
@@ -212,8 +217,7 @@ def conv2d_relu_maxpool2d(
         input.shape, weight.shape, None if bias is None else bias.shape, stride, padding, dilation, groups
     )
     pool_kernel_size = pair(pool_kernel_size, "conv2d_relu_maxpool2d: pool_kernel_size")
-    no_stride = pool_stride is None or (not isinstance(pool_stride, int) and len(pool_stride) == 0)
-    pool_stride = pool_kernel_size if no_stride else pair(pool_stride, "conv2d_relu_maxpool2d: pool_stride")
+    pool_stride = pool_stride_rule(pool_stride, pool_kernel_size, "conv2d_relu_maxpool2d: pool_stride")
     pool_padding = pair(pool_padding, "conv2d_relu_maxpool2d: pool_padding")
     output_size = pool2d_output_size(
         (*input.shape[:-3], weight.shape[0], *conv_output_size), pool_kernel_size, pool_stride, pool_padding, (1, 1), False
@@ -224,9 +228,7 @@ def conv2d_relu_maxpool2d(
         return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups)),
                             pool_kernel_size, pool_stride, pool_padding)
     input, weight, bias = operands
-    if not input.dtype == weight.dtype == (input.dtype if bias is None else bias.dtype):
-        raise RuntimeError(f"conv2d_relu_maxpool2d: input, weight and bias must share a dtype, got {input.dtype}, "
-                           f"{weight.dtype}{'' if bias is None else f' and {bias.dtype}'}")
+    _check_one_dtype("conv2d_relu_maxpool2d", input, weight, bias)
     batched = input.dim() == 4
     out, _ = backend_op("conv2d_relu_maxpool2d", chosen)(
         input if batched else input.unsqueeze(0),

@@ -26,6 +26,7 @@ from vkernels.shapes import (
     memory_format,
     pair,
     pool2d_output_size,
+    pool_stride,
     window_index_dtype,
 )
 from vkernels.triton_kernels import pooling as triton_pooling
@@ -183,7 +184,7 @@ def _unbatched_like(input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
 def _window_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, name):
     check_pool_input(input, name)
     kernel_size = pair(kernel_size, f"{name}: kernel_size")
-    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else pair(stride, f"{name}: stride")
+    stride = pool_stride(stride, kernel_size, f"{name}: stride")
     padding = pair(padding, f"{name}: padding")
     dilation = pair(dilation, f"{name}: dilation")
     output_size = pool2d_output_size(input.shape, kernel_size, stride, padding, dilation, ceil_mode)
