@@ -1,6 +1,6 @@
 """Benchmarks of every vkernels backend against stock PyTorch: ``python -m vkernels.bench``.
 
-Each module in ``vkernels.bench.cases`` exposes ``cases(device, quick) -> list[Case]``; the harness
+Each module in ``vkernels.bench.cases`` exposes ``cases(device, max_autotune) -> list[Case]``; the harness
 and the pytest-benchmark suite in ``bench/`` find them with pkgutil, so an op family adds itself by
 adding a module there.
 """

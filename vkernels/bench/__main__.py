@@ -1,4 +1,4 @@
-"""python -m vkernels.bench [--out DIR] [--quick] [--only PATTERN]
+"""python -m vkernels.bench [--out DIR] [--quick] [--only PATTERN] [--max-autotune]
 
 Prints, for every op family in vkernels.bench.cases, a table of the vkernels backends against stock
 PyTorch on this machine, and writes results.json, results.md and speedup.png into DIR.
@@ -42,6 +42,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where results go (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--only", metavar="PATTERN", help="only cases whose name matches this regular expression")
+    parser.add_argument("--max-autotune", action="store_true",
+                        help="on a GPU, also time torch.compile(mode='max-autotune') where an issue compares "
+                             "against it (conv forward); it autotunes for a minute or more per case")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,7 +72,7 @@ def main() -> int:
     }
     print("\n".join(machine_lines(machine)), flush=True)
 
-    cases, problems = discover_cases(device, args.quick)
+    cases, problems = discover_cases(device, args.max_autotune)
     if args.only:
         cases = [case for case in cases if re.search(args.only, case.name, re.IGNORECASE)]
     results = []

@@ -12,7 +12,8 @@ IMPLS_LEGEND = (
     f"`{BASELINE}` = stock eager PyTorch (reference and speed-up baseline); `torch.compile` = stock "
     "PyTorch under Inductor; `vk.<backend>` = the vkernels public function with `backend=<backend>`. "
     "GB/s = bytes an ideal implementation moves / median time; % copy = that over the measured "
-    "copy bandwidth (device-to-device on GPUs); images/s = images per call / median time; peak mem = "
+    "copy bandwidth (device-to-device on GPUs); % mm peak = TFLOP/s over the measured bf16 8192³ matmul "
+    "rate; images/s = images per call / median time; peak mem = "
     "most memory allocated during one call beyond what was allocated before it (CUDA only)."
 )
 
@@ -45,12 +46,14 @@ def _check(result: Result, footnotes: dict[str, int]) -> str:
 def format_table(results: list[Result]) -> str:
     """Markdown tables, one per op family, padded so they read as plain text too."""
     with_flops = any(r.tflops is not None for r in results)
+    with_peak = any(r.matmul_fraction is not None for r in results)
     sections = []
     for family in dict.fromkeys(r.family for r in results):
         # Throughput and memory columns only in the families whose cases count images (models).
         with_items = any(r.items_per_s is not None for r in results if r.family == family)
         header = ["case", "impl", "median", "min", "IQR", "GB/s", "% copy"]
         header += ["TFLOP/s"] if with_flops else []
+        header += ["% mm peak"] if with_peak else []
         header += ["images/s", "peak mem"] if with_items else []
         header += [f"vs {BASELINE}", "check"]
         rows, footnotes = [], {}
@@ -58,6 +61,7 @@ def format_table(results: list[Result]) -> str:
             row = [r.case, r.impl, format_time(r.median_ms), format_time(r.min_ms), format_time(r.iqr_ms),
                    _number(r.gbps), _number(None if r.copy_fraction is None else 100 * r.copy_fraction, "%")]
             row += [_number(r.tflops)] if with_flops else []
+            row += [_number(None if r.matmul_fraction is None else 100 * r.matmul_fraction, "%")] if with_peak else []
             row += [_number(r.items_per_s), _number(r.peak_mib, " MiB")] if with_items else []
             row += [_number(r.speedup, "×"), _check(r, footnotes)]
             rows.append([cell.replace("|", "\\|") for cell in row])

@@ -28,20 +28,21 @@ class Result:
     gbps: float | None = None
     copy_fraction: float | None = None  # gbps over the measured device-to-device copy bandwidth
     tflops: float | None = None
+    matmul_fraction: float | None = None  # tflops over the measured bf16 matmul rate (CUDA only)
     speedup: float | None = None  # BASELINE's median over this one's
     items_per_s: float | None = None  # case.items / median time
     peak_mib: float | None = None  # CUDA only: peak memory allocated during one call, above what was allocated before it
 
 
-def discover_cases(device: torch.device, quick: bool) -> tuple[list[Case], list[str]]:
-    """cases(device, quick) of every module in vkernels.bench.cases, and the modules that failed."""
+def discover_cases(device: torch.device, max_autotune: bool = False) -> tuple[list[Case], list[str]]:
+    """cases(device, max_autotune) of every module in vkernels.bench.cases, and the modules that failed."""
     from vkernels.bench import cases as package
 
     found, failures = [], []
     for module_info in pkgutil.iter_modules(package.__path__):
         try:
             module = importlib.import_module(f"{package.__name__}.{module_info.name}")
-            found += module.cases(device, quick)
+            found += module.cases(device, max_autotune)
         except Exception as error:  # one broken family must not hide the others' results
             failures.append(f"vkernels.bench.cases.{module_info.name}: {type(error).__name__}: {error}")
     return found, failures
@@ -124,6 +125,8 @@ def run_case(case: Case, device: torch.device, quick: bool, ceilings: Ceilings) 
             result.copy_fraction = result.gbps / ceilings.copy_gbps
         if case.flops:
             result.tflops = case.flops / seconds / 1e12
+            if ceilings.matmul_tflops:
+                result.matmul_fraction = result.tflops / ceilings.matmul_tflops
         if case.items:
             result.items_per_s = case.items / seconds
         if device.type == "cuda":

@@ -42,7 +42,7 @@ CPU_SHAPES = [  # tiny: the Triton interpreter runs each program in numpy
 ]
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def cases(device: torch.device, max_autotune: bool) -> list[Case]:
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     return [attention_case(shape, dtype, device, direction)

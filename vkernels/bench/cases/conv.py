@@ -2,7 +2,9 @@
 256), and at tiny fp32 shapes on CPU.
 
 Stock eager runs cuDNN's conv, then the ReLU as its own kernel; torch.compile (default mode) fuses
-what Inductor can around cuDNN. FLOPs: 2·N·OH·OW·Cout·Cin/groups·KH·KW forward, 3× that for
+what Inductor can around cuDNN; with ``max_autotune`` the forward cases also time
+``torch.compile(mode="max-autotune")``, which benchmarks Inductor's Triton conv templates against
+cuDNN and keeps the faster. FLOPs: 2·N·OH·OW·Cout·Cin/groups·KH·KW forward, 3× that for
 forward+backward (the input and the weight gradients are one such GEMM each).
 """
 from __future__ import annotations
@@ -51,18 +53,18 @@ def stock(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, layer: Laye
     return F.relu(F.conv2d(x, weight, bias, layer.stride, layer.padding, 1, layer.groups))
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def cases(device: torch.device, max_autotune: bool) -> list[Case]:
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     batch, layers = (CUDA_BATCH, CUDA_LAYERS) if on_gpu else (CPU_BATCH, CPU_LAYERS)
     # Inductor's CPU code is not what we compete with, and it compiles for tens of seconds per case.
     compile_skip = None if on_gpu else "timed on GPUs only (~20 s of compiling per case on a CPU)"
-    return [conv_case(layer, batch, dtype, device, direction, compile_skip)
+    return [conv_case(layer, batch, dtype, device, direction, compile_skip, max_autotune)
             for layer in layers for direction in ("fwd", "fwd+bwd")]
 
 
 def conv_case(layer: Layer, batch: int, dtype: torch.dtype, device: torch.device, direction: str,
-              compile_skip: str | None) -> Case:
+              compile_skip: str | None, max_autotune: bool) -> Case:
     training = direction == "fwd+bwd"
     x_shape = (batch, layer.in_channels, layer.size, layer.size)
     weight_shape = (layer.out_channels, layer.in_channels // layer.groups, layer.kernel, layer.kernel)
@@ -89,6 +91,8 @@ def conv_case(layer: Layer, batch: int, dtype: torch.dtype, device: torch.device
         skipped["torch.compile"] = compile_skip
     else:
         impls = {"torch.compile": wrap(compiled(forward)), **impls}
+        if max_autotune and not training:
+            impls = {"torch.compile max-autotune": wrap(compiled(forward, mode="max-autotune")), **impls}
 
     flops = 2 * out_shape.numel() * weight_shape[1] * layer.kernel * layer.kernel
     return Case(

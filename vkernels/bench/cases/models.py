@@ -166,7 +166,7 @@ def _models(on_gpu: bool) -> list[Model | tuple[str, str]]:
     return found
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def cases(device: torch.device, max_autotune: bool) -> list[Case]:
     on_gpu = device.type == "cuda"
     found, result = _models(on_gpu), []
     for model in found:

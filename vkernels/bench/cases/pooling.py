@@ -32,7 +32,7 @@ CPU_SHAPES = {  # small: the Triton interpreter takes ~0.1 s per thousand output
 }
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def cases(device: torch.device, max_autotune: bool) -> list[Case]:
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     shapes = CUDA_SHAPES if on_gpu else CPU_SHAPES
