@@ -29,12 +29,13 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cuda" if GPU else "cpu")
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖actual − expected‖ / ‖expected‖ in float64; NaN anywhere gives inf."""
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:
+    """‖actual − expected‖ / max(‖expected‖, floor) in float64; NaN anywhere gives inf. floor=1 makes
+    it absolute where the expectation is (near) zero, as dQ and dK are when there is a single key."""
     actual, expected = actual.double(), expected.double()
     if torch.isnan(actual).any() or torch.isnan(expected).any():
         return float("inf")
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+    return ((actual - expected).norm() / expected.norm().clamp_min(floor)).item()
 
 
 def tolerance(dtype: torch.dtype) -> float:

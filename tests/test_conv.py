@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 import vkernels
 from support import KERNEL_BACKENDS, device_for, layout, relative_error, tolerance
@@ -47,6 +48,53 @@ def _place(leaves, bias, residual):
     """(input, weight, bias, residual) from the leaves, None where absent."""
     it = iter(leaves)
     return next(it), next(it), next(it) if bias is not None else None, next(it) if residual is not None else None
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    channels=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3)),  # in, out per group; groups
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.one_of(st.tuples(st.integers(0, 2), st.integers(0, 2)), st.sampled_from(["same", "valid"])),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    options=st.tuples(st.booleans(), st.booleans(), st.booleans()),  # bias, residual, channels_last
+)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_conv2d_relu_geometry_fuzz(channels, size, kernel, stride, padding, dilation, options):
+    """Any geometry F.conv2d accepts gives its result and gradients; any it refuses raises its error type."""
+    (cin_per_group, cout_per_group, groups), (with_bias, with_residual, channels_last) = channels, options
+    device = device_for("triton")
+    x = torch.randn(2, cin_per_group * groups, *size, device=device)
+    x = layout(x, "channels_last" if channels_last else "contiguous").requires_grad_()
+    weight = (torch.randn(cout_per_group * groups, cin_per_group, *kernel, device=device) * 0.5).requires_grad_()
+    bias = torch.randn(weight.shape[0], device=device, requires_grad=True) if with_bias else None
+    arguments = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    try:
+        expected = F.conv2d(*ref_leaves, **arguments)
+    except RuntimeError as error:
+        with pytest.raises(type(error)):
+            vkernels.conv2d_relu(x, weight, bias, **arguments, backend="triton")
+        return
+    if with_residual:
+        residual = torch.randn(expected.shape, device=device, requires_grad=True)
+        leaves.append(residual)
+        ref_leaves.append(residual.detach().double().requires_grad_())
+        expected = expected + ref_leaves[-1]
+    expected = F.relu(expected)
+    ours = vkernels.conv2d_relu(x, weight, bias, **arguments, residual=leaves[-1] if with_residual else None,
+                                backend="triton")
+    assert ours.shape == expected.shape
+    assert relative_error(ours, expected) < tolerance(torch.float32) * 10
+    if expected.numel() == 0:
+        return
+    grad = torch.randn_like(ours)
+    ours.backward(grad)
+    expected.backward(grad.double())
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        assert relative_error(leaf.grad, ref_leaf.grad) < tolerance(torch.float32) * 10
 
 
 BAD_CALLS = {
