@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vkernels
-from support import assert_trains_identically, device_for, relative_error
+from support import GPU, KERNEL_BACKENDS, assert_trains_identically, device_for, relative_error, tolerance
 from vkernels.models import (
     CLIP, DigitTokenizer, FusionClassifier, ResNet, SeedCNN, VisionTransformer, contrastive_loss, digit_prompts,
     resnet18, vit_tiny,
@@ -257,3 +257,78 @@ def test_forced_unavailable_backend_reaches_the_kernels():
         model.backend = "cuda"
         with pytest.raises(vkernels.BackendUnavailableError):
             model(*inputs)
+
+
+# --- torch.compile and autocast over whole models ----------------------------------------------
+
+def _resnet_eval(device):
+    model = ResNet(layers=(1, 1), width=4, num_classes=5).to(device)
+    randomize_batch_norm(model)
+    return model.eval()  # eval: the fused convs with BN folded in
+
+
+WHOLE_MODELS = {  # name: device -> (model, inputs)
+    "seed_cnn": lambda device: (tiny_cnn(device), (torch.randn(2, 3, 18, 18, device=device),)),
+    "resnet_eval": lambda device: (_resnet_eval(device), (torch.randn(2, 3, 16, 16, device=device),)),
+    "vit": lambda device: (tiny_vit(device), (torch.randn(2, 3, 8, 8, device=device),)),
+    "clip": lambda device: (CLIP(embed_dim=16, **TOWERS).to(device),
+                            (torch.randn(3, 3, 8, 8, device=device), TOKENIZER(["digit one", "two", "nine"]).to(device))),
+    "fusion": lambda device: (FusionClassifier(num_classes=10, fusion_depth=1, **TOWERS).to(device),
+                              (torch.randn(2, 3, 8, 8, device=device), TOKENIZER("what digit is this").to(device))),
+}
+
+
+def output_and_grads(model, inputs, compiled=False):
+    """The model's first output and the gradients of its squared mean, per parameter name; compiled:
+    through torch.compile(model, fullgraph=True), which fails on any graph break."""
+    model.zero_grad(set_to_none=True)
+    if compiled:
+        torch._dynamo.reset()
+    out = (torch.compile(model, fullgraph=True) if compiled else model)(*inputs)
+    out = out[0] if isinstance(out, tuple) else out
+    out.float().square().mean().backward()
+    return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(result, expected, rtol):
+    (out, grads), (expected_out, expected_grads) = result, expected
+    assert out.dtype == expected_out.dtype and relative_error(out, expected_out) <= rtol
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in grads.items():
+        assert relative_error(grad, expected_grads[name]) <= rtol, name
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", WHOLE_MODELS)
+def test_model_under_compile_fullgraph(name, backend):
+    """No graph break anywhere in the model (fullgraph=True), and eager's outputs and gradients."""
+    model, inputs = WHOLE_MODELS[name](device_for(backend))
+    model.backend = backend
+    expected = output_and_grads(model, inputs)
+    assert_close(output_and_grads(model, inputs, compiled=True), expected, rtol=1e-5)
+
+
+# The Triton interpreter has no bf16 arithmetic: CPU autocast is tested in fp16.
+AUTOCAST_DTYPES = (torch.float16, torch.bfloat16) if GPU else (torch.float16,)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", WHOLE_MODELS)
+def test_model_under_autocast(name, backend, dtype):
+    """Under autocast the kernels run in the low precision and agree with the stock model under the
+    same autocast; on a GPU also compiled with fullgraph=True."""
+    device = device_for(backend)
+    model, inputs = WHOLE_MODELS[name](device)
+    rtol = 10 * tolerance(dtype)  # a few layers of rounding in the autocast dtype
+    with torch.autocast(device.type, dtype=dtype):
+        model.backend = "torch"
+        expected = output_and_grads(model, inputs)
+        model.backend = backend
+        calls = KernelCalls()
+        with calls:
+            result = output_and_grads(model, inputs)
+        assert calls.counts, "no vkernels op ran"
+        assert_close(result, expected, rtol)
+        if GPU:
+            assert_close(output_and_grads(model, inputs, compiled=True), result, rtol)
