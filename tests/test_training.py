@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from support import GPU, assert_trains_identically, device_for, relative_error
+from support import GPU, KERNEL_BACKENDS, assert_trains_identically, device_for, relative_error
 from vkernels.models import CLIP, DigitTokenizer, VisionTransformer
 
 RTOL = 1e-4  # Triton vs torch, fp32, as ‖Δ‖/‖ref‖
@@ -41,7 +41,6 @@ def test_clip_convergence_triton_vs_torch():
 
 # --- DistributedDataParallel ------------------------------------------------------------------
 
-DDP_BACKEND = "triton"  # the tiny ViT through the interpreter takes a few seconds per process
 DDP_STEPS, DDP_LR, WORLD = 3, 0.1, 2
 
 
@@ -53,19 +52,24 @@ def _sgd_steps(model, x, y):
         optimizer.step()
 
 
-def _ddp_worker(rank, port, path):
-    """One rank: the initial weights and the global batch from ``path``, half of the batch, DDP on gloo."""
+def _ddp_worker(rank, port, path, kernel_backend, process_group):
+    """One rank: the initial weights and the global batch from ``path``, half of the batch, DDP."""
     torch.set_num_threads(1)  # two processes on a 2-core machine
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    dist.init_process_group(process_group, rank=rank, world_size=WORLD)
     try:
         saved = torch.load(path)
-        model = VisionTransformer(**TINY_VIT, backend=DDP_BACKEND)
+        model = VisionTransformer(**TINY_VIT, backend=kernel_backend).to(device)
         model.load_state_dict(saved["state"])
         rows = slice(rank * len(saved["x"]) // WORLD, (rank + 1) * len(saved["x"]) // WORLD)
         # DDP averages the gradients over ranks: equal halves give the global batch's mean-loss gradient.
-        _sgd_steps(torch.nn.parallel.DistributedDataParallel(model), saved["x"][rows], saved["y"][rows])
-        torch.save(model.state_dict(), f"{path}.rank{rank}")
+        _sgd_steps(torch.nn.parallel.DistributedDataParallel(model), saved["x"][rows].to(device),
+                   saved["y"][rows].to(device))
+        torch.save({name: t.cpu() for name, t in model.state_dict().items()}, f"{path}.rank{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -76,26 +80,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_equal_one_process(tmp_path, monkeypatch):
-    device_for(DDP_BACKEND)  # skips when the backend is unavailable
-    if GPU:
-        pytest.skip("the gloo test runs the Triton kernels on CPU tensors (interpreter); NCCL on GPU is not covered here")
-    # Spawned children inherit the environment: the interpreter must be on before they import triton.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_ddp_two_processes_equal_one_process(tmp_path, monkeypatch, backend):
+    """NCCL where there is a GPU per rank; else gloo (two ranks may share one GPU through gloo)."""
+    device = device_for(backend)
+    process_group = "nccl" if torch.cuda.device_count() >= WORLD else "gloo"
+    if not GPU:  # spawned children inherit the environment: on before they import triton
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     model = VisionTransformer(**TINY_VIT)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
     path = str(tmp_path / "ddp.pt")
     torch.save({"state": model.state_dict(), "x": x, "y": y}, path)
-    mp.spawn(_ddp_worker, args=(_free_port(), path), nprocs=WORLD, join=True)
+    mp.spawn(_ddp_worker, args=(_free_port(), path, backend, process_group), nprocs=WORLD, join=True)
 
-    model.backend = DDP_BACKEND
+    model = model.to(device)
+    model.backend = backend
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    _sgd_steps(model, x, y)  # one process, the whole global batch
+    _sgd_steps(model, x.to(device), y.to(device))  # one process, the whole global batch
     ranks = [torch.load(f"{path}.rank{rank}") for rank in range(WORLD)]
     for name, expected in model.state_dict().items():
         assert not torch.equal(expected, initial[name]), name  # every parameter trained
         for state in ranks:
-            assert relative_error(state[name], expected) <= 1e-5, name
+            assert relative_error(state[name], expected.cpu()) <= 1e-5, name
 
 
 # --- the digits example -----------------------------------------------------------------------
