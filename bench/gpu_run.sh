@@ -7,6 +7,7 @@
 #   bench/        results.json results.md speedup.png (python -m vkernels.bench)
 #   max-autotune/ results.json results.md (conv forward cases with torch.compile max-autotune too)
 #   bench.json    pytest-benchmark's results with extra_info (GB/s, device times)
+# Before the call, run bench/gpu_wheels.sh here and carry .whl: the tests then run on 8 processes.
 set -o pipefail
 OUT=${OUT:-bench-results/gpu-run}  # $OUT is set on a lease; bench-results/ is git-ignored
 mkdir -p "$OUT"
@@ -43,14 +44,21 @@ run_stage build 150 bash -c "$PYTHON -m pip install --no-build-isolation --no-de
     || { echo 'pip install -e failed; building in place instead'; $PYTHON setup.py build_ext --inplace; }"
 run_stage import 160 $PYTHON -c "import vkernels; print({name: tuple(s) for name, s in vkernels.backends().items()})"
 
-run_stage tests 270 $PYTHON -m pytest tests --maxfail=25 -q -rs --junitxml="$OUT/junit.xml"
+# Wheels carried in .whl (bench/gpu_wheels.sh): pytest-xdist, so that Triton's compiles of each new
+# kernel shape, which dominate the suite's time there, run on 8 cores.
+if ls .whl/*.whl >/dev/null 2>&1 && $PYTHON -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+XDIST=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n 8")
+run_stage tests 330 $PYTHON -m pytest tests $XDIST --maxfail=25 -q -rs --junitxml="$OUT/junit.xml"
 # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns
 # that would otherwise land inside a cached block.
-run_stage memcheck 350 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+run_stage memcheck 390 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
     --error-exitcode 1 $PYTHON -m pytest tests -m cuda -x -q -rs -p no:cacheprovider
-run_stage bench 450 $PYTHON -m vkernels.bench --out "$OUT/bench"
+run_stage bench 480 $PYTHON -m vkernels.bench --out "$OUT/bench"
 # Conv forward against torch.compile max-autotune (the issue's bar), apart: it autotunes for minutes.
-run_stage max-autotune 520 $PYTHON -m vkernels.bench --only '^conv2d_relu .* fwd$' --max-autotune \
+run_stage max-autotune 540 $PYTHON -m vkernels.bench --only '^conv2d_relu .* fwd$' --max-autotune \
     --out "$OUT/max-autotune"
 rm -f "$OUT/max-autotune/speedup.png"  # at most 8 files come back from a lease
 run_stage pytest-bench 580 $PYTHON -m pytest bench/ --benchmark-only -q -rs -p no:cacheprovider \
