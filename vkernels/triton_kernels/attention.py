@@ -157,15 +157,6 @@ def _zero_chunks(ROWS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
 
 
 @triton.jit
-def _dot_chunks(a0, a1, b0, b1, C1: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """a @ b^T for a = (a0 | a1) and b = (b0 | b1) split into head-dim chunks."""
-    product = tl.dot(a0, tl.trans(b0), input_precision=DOT_PRECISION)
-    if C1 > 0:
-        product = tl.dot(a1, tl.trans(b1), product, input_precision=DOT_PRECISION)
-    return product
-
-
-@triton.jit
 def _apply_user_mask(scores, mask_base, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
                      MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Scores (base-2 units) with the user's mask applied. The tile is queries x keys, or keys x
@@ -323,8 +314,12 @@ def _attention_forward_kernel(
         lo, hi = _key_blocks(masked, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k0, k1 = _load_chunks(K, offs_n, stride_kn, stride_kd, seq_k, HEAD_DIM, D0, D1)
-            s = _dot_chunks(q0, q1, k0, k1, D1, DOT_PRECISION)
+            k0 = _load_tile(K, offs_n, tl.arange(0, D0), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
+            s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+            if D1 > 0:
+                k1 = _load_tile(K, offs_n, D0 + tl.arange(0, D1), stride_kn, stride_kd, seq_k, HEAD_DIM,
+                                D0 + D1 > HEAD_DIM)
+                s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
             s = _apply_user_mask(s * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
                                  MASK_KIND, MASK_PER_KEY, False)
             if masked == 1:
@@ -340,9 +335,11 @@ def _attention_forward_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
 
-            v0, v1 = _load_chunks(V, offs_n, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0, DV1)
+            v0 = _load_tile(V, offs_n, tl.arange(0, DV0), stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
             acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
             if DV1 > 0:
+                v1 = _load_tile(V, offs_n, DV0 + tl.arange(0, DV1), stride_vn, stride_vd, seq_k, HEAD_DIM_V,
+                                DV0 + DV1 > HEAD_DIM_V)
                 acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
 
     attended = l_i > 0.0  # False only for rows whose every key is masked
@@ -420,10 +417,19 @@ def _attention_backward_key_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             lse, delta = _row_statistics(Lse, Delta, offs_m, seq_q)
-            q0, q1 = _load_chunks(Q, offs_m, stride_qm, stride_qd, seq_q, HEAD_DIM, D0, D1)
-            grad_out0, grad_out1 = _load_chunks(GradOut, offs_m, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0, DV1)
-            s_t = _dot_chunks(k0, k1, q0, q1, D1, DOT_PRECISION)
-            grad_p_t = _dot_chunks(v0, v1, grad_out0, grad_out1, DV1, DOT_PRECISION)
+            q0 = _load_tile(Q, offs_m, tl.arange(0, D0), stride_qm, stride_qd, seq_q, HEAD_DIM, D0 > HEAD_DIM)
+            grad_out0 = _load_tile(GradOut, offs_m, tl.arange(0, DV0), stride_gm, stride_gd, seq_q, HEAD_DIM_V,
+                                   DV0 > HEAD_DIM_V)
+            s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
+            grad_p_t = tl.dot(v0, tl.trans(grad_out0), input_precision=DOT_PRECISION)
+            if D1 > 0:
+                q1 = _load_tile(Q, offs_m, D0 + tl.arange(0, D1), stride_qm, stride_qd, seq_q, HEAD_DIM,
+                                D0 + D1 > HEAD_DIM)
+                s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PRECISION)
+            if DV1 > 0:
+                grad_out1 = _load_tile(GradOut, offs_m, DV0 + tl.arange(0, DV1), stride_gm, stride_gd, seq_q,
+                                       HEAD_DIM_V, DV0 + DV1 > HEAD_DIM_V)
+                grad_p_t = tl.dot(v1, tl.trans(grad_out1), grad_p_t, input_precision=DOT_PRECISION)
             s_t = _apply_user_mask(s_t * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
                                    MASK_KIND, MASK_PER_KEY, True)
             if masked == 1:
@@ -479,10 +485,18 @@ def _attention_backward_query_kernel(
         lo, hi = _key_blocks(masked, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k0, k1 = _load_chunks(K, offs_n, stride_kn, stride_kd, seq_k, HEAD_DIM, D0, D1)
-            v0, v1 = _load_chunks(V, offs_n, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0, DV1)
-            s = _dot_chunks(q0, q1, k0, k1, D1, DOT_PRECISION)
-            grad_p = _dot_chunks(grad_out0, grad_out1, v0, v1, DV1, DOT_PRECISION)
+            k0 = _load_tile(K, offs_n, tl.arange(0, D0), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
+            v0 = _load_tile(V, offs_n, tl.arange(0, DV0), stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
+            s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+            grad_p = tl.dot(grad_out0, tl.trans(v0), input_precision=DOT_PRECISION)
+            if D1 > 0:
+                k1 = _load_tile(K, offs_n, D0 + tl.arange(0, D1), stride_kn, stride_kd, seq_k, HEAD_DIM,
+                                D0 + D1 > HEAD_DIM)
+                s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
+            if DV1 > 0:
+                v1 = _load_tile(V, offs_n, DV0 + tl.arange(0, DV1), stride_vn, stride_vd, seq_k, HEAD_DIM_V,
+                                DV0 + DV1 > HEAD_DIM_V)
+                grad_p = tl.dot(grad_out1, tl.trans(v1), grad_p, input_precision=DOT_PRECISION)
             s = _apply_user_mask(s * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
                                  MASK_KIND, MASK_PER_KEY, False)
             if masked == 1:
