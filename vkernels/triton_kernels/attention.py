@@ -126,6 +126,37 @@ def _store_tile(base, rows, cols, stride_row, stride_col, num_rows, num_cols, ti
 
 
 @triton.jit
+def _load_chunks(base, rows, stride_row, stride_col, num_rows,
+                 DIM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
+    """Rows `rows` of a (num_rows, DIM) matrix as its head-dim chunks [0, C0) and [C0, C0 + C1), zero
+    outside the matrix. Without a second chunk (C1 == 0) the first stands in for it, unused."""
+    chunk0 = _load_tile(base, rows, tl.arange(0, C0), stride_row, stride_col, num_rows, DIM, C0 > DIM)
+    chunk1 = chunk0
+    if C1 > 0:
+        chunk1 = _load_tile(base, rows, C0 + tl.arange(0, C1), stride_row, stride_col, num_rows, DIM, C0 + C1 > DIM)
+    return chunk0, chunk1
+
+
+@triton.jit
+def _store_chunks(base, rows, stride_row, stride_col, num_rows, tile0, tile1,
+                  DIM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
+    """Writes the head-dim chunks tile0 (columns [0, C0)) and, when C1 > 0, tile1 ([C0, C0 + C1))."""
+    _store_tile(base, rows, tl.arange(0, C0), stride_row, stride_col, num_rows, DIM, tile0, C0 > DIM)
+    if C1 > 0:
+        _store_tile(base, rows, C0 + tl.arange(0, C1), stride_row, stride_col, num_rows, DIM, tile1, C0 + C1 > DIM)
+
+
+@triton.jit
+def _zero_chunks(ROWS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
+    """fp32 accumulators for the two head-dim chunks; the first stands in for an absent second."""
+    zeros0 = tl.zeros([ROWS, C0], tl.float32)
+    zeros1 = zeros0
+    if C1 > 0:
+        zeros1 = tl.zeros([ROWS, C1], tl.float32)
+    return zeros0, zeros1
+
+
+@triton.jit
 def _apply_user_mask(scores, mask_base, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
                      MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Scores (base-2 units) with the user's mask applied. The tile is queries x keys, or keys x
@@ -157,16 +188,42 @@ def _apply_user_mask(scores, mask_base, offs_m, offs_n, stride_mm, stride_mn, se
 
 
 @triton.jit
-def _key_block_ranges(start_m, seq_k, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For the query block at start_m: key blocks in [0, unmasked_end) need neither the causal nor
-    the key-length mask; those in [unmasked_end, end) need them; causal blocks past end see nothing."""
+def _key_blocks(MASKED: tl.constexpr, start_m, seq_k,
+                IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range [lo, hi) for the query block at start_m: blocks in [0, unmasked_end) need neither the
+    causal nor the key-length mask, those in [unmasked_end, end) need them (MASKED); causal blocks
+    past end see nothing."""
     end = seq_k
     unmasked_end = (seq_k // BLOCK_N) * BLOCK_N
     if IS_CAUSAL:
         end = tl.minimum(seq_k, start_m + BLOCK_M)
         # a key block is fully visible when its last key <= the block's first query
         unmasked_end = tl.minimum(unmasked_end, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-    return unmasked_end, end
+    lo = 0
+    hi = unmasked_end
+    if MASKED:
+        lo = unmasked_end
+        hi = end
+    return lo, hi
+
+
+@triton.jit
+def _query_blocks(MASKED: tl.constexpr, start_n, seq_q,
+                  IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query range [lo, hi) for the key block at start_n: blocks in [diagonal_end, seq_q) see all of
+    it, those in [first_visible, diagonal_end) cross its causal diagonal (MASKED); causal blocks before
+    first_visible see none of it."""
+    first_visible = 0
+    diagonal_end = 0
+    if IS_CAUSAL:
+        first_visible = (start_n // BLOCK_M) * BLOCK_M
+        diagonal_end = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seq_q)
+    lo = diagonal_end
+    hi = seq_q
+    if MASKED:
+        lo = first_visible
+        hi = diagonal_end
+    return lo, hi
 
 
 @triton.jit
@@ -186,6 +243,37 @@ def _program_block(num_blocks, REVERSE: tl.constexpr):
     if REVERSE:  # causal: the longest query rows first, so short programs fill the tail
         block = num_blocks - 1 - block
     return bh, block
+
+
+@triton.jit
+def _head_inputs(Q, K, V, Mask, bh, num_heads,
+                 stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_mb, stride_mh):
+    """Batch b and head h of the flat index bh, as int64 so that offsets past 2**31 elements are exact,
+    and Q, K, V, Mask moved to that head."""
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    Mask += b * stride_mb + h * stride_mh
+    return b, h, Q, K, V, Mask
+
+
+@triton.jit
+def _row_statistics(Lse, Delta, offs_m, seq_q):
+    """lse (base 2) and delta of query rows offs_m. Rows past seq_q get lse = +inf, so that their
+    probabilities are 0 without a length mask."""
+    in_range = offs_m < seq_q
+    lse = tl.load(Lse + offs_m, mask=in_range, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + offs_m, mask=in_range, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _softmax_backward(scores, grad_p, lse, delta):
+    """P = exp2(S - lse) and dS = P * (dP - delta), lse and delta broadcast along the tile's key axis."""
+    p = tl.exp2(scores - lse)
+    return p, p * (grad_p - delta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,47 +296,29 @@ def _attention_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    Mask += b * stride_mb + h * stride_mh
+    b, h, Q, K, V, Mask = _head_inputs(Q, K, V, Mask, bh, num_heads, stride_qb, stride_qh, stride_kb, stride_kh,
+                                       stride_vb, stride_vh, stride_mb, stride_mh)
     Out += b * stride_ob + h * stride_oh
     Lse += bh.to(tl.int64) * seq_q
 
     start_m = m_block * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d0 = tl.arange(0, D0)
-    offs_dv0 = tl.arange(0, DV0)
-    q0 = _load_tile(Q, offs_m, offs_d0, stride_qm, stride_qd, seq_q, HEAD_DIM, D0 > HEAD_DIM)
-    if D1 > 0:
-        offs_d1 = D0 + tl.arange(0, D1)
-        q1 = _load_tile(Q, offs_m, offs_d1, stride_qm, stride_qd, seq_q, HEAD_DIM, D0 + D1 > HEAD_DIM)
-    if DV1 > 0:
-        offs_dv1 = DV0 + tl.arange(0, DV1)
+    q0, q1 = _load_chunks(Q, offs_m, stride_qm, stride_qd, seq_q, HEAD_DIM, D0, D1)
 
     # Running row max (base-2 scores), row sum of exp2(score - max), unnormalised output.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc0 = tl.zeros([BLOCK_M, DV0], tl.float32)
-    if DV1 > 0:
-        acc1 = tl.zeros([BLOCK_M, DV1], tl.float32)
+    acc0, acc1 = _zero_chunks(BLOCK_M, DV0, DV1)
 
-    unmasked_end, end = _key_block_ranges(start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
     for masked in tl.static_range(2):
-        if masked == 0:
-            lo = 0
-            hi = unmasked_end
-        else:
-            lo = unmasked_end
-            hi = end
+        lo, hi = _key_blocks(masked, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k0 = _load_tile(K, offs_n, offs_d0, stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
+            k0 = _load_tile(K, offs_n, tl.arange(0, D0), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
             s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
             if D1 > 0:
-                k1 = _load_tile(K, offs_n, offs_d1, stride_kn, stride_kd, seq_k, HEAD_DIM, D0 + D1 > HEAD_DIM)
+                k1 = _load_tile(K, offs_n, D0 + tl.arange(0, D1), stride_kn, stride_kd, seq_k, HEAD_DIM,
+                                D0 + D1 > HEAD_DIM)
                 s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
             s = _apply_user_mask(s * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
                                  MASK_KIND, MASK_PER_KEY, False)
@@ -265,10 +335,11 @@ def _attention_forward_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
 
-            v0 = _load_tile(V, offs_n, offs_dv0, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
+            v0 = _load_tile(V, offs_n, tl.arange(0, DV0), stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
             acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
             if DV1 > 0:
-                v1 = _load_tile(V, offs_n, offs_dv1, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 + DV1 > HEAD_DIM_V)
+                v1 = _load_tile(V, offs_n, DV0 + tl.arange(0, DV1), stride_vn, stride_vd, seq_k, HEAD_DIM_V,
+                                DV0 + DV1 > HEAD_DIM_V)
                 acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
 
     attended = l_i > 0.0  # False only for rows whose every key is masked
@@ -276,10 +347,8 @@ def _attention_forward_kernel(
     inv_l = tl.where(attended, 1.0 / l_safe, 0.0)
     lse = tl.where(attended, (m_i + tl.log2(l_safe)) / LOG2E, float("inf"))
     tl.store(Lse + offs_m, lse, mask=offs_m < seq_q)
-    _store_tile(Out, offs_m, offs_dv0, stride_om, stride_od, seq_q, HEAD_DIM_V, acc0 * inv_l[:, None], DV0 > HEAD_DIM_V)
-    if DV1 > 0:
-        _store_tile(Out, offs_m, offs_dv1, stride_om, stride_od, seq_q, HEAD_DIM_V, acc1 * inv_l[:, None],
-                    DV0 + DV1 > HEAD_DIM_V)
+    _store_chunks(Out, offs_m, stride_om, stride_od, seq_q, acc0 * inv_l[:, None], acc1 * inv_l[:, None],
+                  HEAD_DIM_V, DV0, DV1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,12 +397,8 @@ def _attention_backward_key_kernel(
     """dK and dV for one block of BLOCK_N keys, looping over query blocks. Works on transposed
     (keys x queries) score tiles so that dV = P^T dO and dK = dS^T Q need no transposes of P, dS."""
     bh, n_block = _program_block(tl.cdiv(seq_k, BLOCK_N), False)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    Mask += b * stride_mb + h * stride_mh
+    b, h, Q, K, V, Mask = _head_inputs(Q, K, V, Mask, bh, num_heads, stride_qb, stride_qh, stride_kb, stride_kh,
+                                       stride_vb, stride_vh, stride_mb, stride_mh)
     GradOut += b * stride_gb + h * stride_gh
     GradK += b * stride_dkb + h * stride_dkh
     GradV += b * stride_dvb + h * stride_dvh
@@ -342,58 +407,34 @@ def _attention_backward_key_kernel(
 
     start_n = n_block * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d0 = tl.arange(0, D0)
-    offs_dv0 = tl.arange(0, DV0)
-    k0 = _load_tile(K, offs_n, offs_d0, stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
-    v0 = _load_tile(V, offs_n, offs_dv0, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
-    grad_k0 = tl.zeros([BLOCK_N, D0], tl.float32)
-    grad_v0 = tl.zeros([BLOCK_N, DV0], tl.float32)
-    if D1 > 0:
-        offs_d1 = D0 + tl.arange(0, D1)
-        k1 = _load_tile(K, offs_n, offs_d1, stride_kn, stride_kd, seq_k, HEAD_DIM, D0 + D1 > HEAD_DIM)
-        grad_k1 = tl.zeros([BLOCK_N, D1], tl.float32)
-    if DV1 > 0:
-        offs_dv1 = DV0 + tl.arange(0, DV1)
-        v1 = _load_tile(V, offs_n, offs_dv1, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 + DV1 > HEAD_DIM_V)
-        grad_v1 = tl.zeros([BLOCK_N, DV1], tl.float32)
+    k0, k1 = _load_chunks(K, offs_n, stride_kn, stride_kd, seq_k, HEAD_DIM, D0, D1)
+    v0, v1 = _load_chunks(V, offs_n, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0, DV1)
+    grad_k0, grad_k1 = _zero_chunks(BLOCK_N, D0, D1)
+    grad_v0, grad_v1 = _zero_chunks(BLOCK_N, DV0, DV1)
 
-    # Query blocks in [lo, diagonal_end) cross the causal diagonal of this key block; those in
-    # [diagonal_end, seq_q) see all of it; causal blocks before lo see none of it. Query rows past
-    # seq_q load lse = +inf, so their probabilities are 0 without a length mask.
-    lo = 0
-    diagonal_end = 0
-    if IS_CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M
-        diagonal_end = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seq_q)
     for masked in tl.static_range(2):
-        if masked == 0:
-            first = diagonal_end
-            last = seq_q
-        else:
-            first = lo
-            last = diagonal_end
-        for start_m in range(first, last, BLOCK_M):
+        lo, hi = _query_blocks(masked, start_n, seq_q, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            in_range = offs_m < seq_q
-            lse = tl.load(Lse + offs_m, mask=in_range, other=float("inf")) * LOG2E
-            delta = tl.load(Delta + offs_m, mask=in_range, other=0.0)
-            q0 = _load_tile(Q, offs_m, offs_d0, stride_qm, stride_qd, seq_q, HEAD_DIM, D0 > HEAD_DIM)
-            grad_out0 = _load_tile(GradOut, offs_m, offs_dv0, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0 > HEAD_DIM_V)
+            lse, delta = _row_statistics(Lse, Delta, offs_m, seq_q)
+            q0 = _load_tile(Q, offs_m, tl.arange(0, D0), stride_qm, stride_qd, seq_q, HEAD_DIM, D0 > HEAD_DIM)
+            grad_out0 = _load_tile(GradOut, offs_m, tl.arange(0, DV0), stride_gm, stride_gd, seq_q, HEAD_DIM_V,
+                                   DV0 > HEAD_DIM_V)
             s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
             grad_p_t = tl.dot(v0, tl.trans(grad_out0), input_precision=DOT_PRECISION)
             if D1 > 0:
-                q1 = _load_tile(Q, offs_m, offs_d1, stride_qm, stride_qd, seq_q, HEAD_DIM, D0 + D1 > HEAD_DIM)
+                q1 = _load_tile(Q, offs_m, D0 + tl.arange(0, D1), stride_qm, stride_qd, seq_q, HEAD_DIM,
+                                D0 + D1 > HEAD_DIM)
                 s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PRECISION)
             if DV1 > 0:
-                grad_out1 = _load_tile(GradOut, offs_m, offs_dv1, stride_gm, stride_gd, seq_q, HEAD_DIM_V,
-                                       DV0 + DV1 > HEAD_DIM_V)
+                grad_out1 = _load_tile(GradOut, offs_m, DV0 + tl.arange(0, DV1), stride_gm, stride_gd, seq_q,
+                                       HEAD_DIM_V, DV0 + DV1 > HEAD_DIM_V)
                 grad_p_t = tl.dot(v1, tl.trans(grad_out1), grad_p_t, input_precision=DOT_PRECISION)
             s_t = _apply_user_mask(s_t * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
                                    MASK_KIND, MASK_PER_KEY, True)
             if masked == 1:
                 s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
-            p_t = tl.exp2(s_t - lse[None, :])
-            grad_s_t = p_t * (grad_p_t - delta[None, :])
+            p_t, grad_s_t = _softmax_backward(s_t, grad_p_t, lse[None, :], delta[None, :])
 
             grad_v0 = tl.dot(p_t.to(grad_out0.dtype), grad_out0, grad_v0, input_precision=DOT_PRECISION)
             grad_k0 = tl.dot(grad_s_t.to(q0.dtype), q0, grad_k0, input_precision=DOT_PRECISION)
@@ -402,13 +443,9 @@ def _attention_backward_key_kernel(
             if D1 > 0:
                 grad_k1 = tl.dot(grad_s_t.to(q1.dtype), q1, grad_k1, input_precision=DOT_PRECISION)
 
-    _store_tile(GradV, offs_n, offs_dv0, stride_dvn, stride_dvd, seq_k, HEAD_DIM_V, grad_v0, DV0 > HEAD_DIM_V)
-    _store_tile(GradK, offs_n, offs_d0, stride_dkn, stride_dkd, seq_k, HEAD_DIM, grad_k0 * sm_scale, D0 > HEAD_DIM)
-    if DV1 > 0:
-        _store_tile(GradV, offs_n, offs_dv1, stride_dvn, stride_dvd, seq_k, HEAD_DIM_V, grad_v1, DV0 + DV1 > HEAD_DIM_V)
-    if D1 > 0:
-        _store_tile(GradK, offs_n, offs_d1, stride_dkn, stride_dkd, seq_k, HEAD_DIM, grad_k1 * sm_scale,
-                    D0 + D1 > HEAD_DIM)
+    _store_chunks(GradV, offs_n, stride_dvn, stride_dvd, seq_k, grad_v0, grad_v1, HEAD_DIM_V, DV0, DV1)
+    _store_chunks(GradK, offs_n, stride_dkn, stride_dkd, seq_k, grad_k0 * sm_scale, grad_k1 * sm_scale,
+                  HEAD_DIM, D0, D1)
 
 
 @_autotuned({"BLOCK_M": 32, "BLOCK_N": 16}, _BACKWARD_QUERY_CONFIGS)
@@ -429,12 +466,8 @@ def _attention_backward_query_kernel(
 ):
     """dQ for one block of BLOCK_M queries, looping over key blocks as the forward does."""
     bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    Mask += b * stride_mb + h * stride_mh
+    b, h, Q, K, V, Mask = _head_inputs(Q, K, V, Mask, bh, num_heads, stride_qb, stride_qh, stride_kb, stride_kh,
+                                       stride_vb, stride_vh, stride_mb, stride_mh)
     GradOut += b * stride_gb + h * stride_gh
     GradQ += b * stride_dqb + h * stride_dqh
     Lse += bh.to(tl.int64) * seq_q
@@ -442,58 +475,39 @@ def _attention_backward_query_kernel(
 
     start_m = m_block * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d0 = tl.arange(0, D0)
-    offs_dv0 = tl.arange(0, DV0)
-    in_range = offs_m < seq_q
-    lse = tl.load(Lse + offs_m, mask=in_range, other=float("inf")) * LOG2E
-    delta = tl.load(Delta + offs_m, mask=in_range, other=0.0)
-    q0 = _load_tile(Q, offs_m, offs_d0, stride_qm, stride_qd, seq_q, HEAD_DIM, D0 > HEAD_DIM)
-    grad_out0 = _load_tile(GradOut, offs_m, offs_dv0, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0 > HEAD_DIM_V)
-    grad_q0 = tl.zeros([BLOCK_M, D0], tl.float32)
-    if D1 > 0:
-        offs_d1 = D0 + tl.arange(0, D1)
-        q1 = _load_tile(Q, offs_m, offs_d1, stride_qm, stride_qd, seq_q, HEAD_DIM, D0 + D1 > HEAD_DIM)
-        grad_q1 = tl.zeros([BLOCK_M, D1], tl.float32)
-    if DV1 > 0:
-        offs_dv1 = DV0 + tl.arange(0, DV1)
-        grad_out1 = _load_tile(GradOut, offs_m, offs_dv1, stride_gm, stride_gd, seq_q, HEAD_DIM_V,
-                               DV0 + DV1 > HEAD_DIM_V)
+    lse, delta = _row_statistics(Lse, Delta, offs_m, seq_q)
+    q0, q1 = _load_chunks(Q, offs_m, stride_qm, stride_qd, seq_q, HEAD_DIM, D0, D1)
+    grad_out0, grad_out1 = _load_chunks(GradOut, offs_m, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0, DV1)
+    grad_q0, grad_q1 = _zero_chunks(BLOCK_M, D0, D1)
 
     # Keys past seq_k must be masked here: their zero-filled scores could overflow exp2(s - lse).
-    unmasked_end, end = _key_block_ranges(start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
     for masked in tl.static_range(2):
-        if masked == 0:
-            lo = 0
-            hi = unmasked_end
-        else:
-            lo = unmasked_end
-            hi = end
+        lo, hi = _key_blocks(masked, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k0 = _load_tile(K, offs_n, offs_d0, stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
-            v0 = _load_tile(V, offs_n, offs_dv0, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
+            k0 = _load_tile(K, offs_n, tl.arange(0, D0), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
+            v0 = _load_tile(V, offs_n, tl.arange(0, DV0), stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
             s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
             grad_p = tl.dot(grad_out0, tl.trans(v0), input_precision=DOT_PRECISION)
             if D1 > 0:
-                k1 = _load_tile(K, offs_n, offs_d1, stride_kn, stride_kd, seq_k, HEAD_DIM, D0 + D1 > HEAD_DIM)
+                k1 = _load_tile(K, offs_n, D0 + tl.arange(0, D1), stride_kn, stride_kd, seq_k, HEAD_DIM,
+                                D0 + D1 > HEAD_DIM)
                 s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
             if DV1 > 0:
-                v1 = _load_tile(V, offs_n, offs_dv1, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 + DV1 > HEAD_DIM_V)
+                v1 = _load_tile(V, offs_n, DV0 + tl.arange(0, DV1), stride_vn, stride_vd, seq_k, HEAD_DIM_V,
+                                DV0 + DV1 > HEAD_DIM_V)
                 grad_p = tl.dot(grad_out1, tl.trans(v1), grad_p, input_precision=DOT_PRECISION)
             s = _apply_user_mask(s * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
                                  MASK_KIND, MASK_PER_KEY, False)
             if masked == 1:
                 s = tl.where(_keys_visible(offs_m, offs_n, seq_k, IS_CAUSAL), s, float("-inf"))
-            p = tl.exp2(s - lse[:, None])
-            grad_s = p * (grad_p - delta[:, None])
+            _, grad_s = _softmax_backward(s, grad_p, lse[:, None], delta[:, None])
             grad_q0 = tl.dot(grad_s.to(k0.dtype), k0, grad_q0, input_precision=DOT_PRECISION)
             if D1 > 0:
                 grad_q1 = tl.dot(grad_s.to(k1.dtype), k1, grad_q1, input_precision=DOT_PRECISION)
 
-    _store_tile(GradQ, offs_m, offs_d0, stride_dqm, stride_dqd, seq_q, HEAD_DIM, grad_q0 * sm_scale, D0 > HEAD_DIM)
-    if D1 > 0:
-        _store_tile(GradQ, offs_m, offs_d1, stride_dqm, stride_dqd, seq_q, HEAD_DIM, grad_q1 * sm_scale,
-                    D0 + D1 > HEAD_DIM)
+    _store_chunks(GradQ, offs_m, stride_dqm, stride_dqd, seq_q, grad_q0 * sm_scale, grad_q1 * sm_scale,
+                  HEAD_DIM, D0, D1)
 
 
 # ---------------------------------------------------------------------------------------------

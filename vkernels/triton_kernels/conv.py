@@ -29,28 +29,22 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TAP_MAJOR_CHANNELS = 16
 
 
-def _conv_configs():
+def _autotune_configs(blocks: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) rows; the interpreter gets one
+    small config, so CPU runs never benchmark."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+        blocks = [(16, 16, 16, 4, 1)]
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+        for m, n, k, warps, stages in blocks
     ]
 
 
-def _weight_grad_configs():
-    # BLOCK_M is the reduction (pixel) step; the tile is BLOCK_N couts x BLOCK_K (tap, cin) columns.
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    ]
+_CONV_BLOCKS = [
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3),
+]
+# BLOCK_M is the reduction (pixel) step; the tile is BLOCK_N couts x BLOCK_K (tap, cin) columns.
+_WEIGHT_GRAD_BLOCKS = [(64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (32, 64, 64, 4, 4)]
 
 
 @triton.jit
@@ -200,7 +194,7 @@ def _conv_epilogue(acc, bias_ptr, residual_ptr, channel, n_ok, residual_offsets,
 
 
 @triton.autotune(
-    configs=_conv_configs(),
+    configs=_autotune_configs(_CONV_BLOCKS),
     key=["BATCH", "SRC_H", "SRC_W", "DST_H", "DST_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW", "KH", "KW",
          "TRANSPOSED", "DEPTHWISE", "MASK_SRC_BY_RELU"],
 )
@@ -290,7 +284,7 @@ def _conv2d_implicit_gemm_kernel(
 
 
 @triton.autotune(
-    configs=_conv_configs(),
+    configs=_autotune_configs(_CONV_BLOCKS),
     key=["BATCH", "H", "W", "CONV_H", "CONV_W", "POOL_H", "POOL_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW",
          "KH", "KW", "PKH", "PKW", "PSH", "PSW", "DEPTHWISE"],
 )
@@ -361,7 +355,7 @@ def _conv2d_relu_maxpool2d_kernel(
 
 
 @triton.autotune(
-    configs=_weight_grad_configs(),
+    configs=_autotune_configs(_WEIGHT_GRAD_BLOCKS),
     key=["BATCH", "H", "W", "OH", "OW", "CIN_G", "COUT_G", "SH", "SW", "DH", "DW", "KH", "KW", "DEPTHWISE",
          "COMPUTE_WEIGHT"],
 )

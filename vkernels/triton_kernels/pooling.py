@@ -86,6 +86,27 @@ def _first_window(
 
 
 @triton.jit
+def _window_tap(start, k, SIZE: tl.constexpr, DILATION: tl.constexpr):
+    """Along one axis, the input position of tap k of the window starting at `start`, and whether it
+    lies inside the input (padding does not)."""
+    index = start + k * DILATION
+    return index, (index >= 0) & (index < SIZE)
+
+
+@triton.jit
+def _candidate_window(
+    index, first, a, OUT_SIZE: tl.constexpr, PAD: tl.constexpr, STRIDE: tl.constexpr, DILATION: tl.constexpr
+):
+    """Along one axis, window o = first + a (first from _first_window), the distance from its start to
+    input position `index`, and whether window o exists and has `index` as its tap distance / DILATION:
+    the distance is a non-negative multiple of DILATION (tap < KERNEL holds for every o >= first)."""
+    o = first + a
+    distance = index + PAD - o * STRIDE
+    contains = (o < OUT_SIZE) & (distance >= 0) & (distance % DILATION == 0)
+    return o, distance, contains
+
+
+@triton.jit
 def _avg_window_length(
     index, SIZE: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     COUNT_INCLUDE_PAD: tl.constexpr,
@@ -136,11 +157,10 @@ def _max_pool2d_forward_kernel(
     best_offset = first_i * KW + first_j + tl.zeros([BLOCK_ROWS, BLOCK_INNER], tl.int32)
     best = tl.full([BLOCK_ROWS, BLOCK_INNER], float("-inf"), ACC_DTYPE)
     for i in tl.static_range(KH):
-        ih = ih_start + i * DH
-        row_valid = (ih >= 0) & (ih < H)
+        ih, row_valid = _window_tap(ih_start, i, H, DH)
         for j in tl.static_range(KW):
-            iw = iw_start + j * DW
-            valid = exists & row_valid & (iw >= 0) & (iw < W)
+            iw, column_valid = _window_tap(iw_start, j, W, DW)
+            valid = exists & row_valid & column_valid
             # masked taps read -inf, which never wins
             value = tl.load(x_plane + ih * x_stride_h + iw * x_stride_w, mask=valid, other=float("-inf"))
             value = value.to(ACC_DTYPE)
@@ -173,15 +193,10 @@ def _max_pool2d_backward_kernel(
     ow_first = _first_window(iw, PW, KW, SW, DW)
     acc = tl.zeros([BLOCK_ROWS, BLOCK_INNER], ACC_DTYPE)
     for a in tl.static_range(CANDIDATES_H):
-        oh = oh_first + a
-        # ih is window row i of output row oh when ih = oh * SH - PH + i * DH with 0 <= i < KH;
-        # i < KH holds for every candidate from oh_first on
-        h_distance = ih + PH - oh * SH
-        row_valid = (oh < OH) & (h_distance >= 0) & (h_distance % DH == 0)
+        oh, h_distance, row_valid = _candidate_window(ih, oh_first, a, OH, PH, SH, DH)
         for b in tl.static_range(CANDIDATES_W):
-            ow = ow_first + b
-            w_distance = iw + PW - ow * SW
-            valid = exists & row_valid & (ow < OW) & (w_distance >= 0) & (w_distance % DW == 0)
+            ow, w_distance, column_valid = _candidate_window(iw, ow_first, b, OW, PW, SW, DW)
+            valid = exists & row_valid & column_valid
             argmax = tl.load(am_plane + oh * am_stride_h + ow * am_stride_w, mask=valid, other=-1)
             grad = tl.load(go_plane + oh * go_stride_h + ow * go_stride_w, mask=valid, other=0)
             window_offset = (h_distance // DH) * KW + w_distance // DW
@@ -207,11 +222,10 @@ def _avg_pool2d_forward_kernel(
     iw_start = ow * SW - PW
     acc = tl.zeros([BLOCK_ROWS, BLOCK_INNER], ACC_DTYPE)
     for i in tl.static_range(KH):
-        ih = ih_start + i
-        row_valid = (ih >= 0) & (ih < H)
+        ih, row_valid = _window_tap(ih_start, i, H, 1)
         for j in tl.static_range(KW):
-            iw = iw_start + j
-            valid = exists & row_valid & (iw >= 0) & (iw < W)
+            iw, column_valid = _window_tap(iw_start, j, W, 1)
+            valid = exists & row_valid & column_valid
             acc += tl.load(x_plane + ih * x_stride_h + iw * x_stride_w, mask=valid, other=0).to(ACC_DTYPE)
     if DIVISOR_OVERRIDE:
         divisor = DIVISOR_OVERRIDE
@@ -242,16 +256,14 @@ def _avg_pool2d_backward_kernel(
     ow_first = _first_window(iw, PW, KW, SW, 1)
     acc = tl.zeros([BLOCK_ROWS, BLOCK_INNER], ACC_DTYPE)
     for a in tl.static_range(CANDIDATES_H):
-        oh = oh_first + a
-        # from oh_first on, every window that starts at or before ih contains it
-        row_valid = (oh < OH) & (oh * SH - PH <= ih)
+        oh, _, row_valid = _candidate_window(ih, oh_first, a, OH, PH, SH, 1)
         # The divisor is an oh factor times an ow factor: their reciprocals, computed on the row or
         # column vectors of the tile, replace a division per element and candidate. Masked
         # candidates may have an empty window: keep their factor finite.
         h_scale = 1.0 / tl.maximum(_avg_window_length(oh, H, KH, SH, PH, COUNT_INCLUDE_PAD), 1).to(ACC_DTYPE)
         for b in tl.static_range(CANDIDATES_W):
-            ow = ow_first + b
-            valid = exists & row_valid & (ow < OW) & (ow * SW - PW <= iw)
+            ow, _, column_valid = _candidate_window(iw, ow_first, b, OW, PW, SW, 1)
+            valid = exists & row_valid & column_valid
             grad = tl.load(go_plane + oh * go_stride_h + ow * go_stride_w, mask=valid, other=0).to(ACC_DTYPE)
             if DIVISOR_OVERRIDE:
                 acc += grad
