@@ -11,6 +11,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # one config per Triton kernel: see vkernels/triton_kernels/autotuning.py
+    os.environ.setdefault("VKERNELS_TRITON_AUTOTUNE", "0")
 # Inductor's on-disk graph cache can replay graphs traced against an older op schema.
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 

@@ -18,13 +18,11 @@ element is written by one program in a fixed order: no atomics, bitwise determin
 Head dims are split into at most two power-of-two chunks (80 = 64 + 16, 40 = 32 + 16) that are
 loaded and multiplied separately, so 80 costs 80 (not 128) columns of matmul work.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from vkernels.triton_kernels.autotuning import AUTOTUNE, INTERPRETED
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NO_MASK = tl.constexpr(0)
@@ -58,7 +56,7 @@ def _config_class(args) -> str:
 
 
 def _autotuned(interpreted: dict, table: dict[str, list[tuple[int, int, int, int]]]):
-    if _INTERPRET:
+    if INTERPRETED:
         return triton.autotune(configs=[triton.Config(interpreted)], key=[])
     by_class = {
         name: [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
@@ -67,7 +65,8 @@ def _autotuned(interpreted: dict, table: dict[str, list[tuple[int, int, int, int
 
     def configs_for_class(configs, named_args, **kwargs):
         name = _config_class({**named_args, **kwargs})
-        return by_class.get(name, by_class[name.removesuffix("-mask")])
+        rows = by_class.get(name, by_class[name.removesuffix("-mask")])
+        return rows if AUTOTUNE else rows[:1]
 
     return triton.autotune(
         configs=[config for rows in by_class.values() for config in rows],
@@ -573,7 +572,7 @@ def attention_backward(grad_out, query, key, value, out, lse, mask, is_causal: b
     delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=query.device)
 
     if seq_q > 0:
-        delta_block = 16 if _INTERPRET else 64
+        delta_block = 16 if INTERPRETED else 64
         _attention_backward_delta_kernel[(triton.cdiv(seq_q, delta_block) * batch * heads,)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_q,
             HEAD_DIM_V=value.shape[3], BLOCK_DV=triton.next_power_of_2(value.shape[3]), BLOCK_M=delta_block,

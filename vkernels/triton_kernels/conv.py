@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from vkernels.shapes import is_channels_last, memory_format, window_index_dtype
+from vkernels.triton_kernels.autotuning import AUTOTUNE, INTERPRETED
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Channels per group from which K is walked tap by tap (every block of channels a contiguous load);
 # below it K runs over (tap, channel) pairs so that e.g. the RGB stem does not pad 3 channels to a block.
 _TAP_MAJOR_CHANNELS = 16
@@ -32,8 +31,10 @@ _TAP_MAJOR_CHANNELS = 16
 def _autotune_configs(blocks: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
     """Configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) rows; the interpreter gets one
     small config, so CPU runs never benchmark."""
-    if _INTERPRET:
+    if INTERPRETED:
         blocks = [(16, 16, 16, 4, 1)]
+    elif not AUTOTUNE:
+        blocks = blocks[:1]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
         for m, n, k, warps, stages in blocks
@@ -480,7 +481,7 @@ def _cudnn_conv_uses_tf32() -> bool:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands use TF32 tensor cores exactly when torch's cuDNN convolutions do."""
-    if dtype == torch.float32 and not _INTERPRET and _cudnn_conv_uses_tf32():
+    if dtype == torch.float32 and not INTERPRETED and _cudnn_conv_uses_tf32():
         return "tf32"
     return "ieee"
 
@@ -592,7 +593,7 @@ def _launch_weight_grad(grad_out, out, input, weight, grad_weight, grad_bias, gr
             return kh * kw * triton.cdiv(cin_per_group, block_k)
         return triton.cdiv(kh * kw * cin_per_group, block_k)
 
-    nominal_block = 16 if _INTERPRET else 64
+    nominal_block = 16 if INTERPRETED else 64
     tiles = triton.cdiv(couts, nominal_block) * column_tiles(nominal_block) * grid_groups
     splits = _weight_grad_splits(batch * out_h * out_w, tiles, grad_out.device)
 
