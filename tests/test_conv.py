@@ -219,12 +219,13 @@ def test_conv2d_relu_maxpool2d_torch_backend_is_the_composition():
     torch.testing.assert_close(ours, F.max_pool2d(F.relu(F.conv2d(x, w)), 2))
 
 
-def test_conv2d_relu_maxpool2d_opcheck():
-    device = device_for("triton")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_conv2d_relu_maxpool2d_opcheck(backend):
+    device = device_for(backend)
     x = torch.randn(2, 4, 7, 6, device=device, requires_grad=True)
     w = torch.randn(6, 4, 3, 3, device=device, requires_grad=True)
     b = torch.randn(6, device=device, requires_grad=True)
-    op = torch.ops.vkernels.conv2d_relu_maxpool2d_triton.default
+    op = getattr(torch.ops.vkernels, f"conv2d_relu_maxpool2d_{backend}").default
     torch.library.opcheck(op, (x, w, b, [1, 1], [1, 1], [1, 1], 1, [7, 6], [3, 3], [2, 2], [1, 1], [4, 3]))
     torch.library.opcheck(op, (x.detach().contiguous(memory_format=torch.channels_last), w, None, [1, 1], [0, 0], [1, 1],
                                1, [5, 4], [2, 2], [2, 2], [0, 0], [2, 2]))
