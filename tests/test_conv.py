@@ -5,7 +5,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import vkernels
-from support import KERNEL_BACKENDS, device_for, layout, relative_error, tolerance
+from support import KERNEL_BACKENDS, device_for, layout, poison_allocator, relative_error, tolerance
+from vkernels import dispatch, shapes
+from vkernels.ops import conv as conv_ops
 
 CALLS = {
     "3x3 pad1 bias residual": dict(weight=(6, 4, 3, 3), padding=1, bias=True, residual=True),
@@ -153,27 +155,110 @@ POOLS = {
 }
 
 
+# input shape, weight shape, conv arguments, pool arguments
+MAXPOOL_CASES = {
+    "3x3 conv, 2x2/2 pool, odd sizes": ((3, 32, 31, 29), (64, 32, 3, 3), dict(padding=1), POOLS["2x2/2"]),
+    "7x7/2 stem, 3x3/2 pad1 pool": ((2, 3, 37, 35), (64, 3, 7, 7), dict(stride=2, padding=3), POOLS["3x3/2 pad1"]),
+    "groups of 4 channels": ((2, 8, 13, 11), (24, 4, 3, 3), dict(padding=1, groups=2), POOLS["3x3/2 pad1"]),
+    "depthwise": ((2, 16, 11, 10), (16, 1, 3, 3), dict(padding=1, groups=16), POOLS["2x2/2"]),
+    "72 channels, 2x3 pool": ((1, 16, 15, 17), (72, 16, 1, 1), {},
+                              dict(pool_kernel_size=(2, 3), pool_stride=(1, 2), pool_padding=(1, 0))),
+    "9x9 pool": ((1, 8, 21, 20), (16, 8, 3, 3), dict(padding=1), dict(pool_kernel_size=9, pool_stride=4, pool_padding=4)),
+    "12x12 pool, int16 argmax": ((1, 8, 27, 26), (16, 8, 3, 3), {}, dict(pool_kernel_size=12, pool_stride=5)),
+}
+
+
+def pool_geometry(pool_args: dict) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    kernel = shapes.pair(pool_args["pool_kernel_size"], "pool_kernel_size")
+    return (kernel, shapes.pool_stride(pool_args.get("pool_stride"), kernel, "pool_stride"),
+            shapes.pair(pool_args.get("pool_padding", 0), "pool_padding"))
+
+
+def check_conv2d_relu_maxpool2d(backend, dtype, memory_format, case):
+    """Values, argmax and the input, weight and bias gradients against float64. The reference gradient
+    goes through our argmax (our pick among near-ties in low precision), whose float64 activations
+    must match our maxima: a position in the pool's padding (-inf) or off the maximum fails."""
+    input_shape, weight_shape, conv_args, pool_args = case
+    device = device_for(backend)
+    x = layout(torch.randn(input_shape, device=device).to(dtype), memory_format)
+    w = torch.randn(weight_shape, device=device)
+    w = (w / w[0].numel() ** 0.5).to(dtype)
+    b = torch.randn(weight_shape[0], device=device).to(dtype)
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    poison_allocator(device)
+    out = vkernels.conv2d_relu_maxpool2d(*leaves, **conv_args, **pool_args, backend=backend)
+
+    kernel, stride, padding = pool_geometry(pool_args)
+    conv_stride, conv_padding, conv_dilation, conv_size = shapes.conv2d_geometry(
+        x.shape, w.shape, b.shape, conv_args.get("stride", 1), conv_args.get("padding", 0), 1, conv_args.get("groups", 1))
+    poison_allocator(device)
+    _, argmax = getattr(torch.ops.vkernels, f"conv2d_relu_maxpool2d_{backend}")(
+        x, w, b, conv_stride, conv_padding, conv_dilation, conv_args.get("groups", 1), conv_size, kernel, stride,
+        padding, out.shape[2:])
+    refs = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    activation = F.relu(F.conv2d(*refs, **conv_args))
+    expected = F.max_pool2d(activation, kernel, stride, padding)
+    padded = F.pad(activation, (padding[1], padding[1], padding[0], padding[0]), value=float("-inf"))
+    windows = F.unfold(padded, kernel, stride=stride).view(*out.shape[:2], kernel[0] * kernel[1], *out.shape[2:])
+    picked = windows.gather(2, argmax.long().unsqueeze(2)).squeeze(2)
+
+    context = f"{backend} {dtype} {memory_format} {case}"
+    tol = tolerance(dtype) * (10 if dtype == torch.float32 else 1)
+    format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    assert out.dtype == dtype and out.shape == expected.shape and out.is_contiguous(memory_format=format), context
+    assert argmax.dtype == shapes.window_index_dtype(kernel[0] * kernel[1]) and argmax.shape == out.shape, context
+    assert argmax.is_contiguous(memory_format=format), context
+    assert relative_error(out, expected) < tol, context
+    assert relative_error(picked, expected) < tol, context
+    grad = torch.randn_like(out)
+    poison_allocator(device)
+    out.backward(grad)
+    picked.backward(grad.double())
+    for name, leaf, ref in zip(("input", "weight", "bias"), leaves, refs):
+        assert leaf.grad.dtype == dtype and leaf.grad.shape == ref.shape, f"{name}: {context}"
+        assert relative_error(leaf.grad, ref.grad) < tol, f"{name}: {context}"
+
+
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("pool", POOLS)
 def test_conv2d_relu_maxpool2d_matches_torch(pool, memory_format):
-    """Values and input, weight and bias gradients of max_pool2d(relu(conv2d)) after a 3x3 conv."""
-    device = device_for("triton")
-    x = layout(torch.randn(2, 4, 9, 8, device=device), memory_format).requires_grad_()
-    w = (torch.randn(6, 4, 3, 3, device=device) * 0.3).requires_grad_()
-    b = torch.randn(6, device=device).requires_grad_()
-    ours = vkernels.conv2d_relu_maxpool2d(x, w, b, padding=1, **POOLS[pool], backend="triton")
-    refs = [t.detach().double().requires_grad_() for t in (x, w, b)]
-    window = POOLS[pool]
-    expected = F.max_pool2d(F.relu(F.conv2d(refs[0], refs[1], refs[2], padding=1)), window["pool_kernel_size"],
-                            window.get("pool_stride"), window.get("pool_padding", 0))
-    assert ours.shape == expected.shape
-    assert ours.is_contiguous(memory_format=torch.channels_last if memory_format == "channels_last" else torch.contiguous_format)
-    assert relative_error(ours, expected) < tolerance(torch.float32) * 10
-    grad = torch.randn_like(ours)
-    ours.backward(grad)
-    expected.backward(grad.double())
-    for leaf, ref in zip((x, w, b), refs):
-        assert relative_error(leaf.grad, ref.grad) < tolerance(torch.float32) * 10
+    """A 3x3 conv then each pool on the Triton backend (the interpreter's CPU time keeps it small)."""
+    case = ((2, 4, 9, 8), (6, 4, 3, 3), dict(padding=1), POOLS[pool])
+    check_conv2d_relu_maxpool2d("triton", torch.float32, memory_format, case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", MAXPOOL_CASES)
+def test_conv2d_relu_maxpool2d_cuda_matches_torch(case, dtype, memory_format):
+    """The CUDA kernels' paths: tensor-core tiles of whole windows (fp16/bf16; 16-byte or element
+    gathers), the fp32 FMA tiles, the direct loop (depthwise, windows larger than a tile)."""
+    check_conv2d_relu_maxpool2d("cuda", dtype, memory_format, MAXPOOL_CASES[case])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("groups", [1, 8], ids=["gemm", "direct"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_conv2d_relu_maxpool2d_cuda_ties_and_nan_pick_torchs_element(dtype, groups):
+    """An identity 1x1 conv makes the activation relu(x): few distinct values (ReLU's zeros among them)
+    tie in every window and torch keeps the first maximum; NaN wins, the last NaN of a window."""
+    device = device_for("cuda")
+    x = torch.randint(-2, 3, (2, 8, 9, 11), device=device).to(dtype)
+    x[0, :, 4, 4] = float("nan")
+    x[1, :, 0, 1:3] = float("nan")
+    w = torch.eye(8, device=device, dtype=dtype).view(8, 8, 1, 1) if groups == 1 else torch.ones(8, 1, 1, 1, device=device, dtype=dtype)
+    kernel, stride, padding = (3, 3), (2, 2), (1, 1)
+    out, argmax = torch.ops.vkernels.conv2d_relu_maxpool2d_cuda(x, w, None, [1, 1], [0, 0], [1, 1], groups, [9, 11],
+                                                                 kernel, stride, padding, [5, 6])
+    activation = F.relu(F.conv2d(x.double().cpu(), w.double().cpu(), groups=groups))
+    ref_out, indices = F.max_pool2d(activation, kernel, stride, padding, return_indices=True)
+    # torch's flat input index as the position in its window
+    rows = indices // 11 - (torch.arange(5).view(-1, 1) * stride[0] - padding[0])
+    cols = indices % 11 - (torch.arange(6) * stride[1] - padding[1])
+    assert torch.equal(out.isnan().cpu(), ref_out.isnan())
+    assert torch.equal(out.double().nan_to_num().cpu(), ref_out.nan_to_num())
+    assert torch.equal(argmax.long().cpu(), rows * kernel[1] + cols)
 
 
 def test_conv2d_relu_maxpool2d_torch_backend_is_the_composition():
@@ -182,19 +267,27 @@ def test_conv2d_relu_maxpool2d_torch_backend_is_the_composition():
     torch.testing.assert_close(ours, F.max_pool2d(F.relu(F.conv2d(x, w)), 2))
 
 
-def test_conv2d_relu_maxpool2d_opcheck():
-    device = device_for("triton")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_conv2d_relu_maxpool2d_opcheck(backend):
+    device = device_for(backend)
     x = torch.randn(2, 4, 7, 6, device=device, requires_grad=True)
     w = torch.randn(6, 4, 3, 3, device=device, requires_grad=True)
     b = torch.randn(6, device=device, requires_grad=True)
-    op = torch.ops.vkernels.conv2d_relu_maxpool2d_triton.default
+    op = getattr(torch.ops.vkernels, f"conv2d_relu_maxpool2d_{backend}").default
     torch.library.opcheck(op, (x, w, b, [1, 1], [1, 1], [1, 1], 1, [7, 6], [3, 3], [2, 2], [1, 1], [4, 3]))
     torch.library.opcheck(op, (x.detach().contiguous(memory_format=torch.channels_last), w, None, [1, 1], [0, 0], [1, 1],
                                1, [5, 4], [2, 2], [2, 2], [0, 0], [2, 2]))
 
 
 def test_conv2d_relu_maxpool2d_forced_cuda_raises():
-    """The cuda backend has no fused pool kernel (nor, here, a GPU): forcing it explains why."""
+    """The cuda backend takes CUDA tensors only (and, without a GPU or vkernels._C, none): forcing it
+    on a CPU tensor explains why."""
     x, w = torch.randn(1, 3, 8, 8), torch.randn(5, 3, 3, 3)
-    with pytest.raises(vkernels.BackendUnavailableError):
+    with pytest.raises(vkernels.BackendUnavailableError, match="'cuda' cannot serve"):
         vkernels.conv2d_relu_maxpool2d(x, w, pool_kernel_size=2, backend="cuda")
+
+
+def test_cuda_extension_registers_every_conv_op():
+    pytest.importorskip("vkernels._C", reason="vkernels._C is not built")
+    for op in conv_ops.SCHEMAS:
+        assert dispatch.has_cuda_kernel(op), op

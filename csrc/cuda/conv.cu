@@ -1,8 +1,11 @@
-// Fused conv2d + bias (+ residual) + ReLU, forward and backward, in CUDA C++. The op schemas are
-// defined in Python (vkernels/ops/conv.py); this file registers their CUDA implementations:
+// Fused conv2d + bias (+ residual) + ReLU, forward and backward, and the fused conv + ReLU + max-pool
+// forward, in CUDA C++. The op schemas are defined in Python (vkernels/ops/conv.py); this file
+// registers their CUDA implementations:
 //   conv2d_relu_cuda(input, weight, bias?, residual?, stride, padding, dilation, groups, output_size)
 //   conv2d_relu_backward_cuda(grad_out, out, input, weight, stride, padding, dilation, groups, needs,
 //                             channels_last) -> (grad_input?, grad_weight?, grad_bias?, grad_residual?)
+//   conv2d_relu_maxpool2d_cuda(input, weight, bias?, stride, padding, dilation, groups, conv_output_size,
+//                              pool_kernel_size, pool_stride, pool_padding, output_size) -> (out, argmax)
 // Semantics are those of vkernels/triton_kernels/conv.py: out = relu(conv2d + bias + residual) with the
 // epilogue fused (the pre-activation is never written); padding = (top, left) and output positions
 // whose window reaches past the input read zeros there, which expresses torch's asymmetric 'same'.
@@ -31,6 +34,17 @@
 // gathers, exact up to summation order. A convolution with fewer than 8 output channels per group
 // (depthwise) runs forward as a direct per-output loop; its gradients reuse the GEMM kernels.
 //
+// The fused max-pool (its backward is Python: recompute the activation, then the pool's and this
+// file's backward ops) is the forward GEMM with its rows regrouped: a tile of 128 (fp32: 64) rows
+// holds floor(128 / window) whole pool windows, row = (pooled pixel, window position), position
+// fastest. The epilogue adds bias, applies ReLU, rounds to the output dtype (the value the unfused ops
+// compare), stages the tile in shared memory (the freed operand buffers) and scans each window in
+// row-major order with torch's rule (greater or NaN replaces; padding positions are skipped), writing
+// the maximum and its position; the activation never reaches global memory. Overlapping windows
+// (3x3/2) recompute the conv pixels they share (2.25x the conv's MMAs, as the Triton kernel does),
+// traded for simple whole-window tiles. Windows larger than a tile and fewer than 8 output channels
+// per group run a direct per-pooled-output loop instead.
+//
 // Host-side copies (documented costs): input, grad_out and out are read channels_last-contiguous
 // (NCHW tensors are copied once); the forward weight is read OHWI (copied when it is OIHW), the
 // input-gradient weight [cin][kh][kw][cout]. Residual, bias and all outputs use their own strides.
@@ -53,6 +67,7 @@
 #include <type_traits>
 
 #include "mma.cuh"
+#include "pool_window.cuh"
 
 namespace vkernels {
 namespace {
@@ -73,6 +88,16 @@ struct View4 {
   int64_t sn, sc, sh, sw;
 };
 
+// The fused max-pool: window geometry over the conv output (out_h x out_w), the pooled output size,
+// the GEMM tiling by whole windows (see PooledForwardOp) and the argmax (int8/16/32: argmax_bytes).
+struct PoolArgs {
+  int kh, kw, stride_h, stride_w, pad_h, pad_w, out_h, out_w;
+  int tile_rows, tile_windows;  // GEMM rows per block tile and the whole windows they hold
+  void* argmax;
+  int argmax_bytes;
+  int64_t argmax_sn, argmax_sc, argmax_sh, argmax_sw;
+};
+
 struct ConvArgs {
   View4 x;               // input (N, Cin, H, W)
   View4 w;               // weight (Cout, Cin_g, KH, KW)
@@ -87,6 +112,7 @@ struct ConvArgs {
   int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int slice_pixels;  // weight gradient: pixels per slice, a multiple of kSliceQuantum
   bool vec_a, vec_b; // the A / B gathers may move 8 elements (16 bytes) at a time
+  PoolArgs pool;     // fused max-pool forward only
 };
 
 // What one block computes: a GEMM of m_size x n_size over k in [k_begin, k_end), for one group
@@ -111,9 +137,12 @@ __device__ __forceinline__ bool positive_bits(uint32_t bits) {
 // what happens to an accumulated element (m, n).
 // ---------------------------------------------------------------------------------------------
 
+__device__ __forceinline__ float relu(float v) { return v < 0.0f ? 0.0f : v; }  // NaN stays NaN, as in torch.relu
+
 struct ForwardOp {
   static constexpr bool kTransposed = false;  // A tile [m][k], B tile [n][k]: K is the contiguous dim
   static constexpr bool kMaskA = false, kMaskB = false;
+  static constexpr bool kPooled = false;  // the epilogue stores each element (else: PooledForwardOp)
   __device__ static const void* a_data(const ConvArgs& a) { return a.x.data; }
   __device__ static const void* b_data(const ConvArgs& a) { return a.w.data; }
 
@@ -125,14 +154,18 @@ struct ForwardOp {
     b.k_end = a.kh * a.kw * a.cin_g;
     return b;
   }
-  __device__ static int64_t a_offset(const ConvArgs& a, const Block& b, int m, int k) {
-    if (m >= b.m_size || k >= b.k_end) return -1;
-    const int ow = m % a.out_w, rest = m / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
+  // Input element k = (tap, channel) under output pixel (img, oh, ow); -1 in the conv's padding.
+  __device__ static int64_t input_offset(const ConvArgs& a, const Block& b, int img, int oh, int ow, int k) {
     const int c = k % a.cin_g, tap = k / a.cin_g;
     const int ih = oh * a.stride_h - a.pad_h + (tap / a.kw) * a.dil_h;
     const int iw = ow * a.stride_w - a.pad_w + (tap % a.kw) * a.dil_w;
     if (ih < 0 || ih >= a.in_h || iw < 0 || iw >= a.in_w) return -1;
     return img * a.x.sn + ih * a.x.sh + iw * a.x.sw + static_cast<int64_t>(b.group * a.cin_g + c) * a.x.sc;
+  }
+  __device__ static int64_t a_offset(const ConvArgs& a, const Block& b, int m, int k) {
+    if (m >= b.m_size || k >= b.k_end) return -1;
+    const int ow = m % a.out_w, rest = m / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
+    return input_offset(a, b, img, oh, ow, k);
   }
   __device__ static int64_t b_offset(const ConvArgs& a, const Block& b, int n, int k) {
     if (n >= b.n_size || k >= b.k_end) return -1;
@@ -141,22 +174,70 @@ struct ForwardOp {
            (tap % a.kw) * a.w.sw;
   }
   template <typename T>
+  __device__ static float add_bias(const ConvArgs& a, int channel, float v) {
+    return a.bias != nullptr ? v + to_float(static_cast<const T*>(a.bias)[channel]) : v;
+  }
+  template <typename T>
   __device__ static void store(const ConvArgs& a, const Block& b, int m, int n, float v) {
     const int ow = m % a.out_w, rest = m / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
     const int channel = b.group * a.cout_g + n;
-    if (a.bias != nullptr) v += to_float(static_cast<const T*>(a.bias)[channel]);
+    v = add_bias<T>(a, channel, v);
     if (a.residual.data != nullptr) {
       v += to_float(static_cast<const T*>(a.residual.data)[img * a.residual.sn + channel * a.residual.sc +
                                                             oh * a.residual.sh + ow * a.residual.sw]);
     }
-    v = v < 0.0f ? 0.0f : v;  // NaN stays NaN, as in torch.relu
-    static_cast<T*>(a.dst)[img * a.dst_sn + channel * a.dst_sc + oh * a.dst_sh + ow * a.dst_sw] = from_float<T>(v);
+    static_cast<T*>(a.dst)[img * a.dst_sn + channel * a.dst_sc + oh * a.dst_sh + ow * a.dst_sw] =
+        from_float<T>(relu(v));
+  }
+};
+
+// conv2d_relu_maxpool2d's forward: the forward GEMM over rows regrouped by pool window. Row m is
+// position m % tile_rows % window of pooled pixel (m / tile_rows) * tile_windows + m % tile_rows / window,
+// so each block tile holds whole windows; the rows after a tile's last whole window and the positions in
+// the pool's padding gather nothing, and the epilogue (store_pooled_tile) never reads them.
+struct PooledForwardOp : ForwardOp {
+  static constexpr bool kPooled = true;
+
+  __device__ static int pooled_pixels(const ConvArgs& a) { return a.batch * a.pool.out_h * a.pool.out_w; }
+  __device__ static Block block(const ConvArgs& a, int group, int) {
+    Block b = ForwardOp::block(a, group, 0);
+    b.m_size = ceil_div(pooled_pixels(a), a.pool.tile_windows) * a.pool.tile_rows;
+    return b;
+  }
+  __device__ static void pooled_coords(const ConvArgs& a, int pooled, int& img, int& ph, int& pw) {
+    pw = pooled % a.pool.out_w;
+    const int rest = pooled / a.pool.out_w;
+    ph = rest % a.pool.out_h;
+    img = rest / a.pool.out_h;
+  }
+  // The conv output pixel (oh, ow) under window position `position` of pooled pixel (ph, pw); false in
+  // the pool's padding (torch's -inf, never chosen).
+  __device__ static bool window_pixel(const ConvArgs& a, int ph, int pw, int position, int& oh, int& ow) {
+    oh = ph * a.pool.stride_h - a.pool.pad_h + position / a.pool.kw;
+    ow = pw * a.pool.stride_w - a.pool.pad_w + position % a.pool.kw;
+    return oh >= 0 && oh < a.out_h && ow >= 0 && ow < a.out_w;
+  }
+  __device__ static int64_t a_offset(const ConvArgs& a, const Block& b, int m, int k) {
+    if (m >= b.m_size || k >= b.k_end) return -1;
+    const int window = a.pool.kh * a.pool.kw, row = m % a.pool.tile_rows;
+    const int pooled = m / a.pool.tile_rows * a.pool.tile_windows + row / window;
+    if (row >= a.pool.tile_windows * window || pooled >= pooled_pixels(a)) return -1;
+    int img, ph, pw, oh, ow;
+    pooled_coords(a, pooled, img, ph, pw);
+    if (!window_pixel(a, ph, pw, row % window, oh, ow)) return -1;
+    return input_offset(a, b, img, oh, ow, k);
+  }
+  // The activation at output channel n of the group, rounded to T as the unfused ops would compare it.
+  template <typename T>
+  __device__ static T activation(const ConvArgs& a, const Block& b, int n, float v) {
+    return from_float<T>(relu(add_bias<T>(a, b.group * a.cout_g + n, v)));
   }
 };
 
 struct InputGradOp {
   static constexpr bool kTransposed = false;
   static constexpr bool kMaskA = true, kMaskB = false;
+  static constexpr bool kPooled = false;
   __device__ static const void* a_data(const ConvArgs& a) { return a.g.data; }
   __device__ static const void* b_data(const ConvArgs& a) { return a.w.data; }
 
@@ -233,6 +314,7 @@ struct InputGradOp {
 struct WeightGradOp {
   static constexpr bool kTransposed = true;  // A tile [k][m], B tile [k][n]: M and N are contiguous
   static constexpr bool kMaskA = false, kMaskB = true;
+  static constexpr bool kPooled = false;
   __device__ static const void* a_data(const ConvArgs& a) { return a.x.data; }
   __device__ static const void* b_data(const ConvArgs& a) { return a.g.data; }
 
@@ -250,11 +332,7 @@ struct WeightGradOp {
   __device__ static int64_t a_offset(const ConvArgs& a, const Block& b, int m, int k) {
     if (m >= b.m_size || k >= b.k_end) return -1;
     const int ow = k % a.out_w, rest = k / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
-    const int c = m % a.cin_g, tap = m / a.cin_g;
-    const int ih = oh * a.stride_h - a.pad_h + (tap / a.kw) * a.dil_h;
-    const int iw = ow * a.stride_w - a.pad_w + (tap % a.kw) * a.dil_w;
-    if (ih < 0 || ih >= a.in_h || iw < 0 || iw >= a.in_w) return -1;
-    return img * a.x.sn + ih * a.x.sh + iw * a.x.sw + static_cast<int64_t>(b.group * a.cin_g + c) * a.x.sc;
+    return ForwardOp::input_offset(a, b, img, oh, ow, m);
   }
   __device__ static int64_t b_offset(const ConvArgs& a, const Block& b, int n, int k) {
     if (n >= b.n_size || k >= b.k_end) return -1;
@@ -267,6 +345,64 @@ struct WeightGradOp {
               static_cast<int64_t>(m) * b.n_size + n] = v;
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// The max-pool epilogue
+// ---------------------------------------------------------------------------------------------
+
+// torch's max-pool scan over a window in row-major order: a value replaces the maximum when greater
+// or NaN, so ties keep the first position and NaN wins (the last NaN, as in torch).
+struct WindowMax {
+  float value = -INFINITY;
+  int position = 0;
+  __device__ void offer(float v, int p) {
+    if (v > value || ::isnan(v)) {
+      value = v;
+      position = p;
+    }
+  }
+};
+
+// Writes the maximum of pooled pixel `pooled`, output channel n of the group, and its window position.
+template <typename T>
+__device__ void store_pooled(const ConvArgs& a, const Block& b, int pooled, int n, const WindowMax& best) {
+  int img, ph, pw;
+  PooledForwardOp::pooled_coords(a, pooled, img, ph, pw);
+  const int64_t channel = b.group * a.cout_g + n;
+  static_cast<T*>(a.dst)[img * a.dst_sn + channel * a.dst_sc + ph * a.dst_sh + pw * a.dst_sw] =
+      from_float<T>(best.value);
+  const PoolArgs& p = a.pool;
+  const int64_t at = img * p.argmax_sn + channel * p.argmax_sc + ph * p.argmax_sh + pw * p.argmax_sw;
+  switch (p.argmax_bytes) {  // uniform across the grid: one kernel serves the three argmax dtypes
+    case 1: static_cast<int8_t*>(p.argmax)[at] = static_cast<int8_t>(best.position); break;
+    case 2: static_cast<int16_t*>(p.argmax)[at] = static_cast<int16_t>(best.position); break;
+    default: static_cast<int32_t*>(p.argmax)[at] = best.position; break;
+  }
+}
+
+// The GEMM kernels' pooled epilogue. `tile` holds the block's activations (PooledForwardOp::activation)
+// as [tile row][kCols channels], rows kLd apart. Consecutive threads take consecutive channels of one
+// window: conflict-free shared reads and coalesced channels_last stores.
+template <typename T, int kCols, int kLd, int kThreadCount>
+__device__ void store_pooled_tile(const ConvArgs& a, const Block& b, int m0, int n0, const T* tile) {
+  const int window = a.pool.kh * a.pool.kw;
+  const int first = m0 / a.pool.tile_rows * a.pool.tile_windows;  // the tile's first pooled pixel
+  for (int i = threadIdx.x; i < a.pool.tile_windows * kCols; i += kThreadCount) {
+    const int w = i / kCols, c = i % kCols;
+    const int pooled = first + w;
+    if (pooled >= PooledForwardOp::pooled_pixels(a) || n0 + c >= b.n_size) continue;
+    int img, ph, pw;
+    PooledForwardOp::pooled_coords(a, pooled, img, ph, pw);
+    WindowMax best;
+    for (int position = 0; position < window; ++position) {
+      int oh, ow;
+      if (PooledForwardOp::window_pixel(a, ph, pw, position, oh, ow)) {
+        best.offer(to_float(tile[(w * window + position) * kLd + c]), position);
+      }
+    }
+    store_pooled<T>(a, b, pooled, n0 + c, best);
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core implicit GEMM (fp16/bf16)
@@ -441,18 +577,46 @@ __global__ void __launch_bounds__(kThreads) conv_mma_kernel(const ConvArgs args)
   }
 
   const int g = lane / 4, t = lane % 4;
+  if constexpr (Op::kPooled) {
+    // A window's rows lie in several threads and warps: stage the activations in the operand buffers,
+    // free once every warp has passed its last MMA (padded rows: conflict-free fragment stores).
+    constexpr int kLdTile = kBlockN + 8;
+    static_assert(kBlockM * kLdTile <= sizeof(smem_a) / sizeof(uint16_t));
+    T* tile = reinterpret_cast<T*>(&smem_a[0][0]);
+    __syncthreads();
 #pragma unroll
-  for (int mt = 0; mt < 4; ++mt) {
+    for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int m = m0 + warp_m * 64 + mt * 16 + g + half * 8;
-      if (m >= blk.m_size) continue;
+      for (int half = 0; half < 2; ++half) {
+        const int r = warp_m * 64 + mt * 16 + g + half * 8;
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
+        for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int n = n0 + warp_n * 32 + nt * 8 + 2 * t + e;
-          if (n < blk.n_size) Op::template store<T>(args, blk, m, n, acc[mt][nt][half * 2 + e]);
+          for (int e = 0; e < 2; ++e) {
+            const int c = warp_n * 32 + nt * 8 + 2 * t + e;
+            if (n0 + c < blk.n_size) {
+              tile[r * kLdTile + c] = Op::template activation<T>(args, blk, n0 + c, acc[mt][nt][half * 2 + e]);
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+    store_pooled_tile<T, kBlockN, kLdTile, kThreads>(args, blk, m0, n0, tile);
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int m = m0 + warp_m * 64 + mt * 16 + g + half * 8;
+        if (m >= blk.m_size) continue;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int n = n0 + warp_n * 32 + nt * 8 + 2 * t + e;
+            if (n < blk.n_size) Op::template store<T>(args, blk, m, n, acc[mt][nt][half * 2 + e]);
+          }
         }
       }
     }
@@ -514,21 +678,54 @@ __global__ void __launch_bounds__(kSimtThreads) conv_fma_kernel(const ConvArgs a
     }
     __syncthreads();
   }
+  if constexpr (Op::kPooled) {
+    // windows span threads: stage the activations (the operand tiles are too small to hold them)
+    constexpr int kLdTile = kSimtN + 1;
+    __shared__ float tile[kSimtM * kLdTile];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int m = m0 + ty * 4 + i;
-    if (m >= blk.m_size) continue;
+    for (int i = 0; i < 4; ++i) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int n = n0 + tx * 4 + j;
-      if (n < blk.n_size) Op::template store<float>(args, blk, m, n, acc[i][j]);
+      for (int j = 0; j < 4; ++j) {
+        const int c = tx * 4 + j;
+        if (n0 + c < blk.n_size) {
+          tile[(ty * 4 + i) * kLdTile + c] = Op::template activation<float>(args, blk, n0 + c, acc[i][j]);
+        }
+      }
+    }
+    __syncthreads();
+    store_pooled_tile<float, kSimtN, kLdTile, kSimtThreads>(args, blk, m0, n0, tile);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = m0 + ty * 4 + i;
+      if (m >= blk.m_size) continue;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int n = n0 + tx * 4 + j;
+        if (n < blk.n_size) Op::template store<float>(args, blk, m, n, acc[i][j]);
+      }
     }
   }
 }
 
-// One thread per output, channels fastest (coalesced NHWC stores): for depthwise-like convolutions,
-// where a GEMM tile of at least 8 output channels per group would be mostly padding.
+// The conv (no bias) at output pixel (img, oh, ow), output channel n of the block's group.
 template <typename T>
+__device__ float conv_at(const ConvArgs& a, const Block& b, int img, int oh, int ow, int n) {
+  const T* x = static_cast<const T*>(a.x.data);
+  const T* w = static_cast<const T*>(a.w.data);
+  float acc = 0.0f;
+  for (int k = 0; k < b.k_end; ++k) {
+    const int64_t o = ForwardOp::input_offset(a, b, img, oh, ow, k);
+    if (o >= 0) acc = fmaf(to_float(x[o]), to_float(w[ForwardOp::b_offset(a, b, n, k)]), acc);
+  }
+  return acc;
+}
+
+// One thread per output (Op = ForwardOp) or pooled output (PooledForwardOp: the conv at each window
+// position), channels fastest (coalesced NHWC stores): for depthwise-like convolutions, where a GEMM
+// tile of at least 8 output channels per group would be mostly padding, and for pool windows larger
+// than a GEMM tile.
+template <typename T, typename Op>
 __global__ void conv_direct_forward_kernel(const ConvArgs args, int64_t total) {
   const int cout = args.groups * args.cout_g;
   for (int64_t index = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; index < total;
@@ -537,14 +734,23 @@ __global__ void conv_direct_forward_kernel(const ConvArgs args, int64_t total) {
     const int pixel = static_cast<int>(index / cout);
     const Block blk = ForwardOp::block(args, channel / args.cout_g, 0);
     const int n = channel % args.cout_g;
-    const T* x = static_cast<const T*>(args.x.data);
-    const T* w = static_cast<const T*>(args.w.data);
-    float acc = 0.0f;
-    for (int k = 0; k < blk.k_end; ++k) {
-      const int64_t o = ForwardOp::a_offset(args, blk, pixel, k);
-      if (o >= 0) acc = fmaf(to_float(x[o]), to_float(w[ForwardOp::b_offset(args, blk, n, k)]), acc);
+    if constexpr (Op::kPooled) {
+      int img, ph, pw;
+      Op::pooled_coords(args, pixel, img, ph, pw);
+      WindowMax best;
+      const int window = args.pool.kh * args.pool.kw;
+      for (int position = 0; position < window; ++position) {
+        int oh, ow;
+        if (Op::window_pixel(args, ph, pw, position, oh, ow)) {
+          best.offer(to_float(Op::template activation<T>(args, blk, n, conv_at<T>(args, blk, img, oh, ow, n))),
+                     position);
+        }
+      }
+      store_pooled<T>(args, blk, pixel, n, best);
+    } else {
+      const int ow = pixel % args.out_w, rest = pixel / args.out_w, oh = rest % args.out_h, img = rest / args.out_h;
+      Op::template store<T>(args, blk, pixel, n, conv_at<T>(args, blk, img, oh, ow, n));
     }
-    ForwardOp::store<T>(args, blk, pixel, n, acc);
   }
 }
 
@@ -729,6 +935,36 @@ ConvArgs check_geometry(const at::Tensor& input, const at::Tensor& weight, at::I
   return a;
 }
 
+void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& input, int64_t cout, const char* op) {
+  if (!bias.has_value()) return;
+  check_device(*bias, input, op, "bias");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == cout, op, ": bias must have shape (", cout, "), got ",
+              bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": bias must have the input dtype ",
+              input.scalar_type(), ", got ", bias->scalar_type());
+}
+
+// The forward GEMM's operands and output in args: NHWC input and OHWI weight (K = (kh, kw, cin) is
+// contiguous per pixel and per output channel) and a contiguous bias. The returned copies must outlive
+// the launch.
+std::array<at::Tensor, 3> set_forward_operands(ConvArgs& args, const at::Tensor& input, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias, const at::Tensor& out) {
+  at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  args.x = view_of(x);
+  args.w = view_of(w);
+  args.bias = b.defined() ? b.data_ptr() : nullptr;
+  args.dst = out.data_ptr();
+  args.dst_sn = out.stride(0);
+  args.dst_sc = out.stride(1);
+  args.dst_sh = out.stride(2);
+  args.dst_sw = out.stride(3);
+  args.vec_a = vectorizable(x, args.cin_g);
+  args.vec_b = vectorizable(w, args.cin_g);
+  return {x, w, b};
+}
+
 // Grid of a GEMM of m_size x n_size per (group, z): tiles along x, m-major so that neighbouring blocks
 // share A rows.
 dim3 gemm_grid(int64_t m_size, int64_t n_size, int block_m, int block_n, int64_t groups, int64_t z, const char* op) {
@@ -768,13 +1004,7 @@ at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight, c
       check_geometry(input, weight, stride, padding, dilation, groups, output_size[0], output_size[1], op);
   const int64_t cout = weight.size(0);
   const std::vector<int64_t> out_shape{input.size(0), cout, output_size[0], output_size[1]};
-  if (bias.has_value()) {
-    check_device(*bias, input, op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == cout, op, ": bias must have shape (", cout, "), got ",
-                bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": bias must have the input dtype ",
-                input.scalar_type(), ", got ", bias->scalar_type());
-  }
+  check_bias(bias, input, cout, op);
   if (residual.has_value()) {
     check_device(*residual, input, op, "residual");
     TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_shape), op, ": residual must have the output shape ",
@@ -789,32 +1019,74 @@ at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight, c
   const bool tensor_cores = input.scalar_type() != at::kFloat;
   if (tensor_cores) check_tensor_core_device(input, op);
 
-  // NHWC input and OHWI weight: K = (kh, kw, cin) is contiguous per pixel and per output channel
-  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  args.x = view_of(x);
-  args.w = view_of(w);
-  args.bias = b.defined() ? b.data_ptr() : nullptr;
+  const auto operands = set_forward_operands(args, input, weight, bias, out);
   args.residual = residual.has_value() ? view_of(*residual) : View4{nullptr, 0, 0, 0, 0};
-  args.dst = out.data_ptr();
-  args.dst_sn = out.stride(0);
-  args.dst_sc = out.stride(1);
-  args.dst_sh = out.stride(2);
-  args.dst_sw = out.stride(3);
-  args.vec_a = vectorizable(x, args.cin_g);
-  args.vec_b = vectorizable(w, args.cin_g);
 
   dispatch_dtype(input.scalar_type(), op, [&](auto element) {
     using T = decltype(element);
     if (args.cout_g < kChunk) {
       const int64_t total = out.numel();
-      launch(conv_direct_forward_kernel<T>, elementwise_grid(total, 256), dim3(256), args, total);
+      launch(conv_direct_forward_kernel<T, ForwardOp>, elementwise_grid(total, 256), dim3(256), args, total);
     } else {
       launch_gemm<ForwardOp, T>(args, int64_t{args.batch} * args.out_h * args.out_w, args.cout_g, 1, op);
     }
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_cuda(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::IntArrayRef conv_output_size,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride, at::IntArrayRef pool_padding,
+    at::IntArrayRef output_size) {
+  constexpr const char* op = "conv2d_relu_maxpool2d_cuda";
+  const auto conv_size = int_pair(conv_output_size, op, "conv_output_size", 0);
+  ConvArgs args = check_geometry(input, weight, stride, padding, dilation, groups, conv_size[0], conv_size[1], op);
+  const int64_t cout = weight.size(0);
+  check_bias(bias, input, cout, op);
+  const auto k = int_pair(pool_kernel_size, op, "pool_kernel_size", 1);
+  const auto s = int_pair(pool_stride, op, "pool_stride", 1);
+  const auto p = int_pair(pool_padding, op, "pool_padding", 0);
+  const auto pooled = int_pair(output_size, op, "output_size", 0);
+  TORCH_CHECK(2 * int64_t{p[0]} <= k[0] && 2 * int64_t{p[1]} <= k[1], op,
+              ": pool_padding must be at most half the pool kernel, got ", pool_padding, " for ", pool_kernel_size);
+  const int64_t window = int64_t{k[0]} * k[1];
+  const int64_t pooled_pixels = input.size(0) * pooled[0] * pooled[1];
+  // window positions, pooled pixels and the conv pixels under them are ints in the kernels
+  TORCH_CHECK(window <= kInt32Max && pooled_pixels <= kInt32Max &&
+                  int64_t{pooled[0]} * s[0] + k[0] + conv_size[0] <= kInt32Max &&
+                  int64_t{pooled[1]} * s[1] + k[1] + conv_size[1] <= kInt32Max,
+              op, ": sizes too large for 32-bit indexing: pool window ", pool_kernel_size, ", output ", output_size);
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto options = input.options().memory_format(memory_format(is_channels_last(input)));
+  const std::vector<int64_t> out_shape{input.size(0), cout, pooled[0], pooled[1]};
+  at::Tensor out = at::empty(out_shape, options);
+  at::Tensor argmax = at::empty(out_shape, options.dtype(window_index_dtype(window)));
+  if (out.numel() == 0) return {out, argmax};
+  const bool tensor_cores = input.scalar_type() != at::kFloat;
+  if (tensor_cores) check_tensor_core_device(input, op);
+
+  const auto operands = set_forward_operands(args, input, weight, bias, out);
+  const int tile_rows = tensor_cores ? kBlockM : kSimtM;  // the block M of the kernel launch_gemm picks
+  args.pool = {.kh = k[0], .kw = k[1], .stride_h = s[0], .stride_w = s[1], .pad_h = p[0], .pad_w = p[1],
+               .out_h = pooled[0], .out_w = pooled[1], .tile_rows = tile_rows,
+               .tile_windows = static_cast<int>(tile_rows / window), .argmax = argmax.data_ptr(),
+               .argmax_bytes = static_cast<int>(argmax.element_size()), .argmax_sn = argmax.stride(0),
+               .argmax_sc = argmax.stride(1), .argmax_sh = argmax.stride(2), .argmax_sw = argmax.stride(3)};
+
+  dispatch_dtype(input.scalar_type(), op, [&](auto element) {
+    using T = decltype(element);
+    if (args.cout_g < kChunk || args.pool.tile_windows == 0) {
+      const int64_t total = out.numel();
+      launch(conv_direct_forward_kernel<T, PooledForwardOp>, elementwise_grid(total, 256), dim3(256), args, total);
+    } else {
+      const int64_t rows = (pooled_pixels + args.pool.tile_windows - 1) / args.pool.tile_windows * tile_rows;
+      TORCH_CHECK(rows <= kInt32Max, op, ": ", rows, " GEMM rows (pooled pixels x window) exceed 32-bit indexing");
+      launch_gemm<PooledForwardOp, T>(args, rows, args.cout_g, 1, op);
+    }
+  });
+  return {out, argmax};
 }
 
 using OptionalTensor = std::optional<at::Tensor>;
@@ -943,6 +1215,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> conv2
 TORCH_LIBRARY_IMPL(vkernels, CUDA, m) {
   m.impl("conv2d_relu_cuda", &conv2d_relu_cuda);
   m.impl("conv2d_relu_backward_cuda", &conv2d_relu_backward_cuda);
+  m.impl("conv2d_relu_maxpool2d_cuda", &conv2d_relu_maxpool2d_cuda);
 }
 
 }  // namespace vkernels

@@ -17,6 +17,8 @@
 #include <optional>
 #include <tuple>
 
+#include "pool_window.cuh"
+
 namespace vkernels {
 namespace {
 
@@ -403,12 +405,6 @@ bool channels_vectorizable(const at::Tensor& t, int vec) {
     if (t.size(d) > 1 && t.stride(d) % vec != 0) return false;
   }
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % (vec * t.element_size()) == 0;
-}
-
-at::ScalarType window_index_dtype(int64_t window_elements) {
-  if (window_elements <= 128) return at::kChar;
-  if (window_elements <= 32768) return at::kShort;
-  return at::kInt;
 }
 
 // torch's Python names: c10 prints int8 as "Char".

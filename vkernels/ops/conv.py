@@ -2,11 +2,11 @@
 
 Each kernel backend has the ops ``vkernels::conv2d_relu_<backend>`` and
 ``vkernels::conv2d_relu_backward_<backend>`` with one schema written here; the Triton ops are
-implemented here by ``vkernels.triton_kernels.conv``. Bias, residual and ReLU live in the GEMM's
+implemented here by ``vkernels.triton_kernels.conv``, the CUDA ops in ``csrc/cuda/conv.cu``. Bias, residual and ReLU live in the GEMM's
 epilogue, so the pre-activation is never written; the backward saves only the output and recovers
 the ReLU mask from ``output > 0`` inside its own loads. ``conv2d_relu_maxpool2d_<backend>`` adds a
-max-pool epilogue and saves only the 1-byte window positions of the maxima; its backward recomputes
-the activation.
+max-pool epilogue (in both backends) and saves only the window positions of the maxima (1 byte for
+windows of up to 128 positions); its backward recomputes the activation.
 """
 from __future__ import annotations
 
@@ -210,8 +210,9 @@ def conv2d_relu_maxpool2d(
 
     The conv takes every argument of ``F.conv2d``; the pool takes max_pool2d's kernel size, stride
     (default: the kernel size) and padding (at most half the kernel), with no dilation or ceil_mode.
-    The kernel never writes the activation; its backward recomputes it from the inputs and the saved
-    1-byte window positions of the maxima. The output keeps the input's memory format.
+    The Triton and CUDA kernels never write the activation; the backward recomputes it from the inputs
+    and the saved window positions of the maxima (1 byte each for windows of up to 128 positions). The
+    output keeps the input's memory format.
     """
     stride_hw, padding_hw, dilation_hw, conv_output_size = conv2d_geometry(
         input.shape, weight.shape, None if bias is None else bias.shape, stride, padding, dilation, groups
