@@ -20,30 +20,35 @@ def test_backends_reports_every_backend_with_a_reason():
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_auto_never_selects_an_unverified_kernel(device, monkeypatch):
     monkeypatch.setattr(dispatch, "VERIFIED", {})
-    chosen = dispatch.choose("pooling", None, torch.device(device), torch.float16, POOLING_DTYPES, op="max_pool2d")
+    chosen = dispatch.choose(None, torch.device(device), torch.float16, POOLING_DTYPES, op="max_pool2d")
     assert chosen == "torch"
 
 
 def test_auto_selects_a_verified_available_kernel_on_cuda(monkeypatch):
-    monkeypatch.setattr(dispatch, "VERIFIED", {"pooling": frozenset({"cuda", "triton"})})
-    monkeypatch.setattr(dispatch, "PREFERENCE", {"pooling": ("cuda", "triton")})
+    monkeypatch.setattr(dispatch, "VERIFIED", {"max_pool2d": frozenset({"cuda", "triton"})})
+    monkeypatch.setattr(dispatch, "PREFERENCE", {"max_pool2d": ("cuda", "triton")})
     available = dispatch.BackendStatus(True, "test")
     monkeypatch.setitem(dispatch._STATUS, "cuda", available)
     monkeypatch.setitem(dispatch._STATUS, "triton", available)
     monkeypatch.setattr(dispatch, "TRITON_INTERPRETED", False)
     monkeypatch.setattr(dispatch, "has_cuda_kernel", lambda op: True)
     cuda = torch.device("cuda")
-    assert dispatch.choose("pooling", None, cuda, torch.float16, POOLING_DTYPES, op="max_pool2d") == "cuda"
+    assert dispatch.choose(None, cuda, torch.float16, POOLING_DTYPES, op="max_pool2d") == "cuda"
     # a per-input limit moves auto to the next verified backend, then to torch
-    assert dispatch.choose("pooling", None, cuda, torch.float16, POOLING_DTYPES, {"cuda": "no"}, op="max_pool2d") == "triton"
-    assert dispatch.choose("pooling", None, cuda, torch.int32, POOLING_DTYPES, op="max_pool2d") == "torch"
+    assert dispatch.choose(None, cuda, torch.float16, POOLING_DTYPES, {"cuda": "no"}, op="max_pool2d") == "triton"
+    assert dispatch.choose(None, cuda, torch.int32, POOLING_DTYPES, op="max_pool2d") == "torch"
     # auto keeps CPU tensors on torch even when a kernel is verified
-    assert dispatch.choose("pooling", None, torch.device("cpu"), torch.float32, POOLING_DTYPES, op="max_pool2d") == "torch"
+    assert dispatch.choose(None, torch.device("cpu"), torch.float32, POOLING_DTYPES, op="max_pool2d") == "torch"
+    # verification is per op: another op of the same family stays on torch
+    assert dispatch.choose(None, cuda, torch.float16, POOLING_DTYPES, op="avg_pool2d") == "torch"
+    # "torch" in the preference order ends the search: stock PyTorch is faster than what follows
+    monkeypatch.setattr(dispatch, "PREFERENCE", {"max_pool2d": ("torch", "cuda")})
+    assert dispatch.choose(None, cuda, torch.float16, POOLING_DTYPES, op="max_pool2d") == "torch"
 
 
 def test_use_backend_nests_and_backend_argument_wins():
     cpu = torch.device("cpu")
-    choose = lambda requested=None: dispatch.choose("pooling", requested, cpu, torch.float32, POOLING_DTYPES, op="max_pool2d")
+    choose = lambda requested=None: dispatch.choose(requested, cpu, torch.float32, POOLING_DTYPES, op="max_pool2d")
     assert choose() == "torch"
     with vkernels.use_backend("torch"):
         with vkernels.use_backend("auto"):

@@ -3,7 +3,7 @@
 Three backends implement every op family: ``triton`` (vkernels/triton_kernels), ``cuda`` (CUDA C++ in
 ``vkernels._C``) and ``torch`` (stock PyTorch: the oracle and the CPU fallback). A call's backend is
 its ``backend=`` argument, else the innermost :func:`use_backend`, else ``"auto"``. ``auto`` takes
-the first backend of a family's preference order that has passed its tests on a real GPU (listed in
+the first backend of an op's preference order that has passed its tests on a real GPU (listed in
 ``VERIFIED``) and can serve the input, and stock PyTorch otherwise.
 """
 from __future__ import annotations
@@ -19,12 +19,13 @@ import torch
 KERNEL_BACKENDS = ("triton", "cuda")
 BACKENDS = (*KERNEL_BACKENDS, "torch")
 
-# Op family -> kernel backends whose tests passed on a GPU (see BENCHMARKS.md). Only these are
-# eligible for ``auto``. Nothing has run on a GPU yet.
+# Public op ("max_pool2d", "attention", "conv2d_relu", ...) -> kernel backends whose tests passed on
+# a GPU (see BENCHMARKS.md). Only these are eligible for ``auto``. Nothing has run on a GPU yet.
 VERIFIED: Mapping[str, frozenset[str]] = {}
 
-# Op family -> kernel backends in the order ``auto`` tries them once verified (fastest first,
-# from the benchmarks in BENCHMARKS.md).
+# Public op -> backends in the order ``auto`` tries them, fastest first from the benchmarks in
+# BENCHMARKS.md; "torch" ends the search (stock PyTorch beats the backends after it). Ops not listed
+# try KERNEL_BACKENDS in order.
 PREFERENCE: Mapping[str, tuple[str, ...]] = {}
 
 # The interpreter runs Triton kernels on CPU tensors with numpy; it has no bf16 arithmetic.
@@ -120,7 +121,6 @@ def _unfit_reason(backend: str, op: str, device: torch.device, dtype: torch.dtyp
 
 
 def choose(
-    family: str,
     requested: str | None,
     device: torch.device,
     dtype: torch.dtype,
@@ -129,7 +129,7 @@ def choose(
     *,
     op: str,
 ) -> str:
-    """The backend that runs one call of ``op`` (an op of ``family``).
+    """The backend that runs one call of the public op ``op``.
 
     ``dtypes`` are the dtypes the family's kernels take; ``limits`` maps a kernel backend to the reason
     it cannot serve this particular input (a head dim it lacks, say).
@@ -142,13 +142,15 @@ def choose(
         return _unfit_reason(backend, op, device, dtype, dtypes) or limits.get(backend)
 
     if name == "auto":
-        verified = VERIFIED.get(family, frozenset())
-        for backend in PREFERENCE.get(family, KERNEL_BACKENDS):
+        verified = VERIFIED.get(op, frozenset())
+        for backend in PREFERENCE.get(op, KERNEL_BACKENDS):
+            if backend == "torch":
+                break
             if backend in verified and device.type == "cuda" and reason(backend) is None:
                 return backend
         return "torch"
     why = reason(name)
     if why is not None:
         others = "; ".join(f"{b}: {reason(b) or 'can serve it'}" for b in BACKENDS if b != name)
-        raise BackendUnavailableError(f"{family}: backend {name!r} cannot serve this input: {why}. Others: {others}")
+        raise BackendUnavailableError(f"{op}: backend {name!r} cannot serve this input: {why}. Others: {others}")
     return name

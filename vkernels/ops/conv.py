@@ -27,7 +27,6 @@ from vkernels.shapes import (
 )
 from vkernels.triton_kernels import conv as triton_conv
 
-FAMILY = "conv"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 SCHEMAS = {
@@ -170,7 +169,7 @@ def conv2d_relu(
     if residual is not None and tuple(residual.shape) != output_shape:
         raise RuntimeError(f"conv2d_relu: residual of shape {tuple(residual.shape)} does not match the output {output_shape}")
     operands = autocast_inputs(input.device.type, input, weight, bias, residual)
-    chosen = dispatch.choose(FAMILY, backend, input.device, operands[0].dtype, DTYPES, op="conv2d_relu")
+    chosen = dispatch.choose(backend, input.device, operands[0].dtype, DTYPES, op="conv2d_relu")
     if chosen == "torch":  # stock autocast semantics: conv in low precision, the add promotes
         out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
         return F.relu(out if residual is None else out + residual)
@@ -224,7 +223,7 @@ def conv2d_relu_maxpool2d(
         (*input.shape[:-3], weight.shape[0], *conv_output_size), pool_kernel_size, pool_stride, pool_padding, (1, 1), False
     )
     operands = autocast_inputs(input.device.type, input, weight, bias)
-    chosen = dispatch.choose(FAMILY, backend, input.device, operands[0].dtype, DTYPES, op="conv2d_relu_maxpool2d")
+    chosen = dispatch.choose(backend, input.device, operands[0].dtype, DTYPES, op="conv2d_relu_maxpool2d")
     if chosen == "torch":
         return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups)),
                             pool_kernel_size, pool_stride, pool_padding)

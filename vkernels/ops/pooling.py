@@ -31,7 +31,6 @@ from vkernels.shapes import (
 )
 from vkernels.triton_kernels import pooling as triton_pooling
 
-FAMILY = "pooling"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 SCHEMAS = {
@@ -169,7 +168,7 @@ for _backend in dispatch.KERNEL_BACKENDS:
 
 
 def _choose(op: str, input: torch.Tensor, backend: str | None) -> str:
-    return dispatch.choose(FAMILY, backend, input.device, input.dtype, DTYPES, op=op)
+    return dispatch.choose(backend, input.device, input.dtype, DTYPES, op=op)
 
 
 def _batched(input: torch.Tensor) -> torch.Tensor:
