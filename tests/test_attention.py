@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import vkernels
-from support import CPU_DTYPES, GPU, KERNEL_BACKENDS, device_for, relative_error, tolerance
+from support import CPU_DTYPES, DTYPES, GPU, KERNEL_BACKENDS, device_for, relative_error, tolerance
 
 
 def reference(query, key, value, attn_mask=None, is_causal=False, scale=None):
@@ -67,18 +67,19 @@ def test_fully_masked_rows_give_zeros_not_nan(backend):
     assert not any(t.grad.isnan().any() for t in (q, k, v))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @settings(max_examples=10, deadline=None)
 @given(
     batch_heads=st.tuples(st.integers(1, 2), st.integers(1, 3)),
     lengths=st.tuples(st.integers(1, 70), st.integers(1, 70)),
     head_dims=st.tuples(st.sampled_from([8, 16, 24, 40, 64, 72, 80, 96]), st.sampled_from([None, 8, 40])),
     mask=st.sampled_from([None, "bool", "float", "key_padding", "causal"]),
-    dtype=st.sampled_from(CPU_DTYPES),
+    dtype=st.sampled_from(DTYPES),
 )
-def test_attention_shape_fuzz(batch_heads, lengths, head_dims, mask, dtype):
+def test_attention_shape_fuzz(backend, batch_heads, lengths, head_dims, mask, dtype):
     """Random lengths, head dims (value's may differ), masks and causality against float64 SDPA.
     Every query row keeps key 0, so no row is fully masked (where SDPA itself gives NaN)."""
-    device = device_for("triton")
+    device = device_for(backend)
     (batch, heads), (seq_q, seq_k), (head_dim, head_dim_v) = batch_heads, lengths, head_dims
     query = torch.randn(batch, heads, seq_q, head_dim, device=device).to(dtype)
     key = torch.randn(batch, heads, seq_k, head_dim, device=device).to(dtype)
@@ -92,7 +93,7 @@ def test_attention_shape_fuzz(batch_heads, lengths, head_dims, mask, dtype):
         kwargs["attn_mask"] = (torch.rand(seq_q, seq_k, device=device) > 0.4).index_fill(-1, torch.tensor([0], device=device), True)
     elif mask == "float":
         kwargs["attn_mask"] = torch.randn(heads, seq_q, seq_k, device=device).to(dtype)
-    check("triton", query, key, value, dtype, **kwargs)
+    check(backend, query, key, value, dtype, **kwargs)
 
 
 def test_what_only_sdpa_serves_goes_to_torch_under_auto_and_is_refused_when_forced():

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import vkernels
-from support import KERNEL_BACKENDS, device_for, layout, poison_allocator, relative_error, tolerance
+from support import DTYPES, KERNEL_BACKENDS, device_for, layout, poison_allocator, relative_error, tolerance
 from vkernels import dispatch, shapes
 from vkernels.ops import conv as conv_ops
 
@@ -52,6 +52,7 @@ def _place(leaves, bias, residual):
     return next(it), next(it), next(it) if bias is not None else None, next(it) if residual is not None else None
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @settings(max_examples=12, deadline=None)
 @given(
     channels=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3)),  # in, out per group; groups
@@ -61,16 +62,18 @@ def _place(leaves, bias, residual):
     padding=st.one_of(st.tuples(st.integers(0, 2), st.integers(0, 2)), st.sampled_from(["same", "valid"])),
     dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
     options=st.tuples(st.booleans(), st.booleans(), st.booleans()),  # bias, residual, channels_last
+    dtype=st.sampled_from(DTYPES),
 )
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_conv2d_relu_geometry_fuzz(channels, size, kernel, stride, padding, dilation, options):
-    """Any geometry F.conv2d accepts gives its result and gradients; any it refuses raises its error type."""
+def test_conv2d_relu_geometry_fuzz(backend, channels, size, kernel, stride, padding, dilation, options, dtype):
+    """Any geometry F.conv2d accepts gives its result and gradients (against float64 on the same
+    rounded operands); any it refuses raises its error type."""
     (cin_per_group, cout_per_group, groups), (with_bias, with_residual, channels_last) = channels, options
-    device = device_for("triton")
-    x = torch.randn(2, cin_per_group * groups, *size, device=device)
+    device = device_for(backend)
+    x = torch.randn(2, cin_per_group * groups, *size, device=device).to(dtype)
     x = layout(x, "channels_last" if channels_last else "contiguous").requires_grad_()
-    weight = (torch.randn(cout_per_group * groups, cin_per_group, *kernel, device=device) * 0.5).requires_grad_()
-    bias = torch.randn(weight.shape[0], device=device, requires_grad=True) if with_bias else None
+    weight = (torch.randn(cout_per_group * groups, cin_per_group, *kernel, device=device) * 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(weight.shape[0], device=device).to(dtype).requires_grad_() if with_bias else None
     arguments = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     leaves = [t for t in (x, weight, bias) if t is not None]
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
@@ -78,25 +81,26 @@ def test_conv2d_relu_geometry_fuzz(channels, size, kernel, stride, padding, dila
         expected = F.conv2d(*ref_leaves, **arguments)
     except RuntimeError as error:
         with pytest.raises(type(error)):
-            vkernels.conv2d_relu(x, weight, bias, **arguments, backend="triton")
+            vkernels.conv2d_relu(x, weight, bias, **arguments, backend=backend)
         return
     if with_residual:
-        residual = torch.randn(expected.shape, device=device, requires_grad=True)
+        residual = torch.randn(expected.shape, device=device).to(dtype).requires_grad_()
         leaves.append(residual)
         ref_leaves.append(residual.detach().double().requires_grad_())
         expected = expected + ref_leaves[-1]
     expected = F.relu(expected)
     ours = vkernels.conv2d_relu(x, weight, bias, **arguments, residual=leaves[-1] if with_residual else None,
-                                backend="triton")
-    assert ours.shape == expected.shape
-    assert relative_error(ours, expected) < tolerance(torch.float32) * 10
+                                backend=backend)
+    rtol = tolerance(dtype) * (10 if dtype == torch.float32 else 2)
+    assert ours.shape == expected.shape and ours.dtype == dtype
+    assert relative_error(ours, expected) < rtol
     if expected.numel() == 0:
         return
     grad = torch.randn_like(ours)
     ours.backward(grad)
     expected.backward(grad.double())
     for leaf, ref_leaf in zip(leaves, ref_leaves):
-        assert relative_error(leaf.grad, ref_leaf.grad) < tolerance(torch.float32) * 10
+        assert relative_error(leaf.grad, ref_leaf.grad) < rtol
 
 
 BAD_CALLS = {
