@@ -218,6 +218,8 @@ struct ForwardOp {
     b.k_end = a.kh * a.kw * a.cin_g;
     return b;
   }
+  // Output pixel m = (image, row, column).
+  __host__ __device__ static Radix pixel_radix(const ConvArgs& a) { return {a.out_h, a.out_w}; }
   // Input pixel (oh * stride - pad, ow * stride - pad), channel 0 of the group.
   __host__ __device__ static Point origin(const ConvArgs& a, const Block& b, int img, int oh, int ow) {
     const int h = oh * a.stride_h - a.pad_h, w = ow * a.stride_w - a.pad_w;
@@ -233,7 +235,7 @@ struct ForwardOp {
   __host__ __device__ static Radix k_radix(const ConvArgs& a, const Block&) { return {a.kw, a.cin_g}; }
   __host__ __device__ static Point m_part(const ConvArgs& a, const Block& b, int m) {
     if (m >= b.m_size) return outside(a);
-    const Digits pixel = Radix{a.out_h, a.out_w}.split(m);
+    const Digits pixel = pixel_radix(a).split(m);
     return origin(a, b, pixel.hi, pixel.mid, pixel.lo);
   }
   __host__ __device__ static int64_t n_part(const ConvArgs& a, const Block& b, int n) {
@@ -255,7 +257,8 @@ struct ForwardOp {
   }
   template <typename T>
   __device__ static void store(const ConvArgs& a, const Block& b, int m, int n, float v) {
-    const int ow = m % a.out_w, rest = m / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
+    const Digits pixel = pixel_radix(a).split(m);
+    const int img = pixel.hi, oh = pixel.mid, ow = pixel.lo;
     const int channel = b.group * a.cout_g + n;
     v = add_bias<T>(a, channel, v);
     if (a.residual.data != nullptr) {
@@ -364,11 +367,13 @@ struct InputGradOp {
     b.k_end = count_h * b.count_w * a.cout_g;
     return b;
   }
+  // Input pixel m = (image, i, j) of the phase, at (phase_h + i * stride_h, phase_w + j * stride_w).
+  __host__ __device__ static Radix pixel_radix(const Block& b) { return {b.rows, b.cols}; }
   // k = (phase tap row, phase tap column, cout): taps move up and left in grad_out
   __host__ __device__ static Radix k_radix(const ConvArgs& a, const Block& b) { return {b.count_w, a.cout_g}; }
   __host__ __device__ static Point m_part(const ConvArgs& a, const Block& b, int m) {
     if (m >= b.m_size) return {0, -1, 0};  // gathers nothing: taps only move up
-    const Digits pixel = Radix{b.rows, b.cols}.split(m);
+    const Digits pixel = pixel_radix(b).split(m);
     const int h = pixel.mid + b.out_shift_h, w = pixel.lo + b.out_shift_w;
     return {pixel.hi * a.g.sn + h * a.g.sh + w * a.g.sw + int64_t{b.group} * a.cout_g * a.g.sc, h, w};
   }
@@ -389,8 +394,8 @@ struct InputGradOp {
   }
   template <typename T>
   __device__ static void store(const ConvArgs& a, const Block& b, int m, int n, float v) {
-    const int j = m % b.cols, rest = m / b.cols, i = rest % b.rows, img = rest / b.rows;
-    const int ih = b.phase_h + i * a.stride_h, iw = b.phase_w + j * a.stride_w;
+    const Digits pixel = pixel_radix(b).split(m);
+    const int img = pixel.hi, ih = b.phase_h + pixel.mid * a.stride_h, iw = b.phase_w + pixel.lo * a.stride_w;
     static_cast<T*>(a.dst)[img * a.dst_sn + static_cast<int64_t>(b.group * a.cin_g + n) * a.dst_sc + ih * a.dst_sh +
                            iw * a.dst_sw] = from_float<T>(v);
   }
@@ -425,7 +430,7 @@ struct WeightGradOp {
     b.k_end = min(pixels, b.k_begin + a.slice_pixels);
     return b;
   }
-  __host__ __device__ static Radix k_radix(const ConvArgs& a, const Block&) { return {a.out_h, a.out_w}; }
+  __host__ __device__ static Radix k_radix(const ConvArgs& a, const Block&) { return ForwardOp::pixel_radix(a); }
   __host__ __device__ static MPart m_part(const ConvArgs& a, const Block& b, int m) {
     if (m >= b.m_size) return {{0, 0, 0}, false};
     return {ForwardOp::tap(a, ForwardOp::k_radix(a, b).split(m)), true};
@@ -940,8 +945,8 @@ __global__ void conv_direct_forward_kernel(const ConvArgs args, int64_t total) {
       }
       store_pooled<T>(args, blk, pixel, n, best);
     } else {
-      const int ow = pixel % args.out_w, rest = pixel / args.out_w, oh = rest % args.out_h, img = rest / args.out_h;
-      Op::template store<T>(args, blk, pixel, n, conv_at<T>(args, blk, img, oh, ow, n));
+      const Digits at = ForwardOp::pixel_radix(args).split(pixel);
+      Op::template store<T>(args, blk, pixel, n, conv_at<T>(args, blk, at.hi, at.mid, at.lo, n));
     }
   }
 }
