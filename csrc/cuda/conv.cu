@@ -554,7 +554,7 @@ struct ChunkOffsets {
   static constexpr bool kTr = Op::kTransposed;
   using ATile = OperandTile<kTr ? kBlockK : kBlockM, kTr ? kBlockM : kBlockK>;
   using BTile = OperandTile<kTr ? kBlockK : kBlockN, kTr ? kBlockN : kBlockK>;
-  static_assert(kTr || ATile::col(1) == BTile::col(1), "A and B chunks share their K column");
+  static_assert(kTr || ATile::kCols == BTile::kCols, "A and B chunks share the thread's K column");
   static constexpr int kKs = kTr ? ATile::kChunks + BTile::kChunks : 1;  // A's rows, then B's
 
   int tid, m0, n0, k0;  // k0: the current K tile's first k
@@ -566,17 +566,17 @@ struct ChunkOffsets {
   typename Op::KPart k_shared;  // not transposed: the k part of every chunk
 
   // k_tiles = 0: the radix may have a zero size and is not used
-  __host__ __device__ ChunkOffsets(const ConvArgs& a, const Block& b, int tid_, int m0_, int n0_, int k_tiles)
-      : tid(tid_), m0(m0_), n0(n0_), k0(b.k_begin), radix(Op::k_radix(a, b)) {
+  __host__ __device__ ChunkOffsets(const ConvArgs& args, const Block& blk, int tid_, int m0_, int n0_, int k_tiles)
+      : tid(tid_), m0(m0_), n0(n0_), k0(blk.k_begin), radix(Op::k_radix(args, blk)) {
     step = k_tiles > 0 ? radix.split(kBlockK) : Digits{};
     for (int i = 0; i < kKs; ++i) k_digits[i] = k_tiles > 0 ? radix.split(k_of(i)) : Digits{};
     if constexpr (kTr) {
-      a_fixed[0] = Op::m_part(a, b, m0 + ATile::col(tid));
-      b_fixed[0] = Op::n_part(a, b, n0 + BTile::col(tid));
+      a_fixed[0] = Op::m_part(args, blk, m0 + ATile::col(tid));
+      b_fixed[0] = Op::n_part(args, blk, n0 + BTile::col(tid));
     } else {
-      for (int i = 0; i < ATile::kChunks; ++i) a_fixed[i] = Op::m_part(a, b, m0 + ATile::row(tid, i));
-      for (int i = 0; i < BTile::kChunks; ++i) b_fixed[i] = Op::n_part(a, b, n0 + BTile::row(tid, i));
-      k_shared = Op::k_part(a, b, k_digits[0], k_of(0));
+      for (int i = 0; i < ATile::kChunks; ++i) a_fixed[i] = Op::m_part(args, blk, m0 + ATile::row(tid, i));
+      for (int i = 0; i < BTile::kChunks; ++i) b_fixed[i] = Op::n_part(args, blk, n0 + BTile::row(tid, i));
+      k_shared = Op::k_part(args, blk, k_digits[0], k_of(0));
     }
   }
   __host__ __device__ int k_of(int i) const {
@@ -587,27 +587,27 @@ struct ChunkOffsets {
     }
   }
   // Element e of A chunk i of the current K tile (-1: reads zero).
-  __host__ __device__ int64_t a(const ConvArgs& args, const Block& b, int i, int e) const {
+  __host__ __device__ int64_t a(const ConvArgs& args, const Block& blk, int i, int e) const {
     if constexpr (kTr) {
-      const auto m = e == 0 ? a_fixed[0] : Op::m_part(args, b, m0 + ATile::col(tid) + e);
-      return Op::a_offset(args, b, m, Op::k_part(args, b, k_digits[i], k_of(i)));
+      const auto m = e == 0 ? a_fixed[0] : Op::m_part(args, blk, m0 + ATile::col(tid) + e);
+      return Op::a_offset(args, blk, m, Op::k_part(args, blk, k_digits[i], k_of(i)));
     } else {
-      return Op::a_offset(args, b, a_fixed[i], e == 0 ? k_shared : k_part_at<Op>(args, b, k_of(0) + e));
+      return Op::a_offset(args, blk, a_fixed[i], e == 0 ? k_shared : k_part_at<Op>(args, blk, k_of(0) + e));
     }
   }
-  __host__ __device__ int64_t b(const ConvArgs& args, const Block& b, int i, int e) const {
+  __host__ __device__ int64_t b(const ConvArgs& args, const Block& blk, int i, int e) const {
     if constexpr (kTr) {
       const int j = ATile::kChunks + i;
-      const auto n = e == 0 ? b_fixed[0] : Op::n_part(args, b, n0 + BTile::col(tid) + e);
-      return Op::b_offset(args, b, n, Op::k_part(args, b, k_digits[j], k_of(j)));
+      const auto n = e == 0 ? b_fixed[0] : Op::n_part(args, blk, n0 + BTile::col(tid) + e);
+      return Op::b_offset(args, blk, n, Op::k_part(args, blk, k_digits[j], k_of(j)));
     } else {
-      return Op::b_offset(args, b, b_fixed[i], e == 0 ? k_shared : k_part_at<Op>(args, b, k_of(0) + e));
+      return Op::b_offset(args, blk, b_fixed[i], e == 0 ? k_shared : k_part_at<Op>(args, blk, k_of(0) + e));
     }
   }
-  __host__ __device__ void next_tile(const ConvArgs& a, const Block& b) {
+  __host__ __device__ void next_tile(const ConvArgs& args, const Block& blk) {
     k0 += kBlockK;
     for (int i = 0; i < kKs; ++i) k_digits[i] = radix.add(k_digits[i], step);
-    if constexpr (!kTr) k_shared = Op::k_part(a, b, k_digits[0], k_of(0));
+    if constexpr (!kTr) k_shared = Op::k_part(args, blk, k_digits[0], k_of(0));
   }
 };
 
