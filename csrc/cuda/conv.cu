@@ -34,6 +34,13 @@
 // gathers, exact up to summation order. A convolution with fewer than 8 output channels per group
 // (depthwise) runs forward as a direct per-output loop; its gradients reuse the GEMM kernels.
 //
+// Index arithmetic would otherwise outweigh the MMAs: each gather offset is an m (or n) part plus a
+// k part (Op::m_part, n_part, k_part). What stays fixed over the K loop is computed once per thread
+// before it (ChunkOffsets: a chunk row's window origin or weight row; transposed, the thread's one
+// column's (tap, channel)), and k is kept as mixed-radix digits ((tap row, tap column, channel), or
+// the weight gradient's (image, row, column)) to which each K tile adds the digits of kBlockK, so the
+// loop divides nothing. Element-wise gathers recompute the moving part of elements 1..7 of a chunk.
+//
 // The fused max-pool (its backward is Python: recompute the activation, then the pool's and this
 // file's backward ops) is the forward GEMM with its rows regrouped: a tile of 128 (fp32: 64) rows
 // holds floor(128 / window) whole pool windows, row = (pooled pixel, window position), position
@@ -121,6 +128,7 @@ struct Block {
   int group, m_size, n_size, k_begin, k_end;
   int slice;
   int phase_h, phase_w, rows, cols, first_h, first_w, count_w, step_h, step_w;  // input gradient
+  int out_shift_h, out_shift_w, out_step_h, out_step_w;  // grad_out pixel of tap 0 from (i, j), and per tap
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -134,19 +142,75 @@ __device__ __forceinline__ bool positive_bits(uint32_t bits) {
 
 // ---------------------------------------------------------------------------------------------
 // The three GEMMs: where element (m, k) of A and (n, k) of B live (-1: outside, reads zero), and
-// what happens to an accumulated element (m, n).
+// what happens to an accumulated element (m, n). An offset is put together from an m (or n) part
+// and a k part (m_part, n_part, k_part), so that the GEMM kernels compute the part that stays fixed
+// over their K loop once; a_offset_at / b_offset_at put one element's offset together.
 // ---------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ float relu(float v) { return v < 0.0f ? 0.0f : v; }  // NaN stays NaN, as in torch.relu
+
+// An index as mixed-radix digits, lo fastest: k = (tap row, tap column, channel), or a pixel = (image,
+// row, column). Adding the digits of a step replaces the divisions of a fresh split.
+struct Digits {
+  int hi, mid, lo;
+};
+struct Radix {
+  int mid, lo;  // sizes of the two fastest digits
+  __host__ __device__ Digits split(int i) const {
+    const int rest = i / lo;
+    return {rest / mid, rest % mid, i % lo};
+  }
+  // split(i + step) from d = split(i) and s = split(step) (or s = {0, 0, 1}): one carry per digit.
+  __host__ __device__ Digits add(Digits d, const Digits& s) const {
+    d.hi += s.hi;
+    d.mid += s.mid;
+    d.lo += s.lo;
+    if (d.lo >= lo) {
+      d.lo -= lo;
+      ++d.mid;
+    }
+    if (d.mid >= mid) {
+      d.mid -= mid;
+      ++d.hi;
+    }
+    return d;
+  }
+};
+
+// A position in an NHWC tensor: element offset and (h, w). A gathered element is a window origin (an
+// output pixel's corner, or the grad_out pixel of an input pixel's first tap) plus a tap relative to it.
+struct Point {
+  int64_t offset;
+  int h, w;
+};
+__host__ __device__ inline int64_t offset_inside(const Point& origin, const Point& tap, int height, int width) {
+  const int h = origin.h + tap.h, w = origin.w + tap.w;
+  return h >= 0 && h < height && w >= 0 && w < width ? origin.offset + tap.offset : -1;
+}
+
+// k's part in the forward and input-gradient GEMMs: the tap relative to an A row's origin, and the
+// offset within a B (weight) row; nothing when k >= k_end.
+struct WindowTap {
+  Point tap;
+  int64_t weight;
+  bool inside;
+  __host__ __device__ int64_t a_offset(const Point& origin, int height, int width) const {
+    return inside ? offset_inside(origin, tap, height, width) : -1;
+  }
+  __host__ __device__ int64_t b_offset(int64_t row) const { return row >= 0 && inside ? row + weight : -1; }
+};
 
 struct ForwardOp {
   static constexpr bool kTransposed = false;  // A tile [m][k], B tile [n][k]: K is the contiguous dim
   static constexpr bool kMaskA = false, kMaskB = false;
   static constexpr bool kPooled = false;  // the epilogue stores each element (else: PooledForwardOp)
+  using MPart = Point;    // the window origin of output pixel m
+  using NPart = int64_t;  // the start of weight row n, -1 past n_size
+  using KPart = WindowTap;
   __device__ static const void* a_data(const ConvArgs& a) { return a.x.data; }
   __device__ static const void* b_data(const ConvArgs& a) { return a.w.data; }
 
-  __device__ static Block block(const ConvArgs& a, int group, int) {
+  __host__ __device__ static Block block(const ConvArgs& a, int group, int) {
     Block b{};
     b.group = group;
     b.m_size = a.batch * a.out_h * a.out_w;
@@ -154,24 +218,38 @@ struct ForwardOp {
     b.k_end = a.kh * a.kw * a.cin_g;
     return b;
   }
-  // Input element k = (tap, channel) under output pixel (img, oh, ow); -1 in the conv's padding.
-  __device__ static int64_t input_offset(const ConvArgs& a, const Block& b, int img, int oh, int ow, int k) {
-    const int c = k % a.cin_g, tap = k / a.cin_g;
-    const int ih = oh * a.stride_h - a.pad_h + (tap / a.kw) * a.dil_h;
-    const int iw = ow * a.stride_w - a.pad_w + (tap % a.kw) * a.dil_w;
-    if (ih < 0 || ih >= a.in_h || iw < 0 || iw >= a.in_w) return -1;
-    return img * a.x.sn + ih * a.x.sh + iw * a.x.sw + static_cast<int64_t>(b.group * a.cin_g + c) * a.x.sc;
+  // Output pixel m = (image, row, column).
+  __host__ __device__ static Radix pixel_radix(const ConvArgs& a) { return {a.out_h, a.out_w}; }
+  // Input pixel (oh * stride - pad, ow * stride - pad), channel 0 of the group.
+  __host__ __device__ static Point origin(const ConvArgs& a, const Block& b, int img, int oh, int ow) {
+    const int h = oh * a.stride_h - a.pad_h, w = ow * a.stride_w - a.pad_w;
+    return {img * a.x.sn + h * a.x.sh + w * a.x.sw + int64_t{b.group} * a.cin_g * a.x.sc, h, w};
   }
-  __device__ static int64_t a_offset(const ConvArgs& a, const Block& b, int m, int k) {
-    if (m >= b.m_size || k >= b.k_end) return -1;
-    const int ow = m % a.out_w, rest = m / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
-    return input_offset(a, b, img, oh, ow, k);
+  // An origin that gathers nothing: taps only move down, so h = in_h stays below the input.
+  __host__ __device__ static Point outside(const ConvArgs& a) { return {0, a.in_h, 0}; }
+  // Input element k = (tap, channel) relative to a window origin.
+  __host__ __device__ static Point tap(const ConvArgs& a, const Digits& k) {
+    const int h = k.hi * a.dil_h, w = k.mid * a.dil_w;
+    return {h * a.x.sh + w * a.x.sw + k.lo * a.x.sc, h, w};
   }
-  __device__ static int64_t b_offset(const ConvArgs& a, const Block& b, int n, int k) {
-    if (n >= b.n_size || k >= b.k_end) return -1;
-    const int c = k % a.cin_g, tap = k / a.cin_g;
-    return static_cast<int64_t>(b.group * a.cout_g + n) * a.w.sn + c * a.w.sc + (tap / a.kw) * a.w.sh +
-           (tap % a.kw) * a.w.sw;
+  __host__ __device__ static Radix k_radix(const ConvArgs& a, const Block&) { return {a.kw, a.cin_g}; }
+  __host__ __device__ static Point m_part(const ConvArgs& a, const Block& b, int m) {
+    if (m >= b.m_size) return outside(a);
+    const Digits pixel = pixel_radix(a).split(m);
+    return origin(a, b, pixel.hi, pixel.mid, pixel.lo);
+  }
+  __host__ __device__ static int64_t n_part(const ConvArgs& a, const Block& b, int n) {
+    return n < b.n_size ? static_cast<int64_t>(b.group * a.cout_g + n) * a.w.sn : -1;
+  }
+  __host__ __device__ static WindowTap k_part(const ConvArgs& a, const Block& b, const Digits& k_digits, int k) {
+    if (k >= b.k_end) return {{0, 0, 0}, 0, false};
+    return {tap(a, k_digits), k_digits.lo * a.w.sc + k_digits.hi * a.w.sh + k_digits.mid * a.w.sw, true};
+  }
+  __host__ __device__ static int64_t a_offset(const ConvArgs& a, const Block&, const Point& m, const WindowTap& k) {
+    return k.a_offset(m, a.in_h, a.in_w);
+  }
+  __host__ __device__ static int64_t b_offset(const ConvArgs&, const Block&, int64_t n, const WindowTap& k) {
+    return k.b_offset(n);
   }
   template <typename T>
   __device__ static float add_bias(const ConvArgs& a, int channel, float v) {
@@ -179,7 +257,8 @@ struct ForwardOp {
   }
   template <typename T>
   __device__ static void store(const ConvArgs& a, const Block& b, int m, int n, float v) {
-    const int ow = m % a.out_w, rest = m / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
+    const Digits pixel = pixel_radix(a).split(m);
+    const int img = pixel.hi, oh = pixel.mid, ow = pixel.lo;
     const int channel = b.group * a.cout_g + n;
     v = add_bias<T>(a, channel, v);
     if (a.residual.data != nullptr) {
@@ -198,13 +277,13 @@ struct ForwardOp {
 struct PooledForwardOp : ForwardOp {
   static constexpr bool kPooled = true;
 
-  __device__ static int pooled_pixels(const ConvArgs& a) { return a.batch * a.pool.out_h * a.pool.out_w; }
-  __device__ static Block block(const ConvArgs& a, int group, int) {
+  __host__ __device__ static int pooled_pixels(const ConvArgs& a) { return a.batch * a.pool.out_h * a.pool.out_w; }
+  __host__ __device__ static Block block(const ConvArgs& a, int group, int) {
     Block b = ForwardOp::block(a, group, 0);
     b.m_size = ceil_div(pooled_pixels(a), a.pool.tile_windows) * a.pool.tile_rows;
     return b;
   }
-  __device__ static void pooled_coords(const ConvArgs& a, int pooled, int& img, int& ph, int& pw) {
+  __host__ __device__ static void pooled_coords(const ConvArgs& a, int pooled, int& img, int& ph, int& pw) {
     pw = pooled % a.pool.out_w;
     const int rest = pooled / a.pool.out_w;
     ph = rest % a.pool.out_h;
@@ -212,20 +291,20 @@ struct PooledForwardOp : ForwardOp {
   }
   // The conv output pixel (oh, ow) under window position `position` of pooled pixel (ph, pw); false in
   // the pool's padding (torch's -inf, never chosen).
-  __device__ static bool window_pixel(const ConvArgs& a, int ph, int pw, int position, int& oh, int& ow) {
+  __host__ __device__ static bool window_pixel(const ConvArgs& a, int ph, int pw, int position, int& oh, int& ow) {
     oh = ph * a.pool.stride_h - a.pool.pad_h + position / a.pool.kw;
     ow = pw * a.pool.stride_w - a.pool.pad_w + position % a.pool.kw;
     return oh >= 0 && oh < a.out_h && ow >= 0 && ow < a.out_w;
   }
-  __device__ static int64_t a_offset(const ConvArgs& a, const Block& b, int m, int k) {
-    if (m >= b.m_size || k >= b.k_end) return -1;
+  __host__ __device__ static Point m_part(const ConvArgs& a, const Block& b, int m) {
+    if (m >= b.m_size) return outside(a);
     const int window = a.pool.kh * a.pool.kw, row = m % a.pool.tile_rows;
     const int pooled = m / a.pool.tile_rows * a.pool.tile_windows + row / window;
-    if (row >= a.pool.tile_windows * window || pooled >= pooled_pixels(a)) return -1;
+    if (row >= a.pool.tile_windows * window || pooled >= pooled_pixels(a)) return outside(a);
     int img, ph, pw, oh, ow;
     pooled_coords(a, pooled, img, ph, pw);
-    if (!window_pixel(a, ph, pw, row % window, oh, ow)) return -1;
-    return input_offset(a, b, img, oh, ow, k);
+    if (!window_pixel(a, ph, pw, row % window, oh, ow)) return outside(a);
+    return origin(a, b, img, oh, ow);
   }
   // The activation at output channel n of the group, rounded to T as the unfused ops would compare it.
   template <typename T>
@@ -238,12 +317,16 @@ struct InputGradOp {
   static constexpr bool kTransposed = false;
   static constexpr bool kMaskA = true, kMaskB = false;
   static constexpr bool kPooled = false;
+  using MPart = Point;    // the grad_out pixel of input pixel m's first tap
+  using NPart = int64_t;  // input channel n's start in the weight, -1 past n_size
+  using KPart = WindowTap;
   __device__ static const void* a_data(const ConvArgs& a) { return a.g.data; }
   __device__ static const void* b_data(const ConvArgs& a) { return a.w.data; }
 
   // Taps along one axis that connect input positions = phase (mod stride) to output positions: tap k
   // does iff phase + pad - k*dil is a multiple of stride; they are `step` = stride / gcd apart.
-  __device__ static void phase_taps(int phase, int pad, int dil, int stride, int taps, int& first, int& count) {
+  __host__ __device__ static void phase_taps(int phase, int pad, int dil, int stride, int taps, int& first,
+                                             int& count) {
     first = 0;
     count = 0;
     for (int k = taps - 1; k >= 0; --k) {
@@ -253,7 +336,7 @@ struct InputGradOp {
       }
     }
   }
-  __device__ static int gcd(int a, int b) {
+  __host__ __device__ static int gcd(int a, int b) {
     while (b != 0) {
       const int t = a % b;
       a = b;
@@ -261,7 +344,7 @@ struct InputGradOp {
     }
     return a;
   }
-  __device__ static Block block(const ConvArgs& a, int group, int phase) {
+  __host__ __device__ static Block block(const ConvArgs& a, int group, int phase) {
     Block b{};
     b.group = group;
     b.phase_h = phase / a.stride_w;
@@ -273,38 +356,46 @@ struct InputGradOp {
     phase_taps(b.phase_w, a.pad_w, a.dil_w, a.stride_w, a.kw, b.first_w, b.count_w);
     b.step_h = a.stride_h / gcd(a.stride_h, a.dil_h);
     b.step_w = a.stride_w / gcd(a.stride_w, a.dil_w);
+    // exact divisions: the phase's taps make phase + pad - kh*dil a multiple of the stride, and
+    // step*dil = lcm(stride, dil)
+    b.out_shift_h = (b.phase_h + a.pad_h - b.first_h * a.dil_h) / a.stride_h;
+    b.out_shift_w = (b.phase_w + a.pad_w - b.first_w * a.dil_w) / a.stride_w;
+    b.out_step_h = b.step_h * a.dil_h / a.stride_h;
+    b.out_step_w = b.step_w * a.dil_w / a.stride_w;
     b.m_size = a.batch * b.rows * b.cols;
     b.n_size = a.cin_g;
     b.k_end = count_h * b.count_w * a.cout_g;
     return b;
   }
-  __device__ static void tap_of(const ConvArgs& a, const Block& b, int k, int& co, int& kh, int& kw) {
-    co = k % a.cout_g;
-    const int tap = k / a.cout_g;
-    kh = b.first_h + (tap / b.count_w) * b.step_h;
-    kw = b.first_w + (tap % b.count_w) * b.step_w;
+  // Input pixel m = (image, i, j) of the phase, at (phase_h + i * stride_h, phase_w + j * stride_w).
+  __host__ __device__ static Radix pixel_radix(const Block& b) { return {b.rows, b.cols}; }
+  // k = (phase tap row, phase tap column, cout): taps move up and left in grad_out
+  __host__ __device__ static Radix k_radix(const ConvArgs& a, const Block& b) { return {b.count_w, a.cout_g}; }
+  __host__ __device__ static Point m_part(const ConvArgs& a, const Block& b, int m) {
+    if (m >= b.m_size) return {0, -1, 0};  // gathers nothing: taps only move up
+    const Digits pixel = pixel_radix(b).split(m);
+    const int h = pixel.mid + b.out_shift_h, w = pixel.lo + b.out_shift_w;
+    return {pixel.hi * a.g.sn + h * a.g.sh + w * a.g.sw + int64_t{b.group} * a.cout_g * a.g.sc, h, w};
   }
-  __device__ static int64_t a_offset(const ConvArgs& a, const Block& b, int m, int k) {
-    if (m >= b.m_size || k >= b.k_end) return -1;
-    const int j = m % b.cols, rest = m / b.cols, i = rest % b.rows, img = rest / b.rows;
-    int co, kh, kw;
-    tap_of(a, b, k, co, kh, kw);
-    // exact divisions: the phase's taps make the numerators multiples of the stride
-    const int oh = i + (b.phase_h + a.pad_h - kh * a.dil_h) / a.stride_h;
-    const int ow = j + (b.phase_w + a.pad_w - kw * a.dil_w) / a.stride_w;
-    if (oh < 0 || oh >= a.out_h || ow < 0 || ow >= a.out_w) return -1;
-    return img * a.g.sn + oh * a.g.sh + ow * a.g.sw + static_cast<int64_t>(b.group * a.cout_g + co) * a.g.sc;
+  __host__ __device__ static int64_t n_part(const ConvArgs& a, const Block& b, int n) {
+    return n < b.n_size ? int64_t{b.group} * a.cout_g * a.w.sn + n * a.w.sc : -1;
   }
-  __device__ static int64_t b_offset(const ConvArgs& a, const Block& b, int n, int k) {
-    if (n >= b.n_size || k >= b.k_end) return -1;
-    int co, kh, kw;
-    tap_of(a, b, k, co, kh, kw);
-    return static_cast<int64_t>(b.group * a.cout_g + co) * a.w.sn + n * a.w.sc + kh * a.w.sh + kw * a.w.sw;
+  __host__ __device__ static WindowTap k_part(const ConvArgs& a, const Block& b, const Digits& k_digits, int k) {
+    if (k >= b.k_end) return {{0, 0, 0}, 0, false};
+    const int co = k_digits.lo, h = -k_digits.hi * b.out_step_h, w = -k_digits.mid * b.out_step_w;
+    const int kh = b.first_h + k_digits.hi * b.step_h, kw = b.first_w + k_digits.mid * b.step_w;
+    return {{h * a.g.sh + w * a.g.sw + co * a.g.sc, h, w}, co * a.w.sn + kh * a.w.sh + kw * a.w.sw, true};
+  }
+  __host__ __device__ static int64_t a_offset(const ConvArgs& a, const Block&, const Point& m, const WindowTap& k) {
+    return k.a_offset(m, a.out_h, a.out_w);
+  }
+  __host__ __device__ static int64_t b_offset(const ConvArgs&, const Block&, int64_t n, const WindowTap& k) {
+    return k.b_offset(n);
   }
   template <typename T>
   __device__ static void store(const ConvArgs& a, const Block& b, int m, int n, float v) {
-    const int j = m % b.cols, rest = m / b.cols, i = rest % b.rows, img = rest / b.rows;
-    const int ih = b.phase_h + i * a.stride_h, iw = b.phase_w + j * a.stride_w;
+    const Digits pixel = pixel_radix(b).split(m);
+    const int img = pixel.hi, ih = b.phase_h + pixel.mid * a.stride_h, iw = b.phase_w + pixel.lo * a.stride_w;
     static_cast<T*>(a.dst)[img * a.dst_sn + static_cast<int64_t>(b.group * a.cin_g + n) * a.dst_sc + ih * a.dst_sh +
                            iw * a.dst_sw] = from_float<T>(v);
   }
@@ -315,10 +406,20 @@ struct WeightGradOp {
   static constexpr bool kTransposed = true;  // A tile [k][m], B tile [k][n]: M and N are contiguous
   static constexpr bool kMaskA = false, kMaskB = true;
   static constexpr bool kPooled = false;
+  struct MPart {  // the input element (tap, cin) relative to a window origin
+    Point tap;
+    bool inside;
+  };
+  using NPart = int64_t;  // output channel n's offset in grad_out, -1 past n_size
+  struct KPart {          // output pixel k: its window origin in the input and its offset in grad_out
+    Point origin;
+    int64_t grad;
+    bool inside;
+  };
   __device__ static const void* a_data(const ConvArgs& a) { return a.x.data; }
   __device__ static const void* b_data(const ConvArgs& a) { return a.g.data; }
 
-  __device__ static Block block(const ConvArgs& a, int group, int slice) {
+  __host__ __device__ static Block block(const ConvArgs& a, int group, int slice) {
     Block b{};
     b.group = group;
     b.slice = slice;
@@ -329,15 +430,24 @@ struct WeightGradOp {
     b.k_end = min(pixels, b.k_begin + a.slice_pixels);
     return b;
   }
-  __device__ static int64_t a_offset(const ConvArgs& a, const Block& b, int m, int k) {
-    if (m >= b.m_size || k >= b.k_end) return -1;
-    const int ow = k % a.out_w, rest = k / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
-    return ForwardOp::input_offset(a, b, img, oh, ow, m);
+  __host__ __device__ static Radix k_radix(const ConvArgs& a, const Block&) { return ForwardOp::pixel_radix(a); }
+  __host__ __device__ static MPart m_part(const ConvArgs& a, const Block& b, int m) {
+    if (m >= b.m_size) return {{0, 0, 0}, false};
+    return {ForwardOp::tap(a, ForwardOp::k_radix(a, b).split(m)), true};
   }
-  __device__ static int64_t b_offset(const ConvArgs& a, const Block& b, int n, int k) {
-    if (n >= b.n_size || k >= b.k_end) return -1;
-    const int ow = k % a.out_w, rest = k / a.out_w, oh = rest % a.out_h, img = rest / a.out_h;
-    return img * a.g.sn + oh * a.g.sh + ow * a.g.sw + static_cast<int64_t>(b.group * a.cout_g + n) * a.g.sc;
+  __host__ __device__ static int64_t n_part(const ConvArgs& a, const Block& b, int n) {
+    return n < b.n_size ? static_cast<int64_t>(b.group * a.cout_g + n) * a.g.sc : -1;
+  }
+  __host__ __device__ static KPart k_part(const ConvArgs& a, const Block& b, const Digits& pixel, int k) {
+    if (k >= b.k_end) return {{0, 0, 0}, 0, false};
+    return {ForwardOp::origin(a, b, pixel.hi, pixel.mid, pixel.lo),
+            pixel.hi * a.g.sn + pixel.mid * a.g.sh + pixel.lo * a.g.sw, true};
+  }
+  __host__ __device__ static int64_t a_offset(const ConvArgs& a, const Block&, const MPart& m, const KPart& k) {
+    return m.inside && k.inside ? offset_inside(k.origin, m.tap, a.in_h, a.in_w) : -1;
+  }
+  __host__ __device__ static int64_t b_offset(const ConvArgs&, const Block&, int64_t n, const KPart& k) {
+    return n >= 0 && k.inside ? n + k.grad : -1;
   }
   template <typename T>
   __device__ static void store(const ConvArgs& a, const Block& b, int m, int n, float v) {
@@ -345,6 +455,20 @@ struct WeightGradOp {
               static_cast<int64_t>(m) * b.n_size + n] = v;
   }
 };
+
+// Element (m, k) of A and (n, k) of B put together from their parts.
+template <typename Op>
+__host__ __device__ typename Op::KPart k_part_at(const ConvArgs& a, const Block& b, int k) {
+  return Op::k_part(a, b, Op::k_radix(a, b).split(k), k);
+}
+template <typename Op>
+__host__ __device__ int64_t a_offset_at(const ConvArgs& a, const Block& b, int m, int k) {
+  return Op::a_offset(a, b, Op::m_part(a, b, m), k_part_at<Op>(a, b, k));
+}
+template <typename Op>
+__host__ __device__ int64_t b_offset_at(const ConvArgs& a, const Block& b, int n, int k) {
+  return Op::b_offset(a, b, Op::n_part(a, b, n), k_part_at<Op>(a, b, k));
+}
 
 // ---------------------------------------------------------------------------------------------
 // The max-pool epilogue
@@ -408,6 +532,85 @@ __device__ void store_pooled_tile(const ConvArgs& a, const Block& b, int m0, int
 // Tensor-core implicit GEMM (fp16/bf16)
 // ---------------------------------------------------------------------------------------------
 
+// A tensor-core operand tile, [kRows][kCols] with the contiguous dim last (K, or M / N when
+// transposed): thread tid loads chunks i = 0 .. kChunks-1 of kChunk elements at (row(tid, i), col(tid)),
+// all in one column.
+template <int Rows, int Cols>
+struct OperandTile {
+  static constexpr int kRows = Rows, kCols = Cols;
+  static constexpr int kChunks = kRows * kCols / kChunk / kThreads;
+  static_assert(kChunks * kChunk * kThreads == kRows * kCols && kThreads % (kCols / kChunk) == 0);
+  __host__ __device__ static constexpr int row(int tid, int i) { return (tid + i * kThreads) / (kCols / kChunk); }
+  __host__ __device__ static constexpr int col(int tid) { return tid % (kCols / kChunk) * kChunk; }
+};
+
+// The offsets of one thread's chunks of the A and B tiles, K tile after K tile. Each offset is an m (n)
+// part and a k part: a chunk's row (or, transposed, the thread's column) fixes the m / n part for the
+// whole K loop, computed once; k's digits advance by those of kBlockK. Transposed tiles have one k per
+// chunk row; otherwise all chunks of A and B share the thread's column, one k whose part is computed
+// once per tile. Elements 1..7 of a chunk (element-wise gathers) redo the moving part from scratch.
+template <typename Op>
+struct ChunkOffsets {
+  static constexpr bool kTr = Op::kTransposed;
+  using ATile = OperandTile<kTr ? kBlockK : kBlockM, kTr ? kBlockM : kBlockK>;
+  using BTile = OperandTile<kTr ? kBlockK : kBlockN, kTr ? kBlockN : kBlockK>;
+  static_assert(kTr || ATile::kCols == BTile::kCols, "A and B chunks share the thread's K column");
+  static constexpr int kKs = kTr ? ATile::kChunks + BTile::kChunks : 1;  // A's rows, then B's
+
+  int tid, m0, n0, k0;  // k0: the current K tile's first k
+  Radix radix;
+  Digits step;  // split(kBlockK)
+  typename Op::MPart a_fixed[kTr ? 1 : ATile::kChunks];
+  typename Op::NPart b_fixed[kTr ? 1 : BTile::kChunks];
+  Digits k_digits[kKs];
+  typename Op::KPart k_shared;  // not transposed: the k part of every chunk
+
+  // k_tiles = 0: the radix may have a zero size and is not used
+  __host__ __device__ ChunkOffsets(const ConvArgs& args, const Block& blk, int tid_, int m0_, int n0_, int k_tiles)
+      : tid(tid_), m0(m0_), n0(n0_), k0(blk.k_begin), radix(Op::k_radix(args, blk)) {
+    step = k_tiles > 0 ? radix.split(kBlockK) : Digits{};
+    for (int i = 0; i < kKs; ++i) k_digits[i] = k_tiles > 0 ? radix.split(k_of(i)) : Digits{};
+    if constexpr (kTr) {
+      a_fixed[0] = Op::m_part(args, blk, m0 + ATile::col(tid));
+      b_fixed[0] = Op::n_part(args, blk, n0 + BTile::col(tid));
+    } else {
+      for (int i = 0; i < ATile::kChunks; ++i) a_fixed[i] = Op::m_part(args, blk, m0 + ATile::row(tid, i));
+      for (int i = 0; i < BTile::kChunks; ++i) b_fixed[i] = Op::n_part(args, blk, n0 + BTile::row(tid, i));
+      k_shared = Op::k_part(args, blk, k_digits[0], k_of(0));
+    }
+  }
+  __host__ __device__ int k_of(int i) const {
+    if constexpr (kTr) {
+      return k0 + (i < ATile::kChunks ? ATile::row(tid, i) : BTile::row(tid, i - ATile::kChunks));
+    } else {
+      return k0 + ATile::col(tid);
+    }
+  }
+  // Element e of A chunk i of the current K tile (-1: reads zero).
+  __host__ __device__ int64_t a(const ConvArgs& args, const Block& blk, int i, int e) const {
+    if constexpr (kTr) {
+      const auto m = e == 0 ? a_fixed[0] : Op::m_part(args, blk, m0 + ATile::col(tid) + e);
+      return Op::a_offset(args, blk, m, Op::k_part(args, blk, k_digits[i], k_of(i)));
+    } else {
+      return Op::a_offset(args, blk, a_fixed[i], e == 0 ? k_shared : k_part_at<Op>(args, blk, k_of(0) + e));
+    }
+  }
+  __host__ __device__ int64_t b(const ConvArgs& args, const Block& blk, int i, int e) const {
+    if constexpr (kTr) {
+      const int j = ATile::kChunks + i;
+      const auto n = e == 0 ? b_fixed[0] : Op::n_part(args, blk, n0 + BTile::col(tid) + e);
+      return Op::b_offset(args, blk, n, Op::k_part(args, blk, k_digits[j], k_of(j)));
+    } else {
+      return Op::b_offset(args, blk, b_fixed[i], e == 0 ? k_shared : k_part_at<Op>(args, blk, k_of(0) + e));
+    }
+  }
+  __host__ __device__ void next_tile(const ConvArgs& args, const Block& blk) {
+    k0 += kBlockK;
+    for (int i = 0; i < kKs; ++i) k_digits[i] = radix.add(k_digits[i], step);
+    if constexpr (!kTr) k_shared = Op::k_part(args, blk, k_digits[0], k_of(0));
+  }
+};
+
 // One 8-element chunk of an operand tile. `offset(e)` locates element e of the chunk (-1 = zero).
 // async: one cp.async of 16 bytes straight to shared memory (only the first element is located: the
 // host guarantees the 8 share a pixel and a tap). Otherwise into `staged` (registers), 16 bytes at a
@@ -460,13 +663,14 @@ __device__ __forceinline__ void fetch_chunk(uint4& staged, uint32_t smem_dst, co
 template <typename T, typename Op>
 __global__ void __launch_bounds__(kThreads) conv_mma_kernel(const ConvArgs args) {
   constexpr bool kTr = Op::kTransposed;
+  using Offsets = ChunkOffsets<Op>;
+  using ATile = typename Offsets::ATile;
+  using BTile = typename Offsets::BTile;
   // shared tiles are [rows][ld], the contiguous dim last, padded by 16 bytes so that the 8 row
   // addresses of every ldmatrix phase fall into distinct bank groups
-  constexpr int kARows = kTr ? kBlockK : kBlockM, kACols = kTr ? kBlockM : kBlockK;
-  constexpr int kBRows = kTr ? kBlockK : kBlockN, kBCols = kTr ? kBlockN : kBlockK;
+  constexpr int kARows = ATile::kRows, kACols = ATile::kCols, kBRows = BTile::kRows, kBCols = BTile::kCols;
   constexpr int kLdA = kACols + 8, kLdB = kBCols + 8;
-  constexpr int kAChunks = kARows * kACols / kChunk / kThreads, kBChunks = kBRows * kBCols / kChunk / kThreads;
-  static_assert(kAChunks * kChunk * kThreads == kARows * kACols && kBChunks * kChunk * kThreads == kBRows * kBCols);
+  constexpr int kAChunks = ATile::kChunks, kBChunks = BTile::kChunks;
   __shared__ alignas(16) uint16_t smem_a[2][kARows * kLdA];
   __shared__ alignas(16) uint16_t smem_b[2][kBRows * kLdB];
 
@@ -487,54 +691,42 @@ __global__ void __launch_bounds__(kThreads) conv_mma_kernel(const ConvArgs args)
   const int k_tiles = blk.k_end > blk.k_begin ? ceil_div(blk.k_end - blk.k_begin, kBlockK) : 0;
 
   uint4 a_staged[kAChunks], b_staged[kBChunks];
-  // Chunk i of a tile: (row, col) with col a multiple of kChunk along the contiguous dim.
-  auto a_row = [&](int i) { return (tid + i * kThreads) / (kACols / kChunk); };
-  auto a_col = [&](int i) { return (tid + i * kThreads) % (kACols / kChunk) * kChunk; };
-  auto b_row = [&](int i) { return (tid + i * kThreads) / (kBCols / kChunk); };
-  auto b_col = [&](int i) { return (tid + i * kThreads) % (kBCols / kChunk) * kChunk; };
+  Offsets offsets(args, blk, tid, m0, n0, k_tiles);
 
-  // Starts the loads of K tile kt into `stage`: cp.async chunks land by themselves, staged ones wait
-  // in registers for store_staged.
-  auto issue = [&](int kt, int stage) {
-    const int k0 = blk.k_begin + kt * kBlockK;
+  // Starts the loads of the next K tile into `stage`: cp.async chunks land by themselves, staged ones
+  // wait in registers for store_staged.
+  auto issue = [&](int stage) {
 #pragma unroll
     for (int i = 0; i < kAChunks; ++i) {
-      const int r = a_row(i), c = a_col(i);
-      fetch_chunk<T>(a_staged[i], smem_u32(&smem_a[stage][r * kLdA + c]), a_src, a_mask, args.vec_a, a_async,
-                     [&](int e) {
-                       return kTr ? Op::a_offset(args, blk, m0 + c + e, k0 + r)
-                                  : Op::a_offset(args, blk, m0 + r, k0 + c + e);
-                     });
+      fetch_chunk<T>(a_staged[i], smem_u32(&smem_a[stage][ATile::row(tid, i) * kLdA + ATile::col(tid)]), a_src,
+                     a_mask, args.vec_a, a_async, [&](int e) { return offsets.a(args, blk, i, e); });
     }
 #pragma unroll
     for (int i = 0; i < kBChunks; ++i) {
-      const int r = b_row(i), c = b_col(i);
-      fetch_chunk<T>(b_staged[i], smem_u32(&smem_b[stage][r * kLdB + c]), b_src, b_mask, args.vec_b, b_async,
-                     [&](int e) {
-                       return kTr ? Op::b_offset(args, blk, n0 + c + e, k0 + r)
-                                  : Op::b_offset(args, blk, n0 + r, k0 + c + e);
-                     });
+      fetch_chunk<T>(b_staged[i], smem_u32(&smem_b[stage][BTile::row(tid, i) * kLdB + BTile::col(tid)]), b_src,
+                     b_mask, args.vec_b, b_async, [&](int e) { return offsets.b(args, blk, i, e); });
     }
     cp_async_commit();
+    offsets.next_tile(args, blk);
   };
   auto store_staged = [&](int stage) {
     if (!a_async) {
 #pragma unroll
       for (int i = 0; i < kAChunks; ++i) {
-        *reinterpret_cast<uint4*>(&smem_a[stage][a_row(i) * kLdA + a_col(i)]) = a_staged[i];
+        *reinterpret_cast<uint4*>(&smem_a[stage][ATile::row(tid, i) * kLdA + ATile::col(tid)]) = a_staged[i];
       }
     }
     if (!b_async) {
 #pragma unroll
       for (int i = 0; i < kBChunks; ++i) {
-        *reinterpret_cast<uint4*>(&smem_b[stage][b_row(i) * kLdB + b_col(i)]) = b_staged[i];
+        *reinterpret_cast<uint4*>(&smem_b[stage][BTile::row(tid, i) * kLdB + BTile::col(tid)]) = b_staged[i];
       }
     }
   };
 
   float acc[4][4][4] = {};
   if (k_tiles > 0) {
-    issue(0, 0);
+    issue(0);
     store_staged(0);
   }
   for (int kt = 0; kt < k_tiles; ++kt) {
@@ -542,7 +734,7 @@ __global__ void __launch_bounds__(kThreads) conv_mma_kernel(const ConvArgs args)
     cp_async_wait_all();
     __syncthreads();
     const bool more = kt + 1 < k_tiles;
-    if (more) issue(kt + 1, (kt + 1) % 2);
+    if (more) issue((kt + 1) % 2);
     const uint32_t a_base = smem_u32(smem_a[kt % 2]), b_base = smem_u32(smem_b[kt % 2]);
 #pragma unroll
     for (int kk = 0; kk < kBlockK; kk += 16) {
@@ -650,7 +842,7 @@ __global__ void __launch_bounds__(kSimtThreads) conv_fma_kernel(const ConvArgs a
       const int e = tid + i * kSimtThreads;
       const int kk = Op::kTransposed ? e / kSimtM : e % kSimtK;
       const int mm = Op::kTransposed ? e % kSimtM : e / kSimtK;
-      const int64_t o = Op::a_offset(args, blk, m0 + mm, k0 + kk);
+      const int64_t o = a_offset_at<Op>(args, blk, m0 + mm, k0 + kk);
       tile_a[kk][mm] = o >= 0 && (a_mask == nullptr || a_mask[o] > 0.0f) ? a_src[o] : 0.0f;
     }
 #pragma unroll
@@ -658,7 +850,7 @@ __global__ void __launch_bounds__(kSimtThreads) conv_fma_kernel(const ConvArgs a
       const int e = tid + i * kSimtThreads;
       const int kk = Op::kTransposed ? e / kSimtN : e % kSimtK;
       const int nn = Op::kTransposed ? e % kSimtN : e / kSimtK;
-      const int64_t o = Op::b_offset(args, blk, n0 + nn, k0 + kk);
+      const int64_t o = b_offset_at<Op>(args, blk, n0 + nn, k0 + kk);
       tile_b[kk][nn] = o >= 0 && (b_mask == nullptr || b_mask[o] > 0.0f) ? b_src[o] : 0.0f;
     }
     __syncthreads();
@@ -713,10 +905,15 @@ template <typename T>
 __device__ float conv_at(const ConvArgs& a, const Block& b, int img, int oh, int ow, int n) {
   const T* x = static_cast<const T*>(a.x.data);
   const T* w = static_cast<const T*>(a.w.data);
+  const Point origin = ForwardOp::origin(a, b, img, oh, ow);
+  const int64_t row = ForwardOp::n_part(a, b, n);
+  const Radix radix = ForwardOp::k_radix(a, b);
+  Digits digits{0, 0, 0};  // of k, counted up instead of divided out
   float acc = 0.0f;
-  for (int k = 0; k < b.k_end; ++k) {
-    const int64_t o = ForwardOp::input_offset(a, b, img, oh, ow, k);
-    if (o >= 0) acc = fmaf(to_float(x[o]), to_float(w[ForwardOp::b_offset(a, b, n, k)]), acc);
+  for (int k = 0; k < b.k_end; ++k, digits = radix.add(digits, {0, 0, 1})) {
+    const WindowTap tap = ForwardOp::k_part(a, b, digits, k);
+    const int64_t o = tap.a_offset(origin, a.in_h, a.in_w);
+    if (o >= 0) acc = fmaf(to_float(x[o]), to_float(w[tap.b_offset(row)]), acc);
   }
   return acc;
 }
@@ -748,8 +945,8 @@ __global__ void conv_direct_forward_kernel(const ConvArgs args, int64_t total) {
       }
       store_pooled<T>(args, blk, pixel, n, best);
     } else {
-      const int ow = pixel % args.out_w, rest = pixel / args.out_w, oh = rest % args.out_h, img = rest / args.out_h;
-      Op::template store<T>(args, blk, pixel, n, conv_at<T>(args, blk, img, oh, ow, n));
+      const Digits at = ForwardOp::pixel_radix(args).split(pixel);
+      Op::template store<T>(args, blk, pixel, n, conv_at<T>(args, blk, at.hi, at.mid, at.lo, n));
     }
   }
 }
