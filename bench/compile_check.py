@@ -280,7 +280,7 @@ def configs_for(entry: dict, quick: bool) -> list[dict | None]:
     names = [p.name for p in jit.params]
     nargs = {names[i]: _decode(a) for i, a in enumerate(entry["args"])}
     configs = tuner.configs
-    if tuner.early_config_prune:
+    if tuner.early_config_prune and len(configs) > 1:  # as Autotuner.run: a single config is never pruned
         configs = tuner.early_config_prune(configs, nargs, **{k: _decode(v) for k, v in entry["kwargs"].items()})
     configs = [c.all_kwargs() for c in configs]
     return configs[:1] if quick else configs
