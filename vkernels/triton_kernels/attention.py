@@ -46,10 +46,10 @@ def _head_dim_chunks(dim: int) -> tuple[int, int]:
 
 
 def _config_class(args) -> str:
-    if args["DOT_PRECISION"] == "ieee":  # fp32: CUDA-core dots holding fp32 tiles, keep them small
-        return "fp32"
     width = max(args["D0"] + args["D1"], args["DV0"] + args["DV1"])
     name = "d64" if width <= 64 else "d128" if width <= 128 else "d256"
+    if args["DOT_PRECISION"] == "ieee":  # fp32: CUDA-core dots holding fp32 tiles, keep them small
+        return "fp32" if name == "d64" else f"fp32-{name}"
     # a full (query x key) mask tile costs registers: smaller key tiles
     full_mask = args["MASK_KIND"] != NO_MASK.value and not args["MASK_PER_KEY"]
     return f"{name}-mask" if full_mask else name
@@ -83,6 +83,9 @@ _FORWARD_CONFIGS = {
     "d256": [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
     "d256-mask": [(64, 32, 8, 2), (32, 32, 4, 2)],
     "fp32": [(32, 32, 4, 2), (32, 64, 8, 2), (32, 16, 4, 2), (32, 32, 8, 2)],
+    # wider fp32 heads: 32-key tiles spill kilobytes per thread (bench/compile_check.py), 16-key ones none
+    "fp32-d128": [(32, 16, 8, 2), (16, 16, 4, 2), (32, 32, 8, 1), (16, 32, 8, 1)],
+    "fp32-d256": [(32, 16, 8, 2), (16, 16, 4, 2), (16, 16, 8, 2)],
 }
 _BACKWARD_KEY_CONFIGS = {  # owns BLOCK_N keys, steps over BLOCK_M queries
     "d64": [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)],
@@ -90,6 +93,8 @@ _BACKWARD_KEY_CONFIGS = {  # owns BLOCK_N keys, steps over BLOCK_M queries
     "d256": [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
     "d256-mask": [(32, 32, 8, 2), (16, 32, 4, 2)],
     "fp32": [(32, 32, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)],
+    "fp32-d128": [(16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2), (32, 32, 8, 1)],
+    "fp32-d256": [(32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
 }
 _BACKWARD_QUERY_CONFIGS = {  # owns BLOCK_M queries, steps over BLOCK_N keys
     "d64": [(128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
@@ -98,6 +103,8 @@ _BACKWARD_QUERY_CONFIGS = {  # owns BLOCK_M queries, steps over BLOCK_N keys
     "d256": [(32, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
     "d256-mask": [(32, 32, 4, 2), (128, 32, 8, 2)],
     "fp32": [(32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
+    "fp32-d128": [(32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+    "fp32-d256": [(32, 16, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)],
 }
 
 
@@ -572,10 +579,12 @@ def attention_backward(grad_out, query, key, value, out, lse, mask, is_causal: b
     delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=query.device)
 
     if seq_q > 0:
-        delta_block = 16 if INTERPRETED else 64
+        block_dv = triton.next_power_of_2(value.shape[3])
+        # two (rows x head dim) fp32 tiles in registers: fewer rows for wide heads (d256 spilled at 64)
+        delta_block = 16 if INTERPRETED else max(16, min(64, 8192 // block_dv))
         _attention_backward_delta_kernel[(triton.cdiv(seq_q, delta_block) * batch * heads,)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_q,
-            HEAD_DIM_V=value.shape[3], BLOCK_DV=triton.next_power_of_2(value.shape[3]), BLOCK_M=delta_block,
+            HEAD_DIM_V=value.shape[3], BLOCK_DV=block_dv, BLOCK_M=delta_block,
         )
     if seq_k > 0:
         key_grid = lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]) * batch * heads,)  # noqa: E731

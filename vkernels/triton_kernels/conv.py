@@ -33,12 +33,35 @@ def _autotune_configs(blocks: list[tuple[int, int, int, int, int]]) -> list[trit
     small config, so CPU runs never benchmark."""
     if INTERPRETED:
         blocks = [(16, 16, 16, 4, 1)]
-    elif not AUTOTUNE:
-        blocks = blocks[:1]
+    # without AUTOTUNE _fit_shared_memory keeps the first config: triton prunes only lists of several
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
         for m, n, k, warps, stages in blocks
     ]
+
+
+# Shared memory the pipelined operand tiles may take: sm_90 gives a block 227 KiB, and the epilogue's
+# layout conversions need up to ~36 KiB more (fp32 weight-grad 64x128x128 at 3 stages overflowed).
+_OPERAND_SHARED_BYTES = 160 * 1024
+
+
+def _fit_shared_memory(a_tile, b_tile):
+    """An early_config_prune giving configs whose stages of (a_tile + b_tile) elements of the input dtype
+    exceed _OPERAND_SHARED_BYTES fewer stages: 4-byte inputs take twice the room of 16-bit ones."""
+    def prune(configs, named_args, **kwargs):
+        element = named_args.get("src_ptr", named_args.get("input_ptr")).dtype.itemsize
+        fitted = {}
+        for config in configs:
+            stage_bytes = (a_tile(config.kwargs) + b_tile(config.kwargs)) * element
+            stages = max(1, min(config.num_stages, _OPERAND_SHARED_BYTES // stage_bytes))
+            fitted.setdefault((tuple(config.kwargs.items()), config.num_warps, stages),
+                              triton.Config(config.kwargs, num_warps=config.num_warps, num_stages=stages))
+        return list(fitted.values()) if AUTOTUNE else list(fitted.values())[:1]
+    return {"early_config_prune": prune}
+
+
+def _gemm_tiles(blocks):  # implicit GEMM: [BLOCK_M x BLOCK_K] @ [BLOCK_K x BLOCK_N]
+    return blocks["BLOCK_M"] * blocks["BLOCK_K"], blocks["BLOCK_K"] * blocks["BLOCK_N"]
 
 
 _CONV_BLOCKS = [
@@ -196,6 +219,7 @@ def _conv_epilogue(acc, bias_ptr, residual_ptr, channel, n_ok, residual_offsets,
 
 @triton.autotune(
     configs=_autotune_configs(_CONV_BLOCKS),
+    prune_configs_by=_fit_shared_memory(lambda b: _gemm_tiles(b)[0], lambda b: _gemm_tiles(b)[1]),
     key=["BATCH", "SRC_H", "SRC_W", "DST_H", "DST_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW", "KH", "KW",
          "TRANSPOSED", "DEPTHWISE", "MASK_SRC_BY_RELU"],
 )
@@ -286,6 +310,7 @@ def _conv2d_implicit_gemm_kernel(
 
 @triton.autotune(
     configs=_autotune_configs(_CONV_BLOCKS),
+    prune_configs_by=_fit_shared_memory(lambda b: _gemm_tiles(b)[0], lambda b: _gemm_tiles(b)[1]),
     key=["BATCH", "H", "W", "CONV_H", "CONV_W", "POOL_H", "POOL_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW",
          "KH", "KW", "PKH", "PKW", "PSH", "PSW", "DEPTHWISE"],
 )
@@ -357,6 +382,8 @@ def _conv2d_relu_maxpool2d_kernel(
 
 @triton.autotune(
     configs=_autotune_configs(_WEIGHT_GRAD_BLOCKS),
+    # [BLOCK_N couts x BLOCK_M pixels] @ [BLOCK_M pixels x BLOCK_K columns]
+    prune_configs_by=_fit_shared_memory(lambda b: b["BLOCK_N"] * b["BLOCK_M"], lambda b: b["BLOCK_M"] * b["BLOCK_K"]),
     key=["BATCH", "H", "W", "OH", "OW", "CIN_G", "COUT_G", "SH", "SW", "DH", "DW", "KH", "KW", "DEPTHWISE",
          "COMPUTE_WEIGHT"],
 )
