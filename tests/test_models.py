@@ -316,19 +316,34 @@ AUTOCAST_DTYPES = (torch.float16, torch.bfloat16) if GPU else (torch.float16,)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", WHOLE_MODELS)
 def test_model_under_autocast(name, backend, dtype):
-    """Under autocast the kernels run in the low precision and agree with the stock model under the
-    same autocast; on a GPU also compiled with fullgraph=True."""
+    """Under autocast the kernels run in the low precision and are as accurate as the stock model
+    under the same autocast: within twice its error against the float32 model, output and every
+    gradient (two low-precision runs can round a pre-activation to either side of ReLU's kink, so
+    they are not compared with each other). On a GPU also compiled with fullgraph=True."""
     device = device_for(backend)
     model, inputs = WHOLE_MODELS[name](device)
-    rtol = 10 * tolerance(dtype)  # a few layers of rounding in the autocast dtype
+    model.backend = "torch"
+    exact = output_and_grads(model, inputs)
     with torch.autocast(device.type, dtype=dtype):
-        model.backend = "torch"
-        expected = output_and_grads(model, inputs)
+        stock = output_and_grads(model, inputs)
         model.backend = backend
         calls = KernelCalls()
         with calls:
             result = output_and_grads(model, inputs)
         assert calls.counts, "no vkernels op ran"
-        assert_close(result, expected, rtol)
+        assert_as_accurate(result, stock, exact, tolerance(dtype))
         if GPU:
-            assert_close(output_and_grads(model, inputs, compiled=True), result, rtol)
+            compiled = output_and_grads(model, inputs, compiled=True)
+            assert_as_accurate(compiled, stock, exact, tolerance(dtype))
+
+
+def assert_as_accurate(result, stock, exact, floor):
+    """Each output and gradient of ``result`` is within max(2 × stock's relative error, floor) of
+    ``exact``, and has stock's dtype."""
+    (out, grads), (stock_out, stock_grads), (exact_out, exact_grads) = result, stock, exact
+    assert out.dtype == stock_out.dtype
+    assert grads.keys() == stock_grads.keys() == exact_grads.keys() and grads
+    pairs = [("output", out, stock_out, exact_out)]
+    pairs += [(name, grads[name], stock_grads[name], exact_grads[name]) for name in grads]
+    for name, ours, theirs, truth in pairs:
+        assert relative_error(ours, truth) <= max(2 * relative_error(theirs, truth), floor), name
