@@ -25,6 +25,7 @@ def pytest_configure(config):
 
 # Fresh inputs every run; VKERNELS_TEST_SEED=<the printed value> replays a run.
 SESSION_SEED = int(os.environ.get("VKERNELS_TEST_SEED", random.randrange(2**31)))
+os.environ["VKERNELS_TEST_SEED"] = str(SESSION_SEED)  # pytest-xdist workers inherit it: one seed per run
 
 
 def pytest_report_header(config):
