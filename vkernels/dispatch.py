@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 import torch
+
+# TRITON_INTERPRET=1: Triton kernels run on CPU tensors with numpy, which has no bf16 arithmetic.
+from vkernels.triton_kernels.autotuning import INTERPRETED as TRITON_INTERPRETED
 
 KERNEL_BACKENDS = ("triton", "cuda")
 BACKENDS = (*KERNEL_BACKENDS, "torch")
@@ -27,9 +29,6 @@ VERIFIED: Mapping[str, frozenset[str]] = {}
 # BENCHMARKS.md; "torch" ends the search (stock PyTorch beats the backends after it). Ops not listed
 # try KERNEL_BACKENDS in order.
 PREFERENCE: Mapping[str, tuple[str, ...]] = {}
-
-# The interpreter runs Triton kernels on CPU tensors with numpy; it has no bf16 arithmetic.
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class BackendStatus(NamedTuple):
