@@ -45,14 +45,15 @@ def _autotune_configs(blocks: list[tuple[int, int, int, int, int]]) -> list[trit
 _OPERAND_SHARED_BYTES = 160 * 1024
 
 
-def _fit_shared_memory(a_tile, b_tile):
-    """An early_config_prune giving configs whose stages of (a_tile + b_tile) elements of the input dtype
-    exceed _OPERAND_SHARED_BYTES fewer stages: 4-byte inputs take twice the room of 16-bit ones."""
+def _fit_shared_memory(stage_elements):
+    """An early_config_prune giving configs whose stages of stage_elements(blocks) operand elements of
+    the input dtype exceed _OPERAND_SHARED_BYTES fewer stages: 4-byte inputs take twice the room of
+    16-bit ones."""
     def prune(configs, named_args, **kwargs):
         element = named_args.get("src_ptr", named_args.get("input_ptr")).dtype.itemsize
         fitted = {}
         for config in configs:
-            stage_bytes = (a_tile(config.kwargs) + b_tile(config.kwargs)) * element
+            stage_bytes = stage_elements(config.kwargs) * element
             stages = max(1, min(config.num_stages, _OPERAND_SHARED_BYTES // stage_bytes))
             fitted.setdefault((tuple(config.kwargs.items()), config.num_warps, stages),
                               triton.Config(config.kwargs, num_warps=config.num_warps, num_stages=stages))
@@ -60,8 +61,10 @@ def _fit_shared_memory(a_tile, b_tile):
     return {"early_config_prune": prune}
 
 
-def _gemm_tiles(blocks):  # implicit GEMM: [BLOCK_M x BLOCK_K] @ [BLOCK_K x BLOCK_N]
-    return blocks["BLOCK_M"] * blocks["BLOCK_K"], blocks["BLOCK_K"] * blocks["BLOCK_N"]
+# Operand elements of one pipeline stage. Implicit GEMM: [BLOCK_M x BLOCK_K] @ [BLOCK_K x BLOCK_N];
+# weight gradient: [BLOCK_N couts x BLOCK_M pixels] @ [BLOCK_M pixels x BLOCK_K columns].
+_FIT_GEMM_STAGES = _fit_shared_memory(lambda b: b["BLOCK_K"] * (b["BLOCK_M"] + b["BLOCK_N"]))
+_FIT_WEIGHT_GRAD_STAGES = _fit_shared_memory(lambda b: b["BLOCK_M"] * (b["BLOCK_N"] + b["BLOCK_K"]))
 
 
 _CONV_BLOCKS = [
@@ -219,7 +222,7 @@ def _conv_epilogue(acc, bias_ptr, residual_ptr, channel, n_ok, residual_offsets,
 
 @triton.autotune(
     configs=_autotune_configs(_CONV_BLOCKS),
-    prune_configs_by=_fit_shared_memory(lambda b: _gemm_tiles(b)[0], lambda b: _gemm_tiles(b)[1]),
+    prune_configs_by=_FIT_GEMM_STAGES,
     key=["BATCH", "SRC_H", "SRC_W", "DST_H", "DST_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW", "KH", "KW",
          "TRANSPOSED", "DEPTHWISE", "MASK_SRC_BY_RELU"],
 )
@@ -310,7 +313,7 @@ def _conv2d_implicit_gemm_kernel(
 
 @triton.autotune(
     configs=_autotune_configs(_CONV_BLOCKS),
-    prune_configs_by=_fit_shared_memory(lambda b: _gemm_tiles(b)[0], lambda b: _gemm_tiles(b)[1]),
+    prune_configs_by=_FIT_GEMM_STAGES,
     key=["BATCH", "H", "W", "CONV_H", "CONV_W", "POOL_H", "POOL_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW",
          "KH", "KW", "PKH", "PKW", "PSH", "PSW", "DEPTHWISE"],
 )
@@ -382,8 +385,7 @@ def _conv2d_relu_maxpool2d_kernel(
 
 @triton.autotune(
     configs=_autotune_configs(_WEIGHT_GRAD_BLOCKS),
-    # [BLOCK_N couts x BLOCK_M pixels] @ [BLOCK_M pixels x BLOCK_K columns]
-    prune_configs_by=_fit_shared_memory(lambda b: b["BLOCK_N"] * b["BLOCK_M"], lambda b: b["BLOCK_M"] * b["BLOCK_K"]),
+    prune_configs_by=_FIT_WEIGHT_GRAD_STAGES,
     key=["BATCH", "H", "W", "OH", "OW", "CIN_G", "COUT_G", "SH", "SW", "DH", "DW", "KH", "KW", "DEPTHWISE",
          "COMPUTE_WEIGHT"],
 )
