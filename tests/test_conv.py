@@ -18,38 +18,48 @@ CALLS = {
 }
 
 
+def check_against_float64(backend, x, weight, bias, arguments, with_residual, rtol):
+    """relu(F.conv2d(x, weight, bias, **arguments) + residual) in float64 on the same rounded operands:
+    output and every gradient within rtol. Where F.conv2d refuses the geometry, ours raises its error type."""
+    operands = {"input": x, "weight": weight, "bias": bias}
+    leaves = {name: t.detach().requires_grad_() for name, t in operands.items() if t is not None}
+    refs = {name: t.detach().double().requires_grad_() for name, t in leaves.items()}
+    try:
+        pre_activation = F.conv2d(refs["input"], refs["weight"], refs.get("bias"), **arguments)
+    except RuntimeError as error:
+        with pytest.raises(type(error)):
+            vkernels.conv2d_relu(leaves["input"], leaves["weight"], leaves.get("bias"), **arguments, backend=backend)
+        return
+    if with_residual:
+        leaves["residual"] = torch.randn(pre_activation.shape, device=x.device).to(x.dtype).requires_grad_()
+        refs["residual"] = leaves["residual"].detach().double().requires_grad_()
+        pre_activation = pre_activation + refs["residual"]
+    expected = F.relu(pre_activation)
+    ours = vkernels.conv2d_relu(leaves["input"], leaves["weight"], leaves.get("bias"), **arguments,
+                                residual=leaves.get("residual"), backend=backend)
+    assert ours.shape == expected.shape and ours.dtype == x.dtype
+    assert relative_error(ours, expected) < rtol
+    if expected.numel() == 0:
+        return
+    grad = torch.randn_like(ours)
+    ours.backward(grad)
+    expected.backward(grad.double())
+    for name, leaf in leaves.items():
+        assert relative_error(leaf.grad, refs[name].grad) < rtol, name
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", CALLS)
 def test_conv2d_relu_matches_torch(backend, name):
     device = device_for(backend)
     call = dict(CALLS[name])
     weight = torch.randn(call.pop("weight"), device=device) * 0.3
-    unbatched = call.pop("unbatched", False)
     x = layout(torch.randn(2, 4, 7, 8, device=device), "channels_last")
-    if unbatched:
+    if call.pop("unbatched", False):
         x = x[0].contiguous()
     bias = torch.randn(weight.shape[0], device=device) if call.pop("bias", False) else None
-    reference = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), **{k: v for k, v in call.items() if k != "residual"})
-    residual = torch.randn_like(reference, dtype=torch.float32) if call.pop("residual", False) else None
-    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, residual) if t is not None]
-    our_x, our_w, our_b, our_r = _place(leaves, bias, residual)
-    ours = vkernels.conv2d_relu(our_x, our_w, our_b, **call, residual=our_r, backend=backend)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref_x, ref_w, ref_b, ref_r = _place(ref_leaves, bias, residual)
-    expected = F.relu(F.conv2d(ref_x, ref_w, ref_b, **call) + (0 if ref_r is None else ref_r))
-    assert ours.shape == expected.shape
-    assert relative_error(ours, expected) < tolerance(torch.float32) * 10
-    grad = torch.randn_like(ours)
-    ours.backward(grad)
-    expected.backward(grad.double())
-    for leaf, ref_leaf in zip(leaves, ref_leaves):
-        assert relative_error(leaf.grad, ref_leaf.grad) < tolerance(torch.float32) * 10
-
-
-def _place(leaves, bias, residual):
-    """(input, weight, bias, residual) from the leaves, None where absent."""
-    it = iter(leaves)
-    return next(it), next(it), next(it) if bias is not None else None, next(it) if residual is not None else None
+    with_residual = call.pop("residual", False)
+    check_against_float64(backend, x, weight, bias, call, with_residual, tolerance(torch.float32) * 10)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -66,41 +76,16 @@ def _place(leaves, bias, residual):
 )
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_conv2d_relu_geometry_fuzz(backend, channels, size, kernel, stride, padding, dilation, options, dtype):
-    """Any geometry F.conv2d accepts gives its result and gradients (against float64 on the same
-    rounded operands); any it refuses raises its error type."""
+    """Any geometry F.conv2d accepts gives its result and gradients; any it refuses raises its error type."""
     (cin_per_group, cout_per_group, groups), (with_bias, with_residual, channels_last) = channels, options
     device = device_for(backend)
-    x = torch.randn(2, cin_per_group * groups, *size, device=device).to(dtype)
-    x = layout(x, "channels_last" if channels_last else "contiguous").requires_grad_()
-    weight = (torch.randn(cout_per_group * groups, cin_per_group, *kernel, device=device) * 0.5).to(dtype).requires_grad_()
-    bias = torch.randn(weight.shape[0], device=device).to(dtype).requires_grad_() if with_bias else None
+    x = layout(torch.randn(2, cin_per_group * groups, *size, device=device).to(dtype),
+               "channels_last" if channels_last else "contiguous")
+    weight = (torch.randn(cout_per_group * groups, cin_per_group, *kernel, device=device) * 0.5).to(dtype)
+    bias = torch.randn(weight.shape[0], device=device).to(dtype) if with_bias else None
     arguments = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    leaves = [t for t in (x, weight, bias) if t is not None]
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    try:
-        expected = F.conv2d(*ref_leaves, **arguments)
-    except RuntimeError as error:
-        with pytest.raises(type(error)):
-            vkernels.conv2d_relu(x, weight, bias, **arguments, backend=backend)
-        return
-    if with_residual:
-        residual = torch.randn(expected.shape, device=device).to(dtype).requires_grad_()
-        leaves.append(residual)
-        ref_leaves.append(residual.detach().double().requires_grad_())
-        expected = expected + ref_leaves[-1]
-    expected = F.relu(expected)
-    ours = vkernels.conv2d_relu(x, weight, bias, **arguments, residual=leaves[-1] if with_residual else None,
-                                backend=backend)
     rtol = tolerance(dtype) * (10 if dtype == torch.float32 else 2)
-    assert ours.shape == expected.shape and ours.dtype == dtype
-    assert relative_error(ours, expected) < rtol
-    if expected.numel() == 0:
-        return
-    grad = torch.randn_like(ours)
-    ours.backward(grad)
-    expected.backward(grad.double())
-    for leaf, ref_leaf in zip(leaves, ref_leaves):
-        assert relative_error(leaf.grad, ref_leaf.grad) < rtol
+    check_against_float64(backend, x, weight, bias, arguments, with_residual, rtol)
 
 
 BAD_CALLS = {
@@ -208,10 +193,10 @@ def check_conv2d_relu_maxpool2d(backend, dtype, memory_format, case):
 
     context = f"{backend} {dtype} {memory_format} {case}"
     tol = tolerance(dtype) * (10 if dtype == torch.float32 else 1)
-    format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-    assert out.dtype == dtype and out.shape == expected.shape and out.is_contiguous(memory_format=format), context
+    dense_format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    assert out.dtype == dtype and out.shape == expected.shape and out.is_contiguous(memory_format=dense_format), context
     assert argmax.dtype == shapes.window_index_dtype(kernel[0] * kernel[1]) and argmax.shape == out.shape, context
-    assert argmax.is_contiguous(memory_format=format), context
+    assert argmax.is_contiguous(memory_format=dense_format), context
     assert relative_error(out, expected) < tol, context
     assert relative_error(picked, expected) < tol, context
     grad = torch.randn_like(out)
