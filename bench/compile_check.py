@@ -9,9 +9,9 @@ H100's 227 KiB, register spills) and bf16 code paths never show there. This tool
 1. records, in a subprocess with TRITON_INTERPRET=1, every kernel launch of representative public
    calls (``CASES`` below, backend="triton", fp32 and fp16 CPU tensors, forward and backward) as
    (kernel, argument kinds, constexprs), without running the kernels (outputs stay uninitialised:
-   no launcher branches on kernel results, and it takes seconds instead of many minutes). The launcher modules' ``INTERPRETED`` flag is switched
-   off there, so launch-time choices that differ on a GPU (fp32 conv on TF32, the delta kernel's
-   block) are the GPU's. Non-constexpr ints are reduced to what Triton specializes on (== 1,
+   no launcher branches on kernel results, and it takes seconds instead of many minutes). The
+   launcher modules' ``INTERPRETED`` flag is switched off there, so launch-time choices that differ
+   on a GPU (fp32 conv on TF32, the delta kernel's block) are the GPU's. Non-constexpr ints are reduced to what Triton specializes on (== 1,
    divisible by 16, i32 or i64) and tensors to (dtype, 16-byte aligned). bf16 variants are the fp16
    records with every fp16 pointer (and fp16-valued constexpr) swapped to bf16;
 2. compiles, without the interpreter, each distinct variant with every GPU autotune config the
@@ -208,7 +208,6 @@ def record(path: str) -> None:
         key = json.dumps(entry, sort_keys=True)
         launches.setdefault(key, dict(entry, cases=[]))["cases"].append(current["case"])
         # not executed: launchers never branch on the values kernels write, and the interpreter is slow
-
 
     InterpretedFunction.run = recording_run
     torch.manual_seed(0)
