@@ -19,7 +19,8 @@ H100's 227 KiB, register spills) and bf16 code paths never show there. This tool
    only, as VKERNELS_TRITON_AUTOTUNE=0 runs) for GPUTarget("cuda", 90, 32), binding the arguments
    through Triton's own launch binder so the specialization is the one a real launch gets;
 3. prints a table (kernel, variant, config, OK/FAIL, shared bytes, registers, spill bytes, from the
-   compiled metadata and the ptxas -v log of Triton's own ptxas run) and per-kernel maxima, and exits
+   compiled metadata and the ptxas -v log of Triton's own ptxas run, and which tensor-core
+   instruction tl.dot became: Hopper's wgmma or the older mma.sync) and per-kernel maxima, and exits
    1 on any failure or shared memory over 232448 bytes (sm_90's opt-in maximum per block).
 
 Not checked: run-time behaviour (results, speed, launch limits such as grid sizes), ints too large
@@ -329,7 +330,15 @@ def compile_one(entry: dict, config: dict | None) -> dict:
         return dict(result, ok=False, error=f"{type(error).__name__}: {message}"[:300],
                     seconds=time.perf_counter() - started)
     numbers = {k: int(m.group(1)) if (m := p.search(log.getvalue())) else None for k, p in _PTXAS_NUMBERS.items()}
-    return dict(result, ok=True, shared=kernel.metadata.shared, seconds=time.perf_counter() - started, **numbers)
+    return dict(result, ok=True, shared=kernel.metadata.shared, mma=_mma_kind(kernel.asm["ptx"]),
+                seconds=time.perf_counter() - started, **numbers)
+
+
+def _mma_kind(ptx: str) -> str:
+    """Which tensor-core instructions a kernel's tl.dot became: Hopper's asynchronous warpgroup MMA,
+    the synchronous per-warp one (Ampere's, about 2/3 of the H100's dense peak at best), or both."""
+    kinds = [name for name, instruction in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync")) if instruction in ptx]
+    return "+".join(kinds) or "-"
 
 
 def _compile_task(task):
@@ -384,7 +393,7 @@ def config_summary(result) -> str:
 def report(rows: list[dict]) -> int:
     """Prints the table and per-kernel maxima; returns the number of problems (failures, shared overflow)."""
     problems = 0
-    print(f"{'kernel':<36} {'status':<6} {'shared':>7} {'regs':>4} {'spill':>6} {'config':<18} variant")
+    print(f"{'kernel':<36} {'status':<6} {'shared':>7} {'regs':>4} {'spill':>6} {'mma':<9} {'config':<18} variant")
     for row in rows:
         r = row["result"]
         over = r.get("ok") and r["shared"] > SHARED_LIMIT
@@ -392,10 +401,11 @@ def report(rows: list[dict]) -> int:
         status = "OK" if r.get("ok") and not over else "SHARED" if over else "FAIL"
         spill = r.get("spill_stores")
         print(f"{row['entry']['kernel']:<36} {status:<6} {r.get('shared', '-'):>7} {r.get('registers') or '-':>4} "
-              f"{'-' if spill is None else spill:>6} {config_summary(r):<18} {row['variant']}")
+              f"{'-' if spill is None else spill:>6} {r.get('mma', '-'):<9} {config_summary(r):<18} {row['variant']}")
         if not r.get("ok"):
             print(f"    {r['error']}    [{row['entry']['cases'][0]}]")
-    print("\nper kernel: compiles, failures, max shared bytes, max registers, max spill-store bytes (config, variant)")
+    print("\nper kernel: compiles, failures, max shared bytes, max registers, max spill-store bytes (config, variant),"
+          " compiles per tensor-core instruction kind")
     for kernel in dict.fromkeys(row["entry"]["kernel"] for row in rows):
         mine = [row for row in rows if row["entry"]["kernel"] == kernel]
         good = [row for row in mine if row["result"].get("ok")]
@@ -409,6 +419,8 @@ def report(rows: list[dict]) -> int:
                      f"  spills <= {spill['result'].get('spill_stores')}")
             if spill["result"].get("spill_stores"):
                 line += f" ({config_summary(spill['result'])}; {spill['variant']})"
+            kinds = [row["result"].get("mma", "-") for row in good]
+            line += "  mma: " + ", ".join(f"{kind} {kinds.count(kind)}" for kind in sorted(set(kinds)))
         print(line)
     return problems
 
