@@ -8,8 +8,14 @@ A convolution is a GEMM whose operands are gathered on the fly, with no im2col b
 - weight gradient: grad_weight[cout, (tap, cin)] = sum over output pixels of grad_out * moved input,
   which also yields grad_bias and the materialised grad_residual from the same grad_out tiles.
 The fused max-pool runs the forward GEMM once per pool tap and keeps a running maximum.
-The ReLU mask (out > 0) is applied to grad_out as it is loaded. Tensors are read through their strides;
-with channels_last every channel block is one contiguous load.
+The ReLU mask (out > 0) is applied to grad_out as it is loaded.
+
+The kernels read and write activations channels_last (NHWC) and weights OHWI, as the CUDA backend
+does; NCHW tensors are copied once on the way in and results once on the way out. In NHWC every
+channel block is one vectorised, coalesced access. In NCHW a [pixels, channels] tile has no contiguity
+Triton can prove: the loads and stores went element by element at stride H*W (a sector per element),
+and the row bookkeeping of the store layout (64 rows per thread) spilled up to 2.9 KB/thread on sm_90.
+The kernels still take every tensor's strides (grad_weight, bias and the residual keep theirs).
 """
 from __future__ import annotations
 
@@ -69,6 +75,11 @@ _FIT_WEIGHT_GRAD_STAGES = _fit_shared_memory(lambda b: b["BLOCK_M"] * (b["BLOCK_
 
 _CONV_BLOCKS = [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3),
+]
+# The fused max-pool also holds the running maximum and its position beside the accumulator: 8 warps
+# per tile keep that in registers (the GEMM's 128x128 and 4-warp 128x64 tiles spilled 0.3-1.9 KB/thread).
+_POOLED_BLOCKS = [
+    (128, 64, 64, 8, 3), (128, 64, 32, 8, 4), (64, 128, 64, 8, 3), (64, 64, 64, 8, 3), (64, 64, 64, 4, 3),
 ]
 # BLOCK_M is the reduction (pixel) step; the tile is BLOCK_N couts x BLOCK_K (tap, cin) columns.
 _WEIGHT_GRAD_BLOCKS = [(64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (32, 64, 64, 4, 4)]
@@ -312,7 +323,7 @@ def _conv2d_implicit_gemm_kernel(
 
 
 @triton.autotune(
-    configs=_autotune_configs(_CONV_BLOCKS),
+    configs=_autotune_configs(_POOLED_BLOCKS),
     prune_configs_by=_FIT_GEMM_STAGES,
     key=["BATCH", "H", "W", "CONV_H", "CONV_W", "POOL_H", "POOL_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW",
          "KH", "KW", "PKH", "PKW", "PSH", "PSW", "DEPTHWISE"],
@@ -544,6 +555,23 @@ def _forward_gemm_channels(weight: torch.Tensor, groups: int):
     return cin_per_group, cout // groups, weight.stride(1), weight.stride(0), groups
 
 
+def _nhwc(tensor: torch.Tensor) -> torch.Tensor:
+    """An operand in the layout the kernels read (see the module docstring); no copy when it is
+    channels_last already."""
+    return tensor.contiguous(memory_format=torch.channels_last)
+
+
+def _empty_nhwc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+
+
+def _in_format(result: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A kernel's NHWC result in the memory format the op returns: one copy when that is NCHW."""
+    if channels_last:
+        return result
+    return torch.empty(result.shape, dtype=result.dtype, device=result.device).copy_(result)
+
+
 def _launch_implicit_gemm(src, weight, dst, bias, residual, relu_out, stride, padding, dilation, groups,
                           transposed):
     batch = dst.shape[0]
@@ -675,14 +703,14 @@ def conv2d_relu_forward(input, weight, bias, residual, stride, padding, dilation
     batch, in_channels = input.shape[:2]
     cout, cin_per_group = weight.shape[:2]
     assert in_channels == cin_per_group * groups and cout % groups == 0, "conv2d_relu: channels do not match groups"
-    out = torch.empty((batch, cout, *output_size), dtype=input.dtype, device=input.device,
-                      memory_format=memory_format(is_channels_last(input)))
+    channels_last = is_channels_last(input)
+    out = _empty_nhwc((batch, cout, *output_size), input.dtype, input.device)
     assert residual is None or residual.shape == out.shape, "conv2d_relu: residual must have the output's shape"
     assert bias is None or bias.shape == (cout,), "conv2d_relu: bias must have shape (Cout,)"
-    if out.numel() == 0:
-        return out
-    _launch_implicit_gemm(input, weight, out, bias, residual, None, stride, padding, dilation, groups, transposed=False)
-    return out
+    if out.numel() > 0:
+        _launch_implicit_gemm(_nhwc(input), _nhwc(weight), out, bias, None if residual is None else _nhwc(residual),
+                              None, stride, padding, dilation, groups, transposed=False)
+    return _in_format(out, channels_last)
 
 
 def conv2d_relu_maxpool2d_forward(input, weight, bias, stride, padding, dilation, groups, conv_output_size,
@@ -698,12 +726,12 @@ def conv2d_relu_maxpool2d_forward(input, weight, bias, stride, padding, dilation
     assert in_channels == cin_per_group * groups and cout % groups == 0, "conv2d_relu: channels do not match groups"
     assert bias is None or bias.shape == (cout,), "conv2d_relu: bias must have shape (Cout,)"
     (pkh, pkw), (psh, psw), (pph, ppw) = pool_kernel_size, pool_stride, pool_padding
-    out_format = memory_format(is_channels_last(input))
-    out = torch.empty((batch, cout, *output_size), dtype=input.dtype, device=input.device, memory_format=out_format)
-    argmax = torch.empty(out.shape, dtype=window_index_dtype(pkh * pkw), device=input.device,
-                         memory_format=out_format)
+    channels_last = is_channels_last(input)
+    input, weight = _nhwc(input), _nhwc(weight)
+    out = _empty_nhwc((batch, cout, *output_size), input.dtype, input.device)
+    argmax = _empty_nhwc(out.shape, window_index_dtype(pkh * pkw), input.device)
     if out.numel() == 0:
-        return out, argmax
+        return _in_format(out, channels_last), _in_format(argmax, channels_last)
     k_channels, n_channels, w_sk, w_sn, grid_groups = _forward_gemm_channels(weight, groups)
     m_total = batch * output_size[0] * output_size[1]
 
@@ -722,7 +750,7 @@ def conv2d_relu_maxpool2d_forward(input, weight, bias, stride, padding, dilation
         POINTWISE=_is_pointwise(weight, groups, stride, padding), TAP_MAJOR=k_channels % _TAP_MAJOR_CHANNELS == 0,
         HAS_BIAS=bias is not None, INPUT_PRECISION=_dot_precision(input.dtype), GROUP_M=8,
     )
-    return out, argmax
+    return _in_format(out, channels_last), _in_format(argmax, channels_last)
 
 
 def conv2d_relu_backward(grad_out, out, input, weight, stride, padding, dilation, groups, needs, channels_last):
@@ -740,30 +768,29 @@ def conv2d_relu_backward(grad_out, out, input, weight, stride, padding, dilation
     device = input.device
     grad_input = grad_weight = grad_bias = grad_residual = None
     if need_input:
-        grad_input = torch.empty(input.shape, dtype=input.dtype, device=device,
-                                 memory_format=memory_format(channels_last))
+        grad_input = _empty_nhwc(input.shape, input.dtype, device)
     if need_weight:
         grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device,
                                   memory_format=memory_format(is_channels_last(weight)))
     if need_bias:
         grad_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
     if need_residual:
-        grad_residual = torch.empty(out.shape, dtype=grad_out.dtype, device=device,
-                                    memory_format=memory_format(channels_last))
+        grad_residual = _empty_nhwc(out.shape, grad_out.dtype, device)
     if grad_out.numel() == 0 or input.numel() == 0:
         for grad in (grad_input, grad_weight, grad_bias):
             if grad is not None:
                 grad.zero_()
-        return grad_input, grad_weight, grad_bias, grad_residual
-
-    if need_weight or need_bias or need_residual:
-        _launch_weight_grad(grad_out, out, input, weight, grad_weight, grad_bias, grad_residual,
-                            stride, padding, dilation, groups)
-    if need_input:
-        if grad_residual is not None:
-            _launch_implicit_gemm(grad_residual, weight, grad_input, None, None, None,
-                                  stride, padding, dilation, groups, transposed=True)
-        else:
-            _launch_implicit_gemm(grad_out, weight, grad_input, None, None, out,
-                                  stride, padding, dilation, groups, transposed=True)
-    return grad_input, grad_weight, grad_bias, grad_residual
+    else:
+        grad_out, out, input, weight = _nhwc(grad_out), _nhwc(out), _nhwc(input), _nhwc(weight)
+        if need_weight or need_bias or need_residual:
+            _launch_weight_grad(grad_out, out, input, weight, grad_weight, grad_bias, grad_residual,
+                                stride, padding, dilation, groups)
+        if need_input:
+            if grad_residual is not None:
+                _launch_implicit_gemm(grad_residual, weight, grad_input, None, None, None,
+                                      stride, padding, dilation, groups, transposed=True)
+            else:
+                _launch_implicit_gemm(grad_out, weight, grad_input, None, None, out,
+                                      stride, padding, dilation, groups, transposed=True)
+    return (None if grad_input is None else _in_format(grad_input, channels_last), grad_weight, grad_bias,
+            None if grad_residual is None else _in_format(grad_residual, channels_last))
