@@ -87,15 +87,37 @@ def machine_lines(machine: dict) -> list[str]:
     return lines
 
 
+def autotuned_configs() -> list[dict]:
+    """The config Triton's autotuner picked for each kernel and tuning key so far in this process (GPU
+    runs only: interpreted kernels have one config): which configs win, to read beside
+    bench/compile_check.py's registers and spills, and to prune the lists with."""
+    import importlib
+
+    from triton.runtime.autotuner import Autotuner
+
+    picked = []
+    for family in ("attention", "conv", "pooling"):
+        module = importlib.import_module(f"vkernels.triton_kernels.{family}")
+        for name, kernel in vars(module).items():
+            if isinstance(kernel, Autotuner):
+                picked += [{"kernel": name, "key": str(key), "config": str(config)} for key, config in kernel.cache.items()]
+    return picked
+
+
 def write_outputs(out_dir: Path, machine: dict, results: list[Result], problems: list[str], chart: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, markdown_path, chart_path = out_dir / "results.json", out_dir / "results.md", out_dir / "speedup.png"
+    autotuned = autotuned_configs()
     json_path.write_text(json.dumps(
-        {"machine": machine, "problems": problems, "results": [dataclasses.asdict(r) for r in results]},
+        {"machine": machine, "problems": problems, "results": [dataclasses.asdict(r) for r in results],
+         "autotuned": autotuned},
         indent=1, ensure_ascii=False))
     markdown = ["## " + machine["title"], "", *machine_lines(machine), "", IMPLS_LEGEND, "", format_table(results)]
     if problems:
         markdown += ["", "**Problems:**", "", *[f"- {p}" for p in problems]]
+    if autotuned:
+        markdown += ["", "**Triton autotuner picks** (kernel, tuning key: config):", "",
+                     *[f"- `{a['kernel']}` {a['key']}: {a['config']}" for a in autotuned]]
     markdown_path.write_text("\n".join(markdown) + "\n")
     if not chart:
         return [json_path, markdown_path]
