@@ -9,7 +9,6 @@ import dataclasses
 
 import pytest
 import torch
-import triton
 
 from support import poison_allocator, relative_error
 from vkernels.triton_kernels import attention as attention_kernels
@@ -117,18 +116,21 @@ def test_attention_matches_float64_reference(case: Case):
     check_against_reference(case)
 
 
-@pytest.mark.parametrize("blocks", [((16, 32), (32, 16), (16, 32)), ((64, 16), (16, 64), (64, 16))], ids=["m<n", "m>n"])
+@pytest.mark.parametrize("blocks", [((16, 64), (64, 16), (16, 64)), ((64, 16), (16, 64), (64, 16))], ids=["m<n", "m>n"])
 def test_block_shapes(blocks, monkeypatch):
     """Tiles other than the interpreter's default (the GPU configs have BLOCK_M < BLOCK_N and > BLOCK_N)
-    give the same results: the causal and length block ranges hold for any tile shape."""
+    give the same results: the causal, length and tail-step block ranges hold for any tile shape."""
     if DEVICE.type == "cuda":
         pytest.skip("the GPU autotunes over its own configs")
     kernels = (attention_kernels._attention_forward_kernel, attention_kernels._attention_backward_key_kernel,
                attention_kernels._attention_backward_query_kernel)
-    for kernel, (block_m, block_n) in zip(kernels, blocks):
-        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})])
+    for kernel, tail, (block_m, block_n) in zip(kernels, "NMN", blocks):
+        monkeypatch.setattr(kernel, "configs", [attention_kernels._tiled_config(block_m, block_n, tail)])
     check_against_reference(Case(1, 1, 83, 70, 40, FP32, mask="bool", is_causal=True, dead_row=True))
     check_against_reference(Case(1, 1, 37, 90, 24, FP32, mask="key_padding", is_causal=True))
+    # not causal: the forward and dQ key loops (and the dK/dV query loop) end in tail steps
+    check_against_reference(Case(1, 1, 83, 70, 40, FP32, mask="bool", dead_row=True))
+    check_against_reference(Case(2, 1, 50, 129, 24, FP32))
 
 
 def check_against_reference(case: Case):

@@ -13,7 +13,9 @@ gradients. Internally the kernels work in base 2 (scores carry a factor log2(e),
 Tiling follows FlashAttention-2: a forward program owns BLOCK_M query rows and streams key blocks;
 the backward computes delta = rowsum(dO * O), then one kernel owns a key block and loops over query
 blocks for dK, dV, and another owns a query block and loops over key blocks for dQ. Every output
-element is written by one program in a fixed order: no atomics, bitwise deterministic.
+element is written by one program in a fixed order: no atomics, bitwise deterministic. The loops
+cross the streamed sequence's last, partial block in quarter-block steps (_tiled_config), which ViT
+lengths (50, 197, 257, 577) always have.
 
 Head dims are split into at most two power-of-two chunks (80 = 64 + 16, 40 = 32 + 16) that are
 loaded and multiplied separately, so 80 costs 80 (not 128) columns of matmul work.
@@ -55,11 +57,21 @@ def _config_class(args) -> str:
     return f"{name}-mask" if full_mask else name
 
 
-def _autotuned(interpreted: dict, table: dict[str, list[tuple[int, int, int, int]]]):
+def _tiled_config(block_m: int, block_n: int, tail: str, **options) -> triton.Config:
+    """A config of BLOCK_M query x BLOCK_N key tiles. It also sets the kernel's tail step, TAIL_M or
+    TAIL_N (tail = "M" or "N"): the loop over that axis (keys in the forward and dQ kernels, queries
+    in the dK/dV kernel) crosses the sequence's last, partial block in quarter blocks (at least 16,
+    tl.dot's smallest extent), so that e.g. 257 keys in 128-key blocks cost 256 + 32 columns of work
+    instead of 384, and 50 keys 64 instead of 128."""
+    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    return triton.Config({**blocks, f"TAIL_{tail}": max(16, blocks[f"BLOCK_{tail}"] // 4)}, **options)
+
+
+def _autotuned(interpreted: tuple[int, int], table: dict[str, list[tuple[int, int, int, int]]], tail: str):
     if INTERPRETED:
-        return triton.autotune(configs=[triton.Config(interpreted)], key=[])
+        return triton.autotune(configs=[_tiled_config(*interpreted, tail)], key=[])
     by_class = {
-        name: [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
+        name: [_tiled_config(m, n, tail, num_warps=w, num_stages=s) for m, n, w, s in rows]
         for name, rows in table.items()
     }
 
@@ -286,7 +298,47 @@ def _softmax_backward(scores, grad_p, lse, delta):
 # Forward
 
 
-@_autotuned({"BLOCK_M": 32, "BLOCK_N": 16}, _FORWARD_CONFIGS)
+@triton.jit
+def _forward_key_block(
+    acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, offs_m, start_n,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The online-softmax update of (acc0, acc1, m_i, l_i) with keys [start_n, start_n + BLOCK_N);
+    MASKED applies the key-length and causal masks."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k0 = _load_tile(K, offs_n, tl.arange(0, D0), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
+    s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+    if D1 > 0:
+        k1 = _load_tile(K, offs_n, D0 + tl.arange(0, D1), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 + D1 > HEAD_DIM)
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
+    s = _apply_user_mask(s * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
+                         MASK_KIND, MASK_PER_KEY, False)
+    if MASKED:
+        s = tl.where(_keys_visible(offs_m, offs_n, seq_k, IS_CAUSAL), s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = m_new
+    if MASK_KIND != NO_MASK:
+        # a row that has seen only masked keys so far: shift by 0, not -inf (-inf - -inf = NaN)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    v0 = _load_tile(V, offs_n, tl.arange(0, DV0), stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
+    acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+    if DV1 > 0:
+        v1 = _load_tile(V, offs_n, DV0 + tl.arange(0, DV1), stride_vn, stride_vd, seq_k, HEAD_DIM_V,
+                        DV0 + DV1 > HEAD_DIM_V)
+        acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc0, acc1, m_new, l_i
+
+
+@_autotuned((32, 32), _FORWARD_CONFIGS, tail="N")
 @triton.jit
 def _attention_forward_kernel(
     Q, K, V, Mask, Out, Lse,
@@ -299,7 +351,7 @@ def _attention_forward_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
 ):
     bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
     b, h, Q, K, V, Mask = _head_inputs(Q, K, V, Mask, bh, num_heads, stride_qb, stride_qh, stride_kb, stride_kh,
@@ -316,37 +368,22 @@ def _attention_forward_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc0, acc1 = _zero_chunks(BLOCK_M, DV0, DV1)
 
-    for masked in tl.static_range(2):
-        lo, hi = _key_blocks(masked, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k0 = _load_tile(K, offs_n, tl.arange(0, D0), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
-            s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
-            if D1 > 0:
-                k1 = _load_tile(K, offs_n, D0 + tl.arange(0, D1), stride_kn, stride_kd, seq_k, HEAD_DIM,
-                                D0 + D1 > HEAD_DIM)
-                s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
-            s = _apply_user_mask(s * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
-                                 MASK_KIND, MASK_PER_KEY, False)
-            if masked == 1:
-                s = tl.where(_keys_visible(offs_m, offs_n, seq_k, IS_CAUSAL), s, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_shift = m_new
-            if MASK_KIND != NO_MASK:
-                # a row that has seen only masked keys so far: shift by 0, not -inf (-inf - -inf = NaN)
-                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_shift)
-            p = tl.exp2(s - m_shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-
-            v0 = _load_tile(V, offs_n, tl.arange(0, DV0), stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
-            acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
-            if DV1 > 0:
-                v1 = _load_tile(V, offs_n, DV0 + tl.arange(0, DV1), stride_vn, stride_vd, seq_k, HEAD_DIM_V,
-                                DV0 + DV1 > HEAD_DIM_V)
-                acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+    lo, hi = _key_blocks(False, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        acc0, acc1, m_i, l_i = _forward_key_block(
+            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, offs_m, start_n,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
+            False, BLOCK_N)
+    # the causal diagonal in whole blocks; without it only the partial last block is left: tail steps
+    MASKED_STEP: tl.constexpr = BLOCK_N if IS_CAUSAL else TAIL_N
+    lo, hi = _key_blocks(True, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, MASKED_STEP):
+        acc0, acc1, m_i, l_i = _forward_key_block(
+            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, offs_m, start_n,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
+            True, MASKED_STEP)
 
     attended = l_i > 0.0  # False only for rows whose every key is masked
     l_safe = tl.where(attended, l_i, 1.0)
@@ -383,7 +420,47 @@ def _attention_backward_delta_kernel(
     tl.store(Delta + bh.to(tl.int64) * seq_q + offs_m, delta, mask=offs_m < seq_q)
 
 
-@_autotuned({"BLOCK_M": 16, "BLOCK_N": 32}, _BACKWARD_KEY_CONFIGS)
+@triton.jit
+def _key_grads_query_block(
+    grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
+    stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dK and dV of the key block offs_n, accumulated over queries [start_m, start_m + BLOCK_M);
+    MASKED applies the causal mask. Rows past seq_q need no mask: their lse is +inf."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    lse, delta = _row_statistics(Lse, Delta, offs_m, seq_q)
+    q0 = _load_tile(Q, offs_m, tl.arange(0, D0), stride_qm, stride_qd, seq_q, HEAD_DIM, D0 > HEAD_DIM)
+    grad_out0 = _load_tile(GradOut, offs_m, tl.arange(0, DV0), stride_gm, stride_gd, seq_q, HEAD_DIM_V,
+                           DV0 > HEAD_DIM_V)
+    s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
+    grad_p_t = tl.dot(v0, tl.trans(grad_out0), input_precision=DOT_PRECISION)
+    if D1 > 0:
+        q1 = _load_tile(Q, offs_m, D0 + tl.arange(0, D1), stride_qm, stride_qd, seq_q, HEAD_DIM, D0 + D1 > HEAD_DIM)
+        s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PRECISION)
+    if DV1 > 0:
+        grad_out1 = _load_tile(GradOut, offs_m, DV0 + tl.arange(0, DV1), stride_gm, stride_gd, seq_q,
+                               HEAD_DIM_V, DV0 + DV1 > HEAD_DIM_V)
+        grad_p_t = tl.dot(v1, tl.trans(grad_out1), grad_p_t, input_precision=DOT_PRECISION)
+    s_t = _apply_user_mask(s_t * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
+                           MASK_KIND, MASK_PER_KEY, True)
+    if MASKED:
+        s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
+    p_t, grad_s_t = _softmax_backward(s_t, grad_p_t, lse[None, :], delta[None, :])
+
+    grad_v0 = tl.dot(p_t.to(grad_out0.dtype), grad_out0, grad_v0, input_precision=DOT_PRECISION)
+    grad_k0 = tl.dot(grad_s_t.to(q0.dtype), q0, grad_k0, input_precision=DOT_PRECISION)
+    if DV1 > 0:
+        grad_v1 = tl.dot(p_t.to(grad_out1.dtype), grad_out1, grad_v1, input_precision=DOT_PRECISION)
+    if D1 > 0:
+        grad_k1 = tl.dot(grad_s_t.to(q1.dtype), q1, grad_k1, input_precision=DOT_PRECISION)
+    return grad_k0, grad_k1, grad_v0, grad_v1
+
+
+@_autotuned((32, 32), _BACKWARD_KEY_CONFIGS, tail="M")
 @triton.jit
 def _attention_backward_key_kernel(
     Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV,
@@ -398,7 +475,7 @@ def _attention_backward_key_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr,
 ):
     """dK and dV for one block of BLOCK_N keys, looping over query blocks. Works on transposed
     (keys x queries) score tiles so that dV = P^T dO and dK = dS^T Q need no transposes of P, dS."""
@@ -418,43 +495,67 @@ def _attention_backward_key_kernel(
     grad_k0, grad_k1 = _zero_chunks(BLOCK_N, D0, D1)
     grad_v0, grad_v1 = _zero_chunks(BLOCK_N, DV0, DV1)
 
-    for masked in tl.static_range(2):
-        lo, hi = _query_blocks(masked, start_n, seq_q, IS_CAUSAL, BLOCK_M, BLOCK_N)
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            lse, delta = _row_statistics(Lse, Delta, offs_m, seq_q)
-            q0 = _load_tile(Q, offs_m, tl.arange(0, D0), stride_qm, stride_qd, seq_q, HEAD_DIM, D0 > HEAD_DIM)
-            grad_out0 = _load_tile(GradOut, offs_m, tl.arange(0, DV0), stride_gm, stride_gd, seq_q, HEAD_DIM_V,
-                                   DV0 > HEAD_DIM_V)
-            s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
-            grad_p_t = tl.dot(v0, tl.trans(grad_out0), input_precision=DOT_PRECISION)
-            if D1 > 0:
-                q1 = _load_tile(Q, offs_m, D0 + tl.arange(0, D1), stride_qm, stride_qd, seq_q, HEAD_DIM,
-                                D0 + D1 > HEAD_DIM)
-                s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PRECISION)
-            if DV1 > 0:
-                grad_out1 = _load_tile(GradOut, offs_m, DV0 + tl.arange(0, DV1), stride_gm, stride_gd, seq_q,
-                                       HEAD_DIM_V, DV0 + DV1 > HEAD_DIM_V)
-                grad_p_t = tl.dot(v1, tl.trans(grad_out1), grad_p_t, input_precision=DOT_PRECISION)
-            s_t = _apply_user_mask(s_t * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
-                                   MASK_KIND, MASK_PER_KEY, True)
-            if masked == 1:
-                s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
-            p_t, grad_s_t = _softmax_backward(s_t, grad_p_t, lse[None, :], delta[None, :])
-
-            grad_v0 = tl.dot(p_t.to(grad_out0.dtype), grad_out0, grad_v0, input_precision=DOT_PRECISION)
-            grad_k0 = tl.dot(grad_s_t.to(q0.dtype), q0, grad_k0, input_precision=DOT_PRECISION)
-            if DV1 > 0:
-                grad_v1 = tl.dot(p_t.to(grad_out1.dtype), grad_out1, grad_v1, input_precision=DOT_PRECISION)
-            if D1 > 0:
-                grad_k1 = tl.dot(grad_s_t.to(q1.dtype), q1, grad_k1, input_precision=DOT_PRECISION)
+    # whole query blocks, the partial last block in tail steps, then the blocks on the causal diagonal
+    lo, hi = _query_blocks(False, start_n, seq_q, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    whole_end = lo + (hi - lo) // BLOCK_M * BLOCK_M
+    for start_m in range(lo, whole_end, BLOCK_M):
+        grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, DOT_PRECISION, False, BLOCK_M)
+    for start_m in range(whole_end, hi, TAIL_M):
+        grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, DOT_PRECISION, False, TAIL_M)
+    lo, hi = _query_blocks(True, start_n, seq_q, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    for start_m in range(lo, hi, BLOCK_M):
+        grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, DOT_PRECISION, True, BLOCK_M)
 
     _store_chunks(GradV, offs_n, stride_dvn, stride_dvd, seq_k, grad_v0, grad_v1, HEAD_DIM_V, DV0, DV1)
     _store_chunks(GradK, offs_n, stride_dkn, stride_dkd, seq_k, grad_k0 * sm_scale, grad_k1 * sm_scale,
                   HEAD_DIM, D0, D1)
 
 
-@_autotuned({"BLOCK_M": 32, "BLOCK_N": 16}, _BACKWARD_QUERY_CONFIGS)
+@triton.jit
+def _query_grad_key_block(
+    grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, offs_m, start_n,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of the query block offs_m, accumulated over keys [start_n, start_n + BLOCK_N); MASKED
+    applies the key-length and causal masks (keys past seq_k must be masked here: their zero-filled
+    scores could overflow exp2(s - lse))."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k0 = _load_tile(K, offs_n, tl.arange(0, D0), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
+    v0 = _load_tile(V, offs_n, tl.arange(0, DV0), stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
+    s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+    grad_p = tl.dot(grad_out0, tl.trans(v0), input_precision=DOT_PRECISION)
+    if D1 > 0:
+        k1 = _load_tile(K, offs_n, D0 + tl.arange(0, D1), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 + D1 > HEAD_DIM)
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
+    if DV1 > 0:
+        v1 = _load_tile(V, offs_n, DV0 + tl.arange(0, DV1), stride_vn, stride_vd, seq_k, HEAD_DIM_V,
+                        DV0 + DV1 > HEAD_DIM_V)
+        grad_p = tl.dot(grad_out1, tl.trans(v1), grad_p, input_precision=DOT_PRECISION)
+    s = _apply_user_mask(s * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
+                         MASK_KIND, MASK_PER_KEY, False)
+    if MASKED:
+        s = tl.where(_keys_visible(offs_m, offs_n, seq_k, IS_CAUSAL), s, float("-inf"))
+    _, grad_s = _softmax_backward(s, grad_p, lse[:, None], delta[:, None])
+    grad_q0 = tl.dot(grad_s.to(k0.dtype), k0, grad_q0, input_precision=DOT_PRECISION)
+    if D1 > 0:
+        grad_q1 = tl.dot(grad_s.to(k1.dtype), k1, grad_q1, input_precision=DOT_PRECISION)
+    return grad_q0, grad_q1
+
+
+@_autotuned((32, 32), _BACKWARD_QUERY_CONFIGS, tail="N")
 @triton.jit
 def _attention_backward_query_kernel(
     Q, K, V, Mask, GradOut, Lse, Delta, GradQ,
@@ -468,7 +569,7 @@ def _attention_backward_query_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M queries, looping over key blocks as the forward does."""
     bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
@@ -486,31 +587,22 @@ def _attention_backward_query_kernel(
     grad_out0, grad_out1 = _load_chunks(GradOut, offs_m, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0, DV1)
     grad_q0, grad_q1 = _zero_chunks(BLOCK_M, D0, D1)
 
-    # Keys past seq_k must be masked here: their zero-filled scores could overflow exp2(s - lse).
-    for masked in tl.static_range(2):
-        lo, hi = _key_blocks(masked, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k0 = _load_tile(K, offs_n, tl.arange(0, D0), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
-            v0 = _load_tile(V, offs_n, tl.arange(0, DV0), stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
-            s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
-            grad_p = tl.dot(grad_out0, tl.trans(v0), input_precision=DOT_PRECISION)
-            if D1 > 0:
-                k1 = _load_tile(K, offs_n, D0 + tl.arange(0, D1), stride_kn, stride_kd, seq_k, HEAD_DIM,
-                                D0 + D1 > HEAD_DIM)
-                s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
-            if DV1 > 0:
-                v1 = _load_tile(V, offs_n, DV0 + tl.arange(0, DV1), stride_vn, stride_vd, seq_k, HEAD_DIM_V,
-                                DV0 + DV1 > HEAD_DIM_V)
-                grad_p = tl.dot(grad_out1, tl.trans(v1), grad_p, input_precision=DOT_PRECISION)
-            s = _apply_user_mask(s * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
-                                 MASK_KIND, MASK_PER_KEY, False)
-            if masked == 1:
-                s = tl.where(_keys_visible(offs_m, offs_n, seq_k, IS_CAUSAL), s, float("-inf"))
-            _, grad_s = _softmax_backward(s, grad_p, lse[:, None], delta[:, None])
-            grad_q0 = tl.dot(grad_s.to(k0.dtype), k0, grad_q0, input_precision=DOT_PRECISION)
-            if D1 > 0:
-                grad_q1 = tl.dot(grad_s.to(k1.dtype), k1, grad_q1, input_precision=DOT_PRECISION)
+    lo, hi = _key_blocks(False, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        grad_q0, grad_q1 = _query_grad_key_block(
+            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, offs_m, start_n,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
+            False, BLOCK_N)
+    # as in the forward: the causal diagonal in whole blocks, else the partial last block in tail steps
+    MASKED_STEP: tl.constexpr = BLOCK_N if IS_CAUSAL else TAIL_N
+    lo, hi = _key_blocks(True, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, MASKED_STEP):
+        grad_q0, grad_q1 = _query_grad_key_block(
+            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, offs_m, start_n,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
+            True, MASKED_STEP)
 
     _store_chunks(GradQ, offs_m, stride_dqm, stride_dqd, seq_q, grad_q0 * sm_scale, grad_q1 * sm_scale,
                   HEAD_DIM, D0, D1)
