@@ -13,9 +13,10 @@ gradients. Internally the kernels work in base 2 (scores carry a factor log2(e),
 Tiling follows FlashAttention-2: a forward program owns BLOCK_M query rows and streams key blocks;
 the backward computes delta = rowsum(dO * O), then one kernel owns a key block and loops over query
 blocks for dK, dV, and another owns a query block and loops over key blocks for dQ. Every output
-element is written by one program in a fixed order: no atomics, bitwise deterministic. The loops
-cross the streamed sequence's last, partial block in quarter-block steps (_tiled_config), which ViT
-lengths (50, 197, 257, 577) always have.
+element is written by one program in a fixed order: no atomics, bitwise deterministic. Sequences
+rarely fill their last block (ViT lengths: 50, 197, 257, 577): the loops cross it in quarter-block
+steps and the program owning it takes a quarter-size tile when the rest fits one (_tiled_config).
+Those small tiles run on mma.sync (wgmma needs 64 rows), and each kernel compiles both tile sizes.
 
 Head dims are split into at most two power-of-two chunks (80 = 64 + 16, 40 = 32 + 16) that are
 loaded and multiplied separately, so 80 costs 80 (not 128) columns of matmul work.
@@ -57,21 +58,21 @@ def _config_class(args) -> str:
     return f"{name}-mask" if full_mask else name
 
 
-def _tiled_config(block_m: int, block_n: int, tail: str, **options) -> triton.Config:
-    """A config of BLOCK_M query x BLOCK_N key tiles. It also sets the kernel's tail step, TAIL_M or
-    TAIL_N (tail = "M" or "N"): the loop over that axis (keys in the forward and dQ kernels, queries
-    in the dK/dV kernel) crosses the sequence's last, partial block in quarter blocks (at least 16,
-    tl.dot's smallest extent), so that e.g. 257 keys in 128-key blocks cost 256 + 32 columns of work
-    instead of 384, and 50 keys 64 instead of 128."""
-    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    return triton.Config({**blocks, f"TAIL_{tail}": max(16, blocks[f"BLOCK_{tail}"] // 4)}, **options)
+def _tiled_config(block_m: int, block_n: int, **options) -> triton.Config:
+    """A config of BLOCK_M query x BLOCK_N key tiles, with the tail sizes TAIL_M and TAIL_N: a quarter
+    block, at least 16 (tl.dot's smallest extent). A kernel's loop crosses the streamed sequence's
+    last, partial block in tail steps, and the program that owns a sequence's last block takes a
+    tail-sized tile when the rest fits in one, so that e.g. 257 queries x 257 keys in 128-blocks cost
+    288 x 288 of work instead of 384 x 384, and 50 keys 64 columns instead of 128."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "TAIL_M": max(16, block_m // 4),
+                          "TAIL_N": max(16, block_n // 4)}, **options)
 
 
-def _autotuned(interpreted: tuple[int, int], table: dict[str, list[tuple[int, int, int, int]]], tail: str):
+def _autotuned(interpreted: tuple[int, int], table: dict[str, list[tuple[int, int, int, int]]]):
     if INTERPRETED:
-        return triton.autotune(configs=[_tiled_config(*interpreted, tail)], key=[])
+        return triton.autotune(configs=[_tiled_config(*interpreted)], key=[])
     by_class = {
-        name: [_tiled_config(m, n, tail, num_warps=w, num_stages=s) for m, n, w, s in rows]
+        name: [_tiled_config(m, n, num_warps=w, num_stages=s) for m, n, w, s in rows]
         for name, rows in table.items()
     }
 
@@ -338,37 +339,26 @@ def _forward_key_block(
     return acc0, acc1, m_new, l_i
 
 
-@_autotuned((32, 32), _FORWARD_CONFIGS, tail="N")
 @triton.jit
-def _attention_forward_kernel(
-    Q, K, V, Mask, Out, Lse,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_ob, stride_oh, stride_om, stride_od,
-    num_heads, seq_q, seq_k, qk_scale,
+def _forward_query_rows(
+    Q, K, V, Mask, Out, Lse, start_m,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_om, stride_od,
+    seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
-    b, h, Q, K, V, Mask = _head_inputs(Q, K, V, Mask, bh, num_heads, stride_qb, stride_qh, stride_kb, stride_kh,
-                                       stride_vb, stride_vh, stride_mb, stride_mh)
-    Out += b * stride_ob + h * stride_oh
-    Lse += bh.to(tl.int64) * seq_q
-
-    start_m = m_block * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    """Out and lse of query rows [start_m, start_m + ROWS) of one head."""
+    offs_m = start_m + tl.arange(0, ROWS)
     q0, q1 = _load_chunks(Q, offs_m, stride_qm, stride_qd, seq_q, HEAD_DIM, D0, D1)
 
     # Running row max (base-2 scores), row sum of exp2(score - max), unnormalised output.
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc0, acc1 = _zero_chunks(BLOCK_M, DV0, DV1)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc0, acc1 = _zero_chunks(ROWS, DV0, DV1)
 
-    lo, hi = _key_blocks(False, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    lo, hi = _key_blocks(False, start_m, seq_k, IS_CAUSAL, ROWS, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         acc0, acc1, m_i, l_i = _forward_key_block(
             acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, offs_m, start_n,
@@ -377,7 +367,7 @@ def _attention_forward_kernel(
             False, BLOCK_N)
     # the causal diagonal in whole blocks; without it only the partial last block is left: tail steps
     MASKED_STEP: tl.constexpr = BLOCK_N if IS_CAUSAL else TAIL_N
-    lo, hi = _key_blocks(True, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    lo, hi = _key_blocks(True, start_m, seq_k, IS_CAUSAL, ROWS, BLOCK_N)
     for start_n in range(lo, hi, MASKED_STEP):
         acc0, acc1, m_i, l_i = _forward_key_block(
             acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, offs_m, start_n,
@@ -392,6 +382,41 @@ def _attention_forward_kernel(
     tl.store(Lse + offs_m, lse, mask=offs_m < seq_q)
     _store_chunks(Out, offs_m, stride_om, stride_od, seq_q, acc0 * inv_l[:, None], acc1 * inv_l[:, None],
                   HEAD_DIM_V, DV0, DV1)
+
+
+@_autotuned((32, 32), _FORWARD_CONFIGS)
+@triton.jit
+def _attention_forward_kernel(
+    Q, K, V, Mask, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    num_heads, seq_q, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+):
+    bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
+    b, h, Q, K, V, Mask = _head_inputs(Q, K, V, Mask, bh, num_heads, stride_qb, stride_qh, stride_kb, stride_kh,
+                                       stride_vb, stride_vh, stride_mb, stride_mh)
+    Out += b * stride_ob + h * stride_oh
+    Lse += bh.to(tl.int64) * seq_q
+    start_m = m_block * BLOCK_M
+    if seq_q - start_m <= TAIL_M:  # the last block, and its rows fit a tail-sized tile
+        _forward_query_rows(
+            Q, K, V, Mask, Out, Lse, start_m,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_om, stride_od,
+            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION, TAIL_M, BLOCK_N, TAIL_N)
+    else:
+        _forward_query_rows(
+            Q, K, V, Mask, Out, Lse, start_m,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_om, stride_od,
+            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, TAIL_N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,7 +485,49 @@ def _key_grads_query_block(
     return grad_k0, grad_k1, grad_v0, grad_v1
 
 
-@_autotuned((32, 32), _BACKWARD_KEY_CONFIGS, tail="M")
+@triton.jit
+def _key_grad_columns(
+    Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV, start_n,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_gm, stride_gd,
+    stride_dkn, stride_dkd, stride_dvn, stride_dvd, seq_q, seq_k, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COLS: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
+):
+    """dK and dV of keys [start_n, start_n + COLS) of one head."""
+    offs_n = start_n + tl.arange(0, COLS)
+    k0, k1 = _load_chunks(K, offs_n, stride_kn, stride_kd, seq_k, HEAD_DIM, D0, D1)
+    v0, v1 = _load_chunks(V, offs_n, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0, DV1)
+    grad_k0, grad_k1 = _zero_chunks(COLS, D0, D1)
+    grad_v0, grad_v1 = _zero_chunks(COLS, DV0, DV1)
+
+    # whole query blocks, the partial last block in tail steps, then the blocks on the causal diagonal
+    lo, hi = _query_blocks(False, start_n, seq_q, IS_CAUSAL, BLOCK_M, COLS)
+    whole_end = lo + (hi - lo) // BLOCK_M * BLOCK_M
+    for start_m in range(lo, whole_end, BLOCK_M):
+        grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, DOT_PRECISION, False, BLOCK_M)
+    for start_m in range(whole_end, hi, TAIL_M):
+        grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, DOT_PRECISION, False, TAIL_M)
+    lo, hi = _query_blocks(True, start_n, seq_q, IS_CAUSAL, BLOCK_M, COLS)
+    for start_m in range(lo, hi, BLOCK_M):
+        grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, DOT_PRECISION, True, BLOCK_M)
+
+    _store_chunks(GradV, offs_n, stride_dvn, stride_dvd, seq_k, grad_v0, grad_v1, HEAD_DIM_V, DV0, DV1)
+    _store_chunks(GradK, offs_n, stride_dkn, stride_dkd, seq_k, grad_k0 * sm_scale, grad_k1 * sm_scale,
+                  HEAD_DIM, D0, D1)
+
+
+@_autotuned((32, 32), _BACKWARD_KEY_CONFIGS)
 @triton.jit
 def _attention_backward_key_kernel(
     Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV,
@@ -475,10 +542,11 @@ def _attention_backward_key_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """dK and dV for one block of BLOCK_N keys, looping over query blocks. Works on transposed
-    (keys x queries) score tiles so that dV = P^T dO and dK = dS^T Q need no transposes of P, dS."""
+    """dK and dV for one block of BLOCK_N keys (TAIL_N for a last block that fits one), looping over
+    query blocks. Works on transposed (keys x queries) score tiles so that dV = P^T dO and
+    dK = dS^T Q need no transposes of P, dS."""
     bh, n_block = _program_block(tl.cdiv(seq_k, BLOCK_N), False)
     b, h, Q, K, V, Mask = _head_inputs(Q, K, V, Mask, bh, num_heads, stride_qb, stride_qh, stride_kb, stride_kh,
                                        stride_vb, stride_vh, stride_mb, stride_mh)
@@ -487,37 +555,21 @@ def _attention_backward_key_kernel(
     GradV += b * stride_dvb + h * stride_dvh
     Lse += bh.to(tl.int64) * seq_q
     Delta += bh.to(tl.int64) * seq_q
-
     start_n = n_block * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k0, k1 = _load_chunks(K, offs_n, stride_kn, stride_kd, seq_k, HEAD_DIM, D0, D1)
-    v0, v1 = _load_chunks(V, offs_n, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0, DV1)
-    grad_k0, grad_k1 = _zero_chunks(BLOCK_N, D0, D1)
-    grad_v0, grad_v1 = _zero_chunks(BLOCK_N, DV0, DV1)
-
-    # whole query blocks, the partial last block in tail steps, then the blocks on the causal diagonal
-    lo, hi = _query_blocks(False, start_n, seq_q, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    whole_end = lo + (hi - lo) // BLOCK_M * BLOCK_M
-    for start_m in range(lo, whole_end, BLOCK_M):
-        grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
-            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, DOT_PRECISION, False, BLOCK_M)
-    for start_m in range(whole_end, hi, TAIL_M):
-        grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
-            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, DOT_PRECISION, False, TAIL_M)
-    lo, hi = _query_blocks(True, start_n, seq_q, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    for start_m in range(lo, hi, BLOCK_M):
-        grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
-            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, DOT_PRECISION, True, BLOCK_M)
-
-    _store_chunks(GradV, offs_n, stride_dvn, stride_dvd, seq_k, grad_v0, grad_v1, HEAD_DIM_V, DV0, DV1)
-    _store_chunks(GradK, offs_n, stride_dkn, stride_dkd, seq_k, grad_k0 * sm_scale, grad_k1 * sm_scale,
-                  HEAD_DIM, D0, D1)
+    if seq_k - start_n <= TAIL_N:
+        _key_grad_columns(
+            Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV, start_n,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_gm, stride_gd,
+            stride_dkn, stride_dkd, stride_dvn, stride_dvd, seq_q, seq_k, qk_scale, sm_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
+            TAIL_N, BLOCK_M, TAIL_M)
+    else:
+        _key_grad_columns(
+            Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV, start_n,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_gm, stride_gd,
+            stride_dkn, stride_dkd, stride_dvn, stride_dvd, seq_q, seq_k, qk_scale, sm_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
+            BLOCK_N, BLOCK_M, TAIL_M)
 
 
 @triton.jit
@@ -555,7 +607,45 @@ def _query_grad_key_block(
     return grad_q0, grad_q1
 
 
-@_autotuned((32, 32), _BACKWARD_QUERY_CONFIGS, tail="N")
+@triton.jit
+def _query_grad_rows(
+    Q, K, V, Mask, GradOut, Lse, Delta, GradQ, start_m,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_gm, stride_gd,
+    stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+):
+    """dQ of query rows [start_m, start_m + ROWS) of one head, looping over keys as the forward does."""
+    offs_m = start_m + tl.arange(0, ROWS)
+    lse, delta = _row_statistics(Lse, Delta, offs_m, seq_q)
+    q0, q1 = _load_chunks(Q, offs_m, stride_qm, stride_qd, seq_q, HEAD_DIM, D0, D1)
+    grad_out0, grad_out1 = _load_chunks(GradOut, offs_m, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0, DV1)
+    grad_q0, grad_q1 = _zero_chunks(ROWS, D0, D1)
+
+    lo, hi = _key_blocks(False, start_m, seq_k, IS_CAUSAL, ROWS, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        grad_q0, grad_q1 = _query_grad_key_block(
+            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, offs_m, start_n,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
+            False, BLOCK_N)
+    # as in the forward: the causal diagonal in whole blocks, else the partial last block in tail steps
+    MASKED_STEP: tl.constexpr = BLOCK_N if IS_CAUSAL else TAIL_N
+    lo, hi = _key_blocks(True, start_m, seq_k, IS_CAUSAL, ROWS, BLOCK_N)
+    for start_n in range(lo, hi, MASKED_STEP):
+        grad_q0, grad_q1 = _query_grad_key_block(
+            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, offs_m, start_n,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
+            True, MASKED_STEP)
+
+    _store_chunks(GradQ, offs_m, stride_dqm, stride_dqd, seq_q, grad_q0 * sm_scale, grad_q1 * sm_scale,
+                  HEAD_DIM, D0, D1)
+
+
+@_autotuned((32, 32), _BACKWARD_QUERY_CONFIGS)
 @triton.jit
 def _attention_backward_query_kernel(
     Q, K, V, Mask, GradOut, Lse, Delta, GradQ,
@@ -569,9 +659,9 @@ def _attention_backward_query_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """dQ for one block of BLOCK_M queries, looping over key blocks as the forward does."""
+    """dQ for one block of BLOCK_M queries (TAIL_M for a last block that fits one)."""
     bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
     b, h, Q, K, V, Mask = _head_inputs(Q, K, V, Mask, bh, num_heads, stride_qb, stride_qh, stride_kb, stride_kh,
                                        stride_vb, stride_vh, stride_mb, stride_mh)
@@ -579,33 +669,21 @@ def _attention_backward_query_kernel(
     GradQ += b * stride_dqb + h * stride_dqh
     Lse += bh.to(tl.int64) * seq_q
     Delta += bh.to(tl.int64) * seq_q
-
     start_m = m_block * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    lse, delta = _row_statistics(Lse, Delta, offs_m, seq_q)
-    q0, q1 = _load_chunks(Q, offs_m, stride_qm, stride_qd, seq_q, HEAD_DIM, D0, D1)
-    grad_out0, grad_out1 = _load_chunks(GradOut, offs_m, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0, DV1)
-    grad_q0, grad_q1 = _zero_chunks(BLOCK_M, D0, D1)
-
-    lo, hi = _key_blocks(False, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        grad_q0, grad_q1 = _query_grad_key_block(
-            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, offs_m, start_n,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+    if seq_q - start_m <= TAIL_M:
+        _query_grad_rows(
+            Q, K, V, Mask, GradOut, Lse, Delta, GradQ, start_m,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_gm, stride_gd,
+            stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale,
             HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
-            False, BLOCK_N)
-    # as in the forward: the causal diagonal in whole blocks, else the partial last block in tail steps
-    MASKED_STEP: tl.constexpr = BLOCK_N if IS_CAUSAL else TAIL_N
-    lo, hi = _key_blocks(True, start_m, seq_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, hi, MASKED_STEP):
-        grad_q0, grad_q1 = _query_grad_key_block(
-            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, offs_m, start_n,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+            TAIL_M, BLOCK_N, TAIL_N)
+    else:
+        _query_grad_rows(
+            Q, K, V, Mask, GradOut, Lse, Delta, GradQ, start_m,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_gm, stride_gd,
+            stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale,
             HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
-            True, MASKED_STEP)
-
-    _store_chunks(GradQ, offs_m, stride_dqm, stride_dqd, seq_q, grad_q0 * sm_scale, grad_q1 * sm_scale,
-                  HEAD_DIM, D0, D1)
+            BLOCK_M, BLOCK_N, TAIL_N)
 
 
 # ---------------------------------------------------------------------------------------------
