@@ -15,7 +15,7 @@ does; NCHW tensors are copied once on the way in and results once on the way out
 channel block is one vectorised, coalesced access. In NCHW a [pixels, channels] tile has no contiguity
 Triton can prove: the loads and stores went element by element at stride H*W (a sector per element),
 and the row bookkeeping of the store layout (64 rows per thread) spilled up to 2.9 KB/thread on sm_90.
-The kernels still take every tensor's strides (grad_weight, bias and the residual keep theirs).
+The kernels still take every tensor's strides: grad_weight and bias keep theirs.
 """
 from __future__ import annotations
 
