@@ -566,7 +566,9 @@ def _empty_nhwc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 def _in_format(result: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """A kernel's NHWC result in the memory format the op returns: one copy when that is NCHW."""
+    """A kernel's NHWC result in the memory format the op returns: one copy when that is NCHW (a copy
+    even where size-1 dims make the two formats coincide, so the strides are exactly contiguous ones,
+    as the fake implementation gives)."""
     if channels_last:
         return result
     return torch.empty(result.shape, dtype=result.dtype, device=result.device).copy_(result)
@@ -727,11 +729,11 @@ def conv2d_relu_maxpool2d_forward(input, weight, bias, stride, padding, dilation
     assert bias is None or bias.shape == (cout,), "conv2d_relu: bias must have shape (Cout,)"
     (pkh, pkw), (psh, psw), (pph, ppw) = pool_kernel_size, pool_stride, pool_padding
     channels_last = is_channels_last(input)
-    input, weight = _nhwc(input), _nhwc(weight)
     out = _empty_nhwc((batch, cout, *output_size), input.dtype, input.device)
     argmax = _empty_nhwc(out.shape, window_index_dtype(pkh * pkw), input.device)
     if out.numel() == 0:
         return _in_format(out, channels_last), _in_format(argmax, channels_last)
+    input, weight = _nhwc(input), _nhwc(weight)
     k_channels, n_channels, w_sk, w_sn, grid_groups = _forward_gemm_channels(weight, groups)
     m_total = batch * output_size[0] * output_size[1]
 
