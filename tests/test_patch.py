@@ -29,8 +29,8 @@ def calls(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(patch_module, "conv2d_relu", counted("conv2d_relu", vkernels.conv2d_relu))
-    monkeypatch.setattr(patch_module, "attention", counted("attention", vkernels.attention))
+    monkeypatch.setattr(patch_module.resnet, "conv2d_relu", counted("conv2d_relu", vkernels.conv2d_relu))
+    monkeypatch.setattr(patch_module.attention, "attention", counted("attention", vkernels.attention))
     monkeypatch.setattr(nn_attention, "attention", counted("attention", vkernels.attention))
     return counts
 

@@ -1,0 +1,92 @@
+"""``vkernels.patch``: rewrite an existing model's modules, in place, to run through vkernels ops.
+
+It rewrites the model it is handed and nothing else (no class is patched process-wide). Every
+replacement holds the *same* Parameter and buffer objects under the same names, so ``state_dict``
+keys are unchanged, weights loaded later are seen, and optimizers built before or after keep working.
+
+The walk (this file) is written once; what is replaced is data, one file per mechanism:
+
+- ``modules``: ``torch.nn.MaxPool2d`` / ``AvgPool2d`` / ``AdaptiveAvgPool2d`` -> ``vkernels.nn``'s,
+  same config; ``torch.nn.MultiheadAttention`` -> ``vkernels.nn.MultiheadAttention`` (open_clip's
+  towers use it, calling it with ``need_weights=False``, which is what lets the kernels run).
+- ``attention``: timm's ``Attention`` (ViT) -> :class:`TimmAttention`: the attention core runs
+  through ``vkernels.attention`` on strided views of the qkv projection.
+- ``resnet``: torchvision ``BasicBlock`` / ``Bottleneck`` whose BatchNorms are in eval mode ->
+  :class:`ResNetBlock`: conv -> BN -> ReLU is one ``conv2d_relu`` with the BN folded into the
+  weights, and the last conv -> BN -> add -> ReLU uses the kernel's residual epilogue. The ResNet stem
+  (``conv1`` / ``bn1`` / ``relu``) likewise. Patch after ``.eval()``: in train mode BN normalizes by
+  batch statistics, nothing folds, and blocks are left alone; a block patched in eval mode and put
+  back in train mode runs torchvision's own math.
+
+Module rules match exact types only (a subclass may have changed ``forward``, so it is left alone).
+Anything else is left as it is, so a model ``patch`` does not understand keeps working unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+from vkernels.patch import attention, modules, resnet
+from vkernels.patch.attention import TimmAttention
+from vkernels.patch.resnet import ResNetBlock
+
+__all__ = ["ResNetBlock", "TimmAttention", "patch"]
+
+# rule(module, backend) -> (replacement, description) or None; the first rule that answers wins.
+MODULE_RULES = (
+    modules.replace_pooling,
+    modules.replace_multihead_attention,
+    attention.replace_timm_attention,
+    resnet.replace_resnet_block,
+)
+# rule(module, path_prefix, backend, replaced): rewires a module's children in place before the walk
+# enters them (for chains that span several children, such as a ResNet's stem).
+CONTAINER_RULES = (resnet.fuse_resnet_stem,)
+
+
+def patch(model: torch.nn.Module, *, backend: str | None = None, report: bool = False):
+    """Rewrite ``model`` in place so its pooling, attention and (eval-mode) conv -> BN -> ReLU run
+    through vkernels ops, and return it.
+
+    ``backend`` is given to every replacement (``None``: chosen per call, see ``vkernels.use_backend``).
+    With ``report=True`` returns ``(model, replaced)``, ``replaced`` a list of ``(path, what)`` pairs,
+    one per rewritten module, ``path`` as in ``model.named_modules()`` (``""`` for the model itself).
+    If ``model`` itself is a replaced module (a bare ``nn.MultiheadAttention``, say), the returned
+    object is its replacement, sharing its parameters: use the return value.
+    """
+    replaced: list[tuple[str, str]] = []
+    found = _replacement(model, backend)
+    if found is not None:
+        model, what = found
+        replaced.append(("", what))
+    _patch_children(model, "", backend, replaced, {})
+    return (model, replaced) if report else model
+
+
+def _patch_children(module, prefix, backend, replaced, memo):
+    for rule in CONTAINER_RULES:
+        rule(module, prefix, backend, replaced)
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        path = prefix + name
+        if id(child) in memo:  # a module registered twice gets one replacement
+            new = memo[id(child)]
+            if new is not child:
+                module._modules[name] = new
+            continue
+        found = _replacement(child, backend)
+        memo[id(child)] = child if found is None else found[0]
+        if found is not None:
+            child, what = found
+            module._modules[name] = child
+            replaced.append((path, what))
+        _patch_children(child, path + ".", backend, replaced, memo)
+
+
+def _replacement(module, backend):
+    """``(new_module, description)`` from the first module rule that covers ``module``, else ``None``."""
+    for rule in MODULE_RULES:
+        found = rule(module, backend)
+        if found is not None:
+            return found
+    return None
