@@ -111,6 +111,8 @@ def test_resnet_train_mode_changes_only_what_is_exact():
     stock = randomize_batch_norms(torchvision.models.resnet18(weights=None)).train()
     patched, report = patched_copy(stock, backend="torch")
     assert set(report) == {"maxpool", "avgpool"}  # BN uses batch statistics: nothing folds
+    left = vkernels.patch(copy.deepcopy(stock), report=True)[1].left  # each block is reported with why
+    assert {path for path, _ in left} == {f"layer{i}.{j}" for i in range(1, 5) for j in range(2)}
     x = torch.randn(2, 3, 32, 32)
     assert relative_error(patched(x), stock(x)) < TOL
 

@@ -27,18 +27,20 @@ import torch
 
 from vkernels.patch import attention, modules, resnet
 from vkernels.patch.attention import TimmAttention
+from vkernels.patch.report import Left, PatchReport
 from vkernels.patch.resnet import ResNetBlock
 
-__all__ = ["ResNetBlock", "TimmAttention", "patch"]
+__all__ = ["PatchReport", "ResNetBlock", "TimmAttention", "patch"]
 
-# rule(module, backend) -> (replacement, description) or None; the first rule that answers wins.
+# rule(module, backend) -> (replacement, description), Left(why) for a module it knows but cannot
+# serve, or None; the first rule that answers wins.
 MODULE_RULES = (
     modules.replace_pooling,
     modules.replace_multihead_attention,
     attention.replace_timm_attention,
     resnet.replace_resnet_block,
 )
-# rule(module, path_prefix, backend, replaced): rewires a module's children in place before the walk
+# rule(module, path_prefix, backend, report): rewires a module's children in place before the walk
 # enters them (for chains that span several children, such as a ResNet's stem).
 CONTAINER_RULES = (resnet.fuse_resnet_stem,)
 
@@ -48,23 +50,23 @@ def patch(model: torch.nn.Module, *, backend: str | None = None, report: bool = 
     through vkernels ops, and return it.
 
     ``backend`` is given to every replacement (``None``: chosen per call, see ``vkernels.use_backend``).
-    With ``report=True`` returns ``(model, replaced)``, ``replaced`` a list of ``(path, what)`` pairs,
-    one per rewritten module, ``path`` as in ``model.named_modules()`` (``""`` for the model itself).
+    With ``report=True`` returns ``(model, report)``, ``report`` a :class:`PatchReport`: a list of
+    ``(path, what)`` pairs, one per rewritten module, ``path`` as in ``model.named_modules()`` (``""``
+    for the model itself), and ``report.left``, the modules a rule knew but left stock, with why.
     If ``model`` itself is a replaced module (a bare ``nn.MultiheadAttention``, say), the returned
     object is its replacement, sharing its parameters: use the return value.
     """
-    replaced: list[tuple[str, str]] = []
-    found = _replacement(model, backend)
+    done = PatchReport()
+    found = _replacement(model, "", backend, done)
     if found is not None:
-        model, what = found
-        replaced.append(("", what))
-    _patch_children(model, "", backend, replaced, {})
-    return (model, replaced) if report else model
+        model = found
+    _patch_children(model, "", backend, done, {})
+    return (model, done) if report else model
 
 
-def _patch_children(module, prefix, backend, replaced, memo):
+def _patch_children(module, prefix, backend, report, memo):
     for rule in CONTAINER_RULES:
-        rule(module, prefix, backend, replaced)
+        rule(module, prefix, backend, report)
     for name, child in list(module._modules.items()):
         if child is None:
             continue
@@ -74,19 +76,23 @@ def _patch_children(module, prefix, backend, replaced, memo):
             if new is not child:
                 module._modules[name] = new
             continue
-        found = _replacement(child, backend)
-        memo[id(child)] = child if found is None else found[0]
+        found = _replacement(child, path, backend, report)
+        memo[id(child)] = child if found is None else found
         if found is not None:
-            child, what = found
-            module._modules[name] = child
-            replaced.append((path, what))
-        _patch_children(child, path + ".", backend, replaced, memo)
+            child = module._modules[name] = found
+        _patch_children(child, path + ".", backend, report, memo)
 
 
-def _replacement(module, backend):
-    """``(new_module, description)`` from the first module rule that covers ``module``, else ``None``."""
+def _replacement(module, path, backend, report):
+    """The replacement from the first module rule that answers for ``module`` (recorded in
+    ``report``), else ``None``."""
     for rule in MODULE_RULES:
         found = rule(module, backend)
+        if isinstance(found, Left):
+            report.leave(path, found.why)
+            return None
         if found is not None:
-            return found
+            new, what = found
+            report.replaced(path, what)
+            return new
     return None

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from vkernels.ops.attention import attention
 from vkernels.patch.common import loaded_class, share_state
+from vkernels.patch.report import Left
 
 
 def _timm_attention_classes():
@@ -18,9 +19,11 @@ def _timm_attention_classes():
 
 def replace_timm_attention(module, backend):
     kind = type(module)
-    if kind in _timm_attention_classes() and TimmAttention.supports(module):
-        return TimmAttention(module, backend=backend), f"timm {kind.__name__} -> vkernels.patch.TimmAttention"
-    return None
+    if kind not in _timm_attention_classes():
+        return None
+    if not TimmAttention.supports(module):
+        return Left(f"children {sorted(module._modules)} or qkv layer not as in timm's ViT Attention")
+    return TimmAttention(module, backend=backend), f"timm {kind.__name__} -> vkernels.patch.TimmAttention"
 
 
 

@@ -7,6 +7,7 @@ import torch
 from vkernels.nn.conv import fold_batch_norm
 from vkernels.ops.conv import conv2d_relu
 from vkernels.patch.common import loaded_class, share_state
+from vkernels.patch.report import Left
 
 
 def _torchvision_class(name):
@@ -15,10 +16,12 @@ def _torchvision_class(name):
 
 def replace_resnet_block(module, backend):
     kind = type(module)
-    if kind in (_torchvision_class("BasicBlock"), _torchvision_class("Bottleneck")) and ResNetBlock.supports(module):
-        new = ResNetBlock(module, backend=backend)
-        return new, f"torchvision {kind.__name__} -> vkernels.patch.ResNetBlock ({new.extra_repr()})"
-    return None
+    if kind not in (_torchvision_class("BasicBlock"), _torchvision_class("Bottleneck")):
+        return None
+    if not ResNetBlock.supports(module):
+        return Left("its BatchNorms are in training mode (batch statistics do not fold) or its layers are not stock")
+    new = ResNetBlock(module, backend=backend)
+    return new, f"torchvision {kind.__name__} -> vkernels.patch.ResNetBlock ({new.extra_repr()})"
 
 
 
@@ -138,7 +141,7 @@ class _StemReLU(torch.nn.ReLU):
         return super().forward(input) if self._stem_bn[0].training else input
 
 
-def fuse_resnet_stem(resnet, prefix, backend, replaced) -> None:
+def fuse_resnet_stem(resnet, prefix, backend, report) -> None:
     """conv1 -> bn1 -> relu of a torchvision ResNet as one fused conv; bn1 and relu (only the stem uses
     the ResNet's own ``relu``) pass their input through while bn1 is in eval mode."""
     if type(resnet) is not _torchvision_class("ResNet"):
@@ -158,6 +161,6 @@ def fuse_resnet_stem(resnet, prefix, backend, replaced) -> None:
     relu = _StemReLU(inplace=resnet.relu.inplace)
     relu._stem_bn = stem._stem_bn
     resnet.conv1, resnet.bn1, resnet.relu = stem, folded, relu
-    replaced.append((prefix + "conv1", "Conv2d -> conv2d_relu with bn1 folded and relu fused"))
-    replaced.append((prefix + "bn1", "BatchNorm2d -> folded into conv1 (identity in eval mode)"))
-    replaced.append((prefix + "relu", "ReLU -> fused into conv1 (identity in eval mode)"))
+    report.replaced(prefix + "conv1", "Conv2d -> conv2d_relu with bn1 folded and relu fused")
+    report.replaced(prefix + "bn1", "BatchNorm2d -> folded into conv1 (identity in eval mode)")
+    report.replaced(prefix + "relu", "ReLU -> fused into conv1 (identity in eval mode)")
