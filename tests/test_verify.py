@@ -193,3 +193,10 @@ def test_records_of_unknown_sources_never_count():
     record = {"op": "max_pool2d", "backend": "cuda", "dtype": "bfloat16", "capability": "9.0", "family": "pooling", "sources": None}
     data = {"about": verified.ABOUT, "verified": [record], "preference": []}
     assert verified.usable(data, lambda family, backend: None).verified == {}
+
+
+def test_sections_go_below_the_marker_newest_first(tmp_path):
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text(f"# Benchmarks\n\nhow\n\n{verify.BENCHMARKS_MARKER}\n\n## older run\n")
+    verify.insert_section(benchmarks, "## newer run\n")
+    assert benchmarks.read_text() == f"# Benchmarks\n\nhow\n\n{verify.BENCHMARKS_MARKER}\n\n## newer run\n\n## older run\n"

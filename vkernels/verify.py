@@ -221,7 +221,8 @@ def insert_section(benchmarks: Path, text: str) -> None:
     if BENCHMARKS_MARKER not in content:
         content = content.rstrip() + f"\n\n{BENCHMARKS_MARKER}\n"
     before, after = content.split(BENCHMARKS_MARKER, 1)
-    benchmarks.write_text(f"{before}{BENCHMARKS_MARKER}\n\n{text}{after}")
+    older = after.lstrip("\n")
+    benchmarks.write_text(f"{before}{BENCHMARKS_MARKER}\n\n{text.rstrip()}\n" + (f"\n{older}" if older else ""))
 
 
 def refusal_reason(machine: dict, tests_found: bool) -> str | None:
