@@ -127,17 +127,19 @@ def test_a_cpu_run_verifies_nothing_and_emulated_kernels_never_count(tmp_path):
     data, text = run_verify(write_run(tmp_path / "cpu", cpu_tests, machine=cpu), tmp_path / "out-cpu")
     assert data["verified"] == [] and data["preference"] == [] and "Nothing verified" in text
     # on a GPU machine, CUDA kernels emulated on CPU tensors record where="cpu": they are not evidence
-    data, _ = run_verify(write_run(tmp_path / "emulated", cpu_tests), tmp_path / "out-emulated")
-    assert data["verified"] == []
+    data, text = run_verify(write_run(tmp_path / "emulated", cpu_tests), tmp_path / "out-emulated")
+    assert data["verified"] == [] and "4 kernel calls off the run's GPU" in text
 
 
 def test_benchmark_mismatches_and_memcheck_errors_unverify(tmp_path):
     results = [bench_result("max_pool2d a", "max_pool2d", "pytorch"),
                bench_result("max_pool2d a", "max_pool2d", "vk.triton", status="mismatch"),
+               bench_result("max_pool2d a", "max_pool2d", "vk.torch", status="mismatch"),
                bench_result("model ViT", None, "pytorch"), bench_result("model ViT", None, "vk.cuda", status="error")]
     memcheck = [{"stage": "memcheck", "exit": verify.MEMCHECK_ERRORS, "seconds": 30, "budget": 40}]
     data, text = run_verify(write_run(tmp_path / "run", POOLING_TESTS, results, stages=memcheck), tmp_path / "out")
     assert records(data) == {("max_pool2d", "triton", "float16"), ("avg_pool2d", "triton", "bfloat16")}
+    assert "| max_pool2d | torch |" not in text  # only kernel backends are judged
     assert "max_pool2d a: MISMATCH" in text and "model ViT: ERROR" in text and "memcheck found errors" in text
 
 

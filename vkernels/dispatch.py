@@ -70,6 +70,8 @@ _STATUS = {
     "cuda": _cuda_status(),
     "torch": BackendStatus(True, f"stock PyTorch {torch.__version__}"),
 }
+# What auto may pick, from vkernels/verified.json: the records whose family's sources hash as in
+# their GPU run (vkernels/sources.py), so that a kernel edited since is unverified again.
 _VERIFICATION = verified.usable(
     verified.load(),
     lambda family, backend: sources.source_hash(family, backend, cuda_hashes=_built_cuda_source_hashes()),
