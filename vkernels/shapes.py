@@ -241,9 +241,11 @@ def conv2d_geometry(
 # order (vkernels/verified.json); the benchmark cases and the public functions classify alike.
 
 
-def attention_shape_class(query_len: int, key_len: int) -> str:
-    """"vit" up to 1024 tokens (ViT's 50 to 577), "long" beyond (the 2048-token anchors)."""
-    return "vit" if max(query_len, key_len) <= 1024 else "long"
+def attention_shape_class(query_shape: Sequence[int], key_shape: Sequence[int]) -> str:
+    """"vit" up to 1024 tokens (ViT's 50 to 577), "long" beyond (the 2048-token anchors). Any rank:
+    the public function checks ranks after it has chosen a backend."""
+    tokens = max((shape[-2] for shape in (query_shape, key_shape) if len(shape) >= 2), default=0)
+    return "vit" if tokens <= 1024 else "long"
 
 
 def conv_shape_class(kernel_size: Sequence[int], groups: int, in_channels: int) -> str:

@@ -118,7 +118,7 @@ def attention(
     limits = _kernel_limits(query, key, value, attn_mask, dropout_p)
     operands = autocast_inputs(query.device.type, query, key, value)
     chosen = dispatch.choose(backend, query.device, operands[0].dtype, DTYPES, limits, op="attention",
-                             shape_class=attention_shape_class(query.shape[-2], key.shape[-2]))
+                             shape_class=attention_shape_class(query.shape, key.shape))
     if chosen == "torch":  # SDPA checks its own arguments and applies autocast itself
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
     query, key, value = operands

@@ -86,6 +86,6 @@ def attention_case(shape: Shape, dtype: torch.dtype, device: torch.device, direc
         tolerance=tolerance(dtype),
         op="attention",
         dtype=dtype_name(dtype),
-        shape_class=attention_shape_class(length, length),
+        shape_class=attention_shape_class((length, head_dim), (length, head_dim)),
         headline=shape.headline,
     )
