@@ -8,6 +8,7 @@ Environment:
                         (wgmma, setmaxnreg) need "9.0a", which only this variable adds.
   MAX_JOBS              parallel compile jobs (read by torch's ninja build)
 """
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -54,6 +55,22 @@ def want_cuda_extension():
     return False
 
 
+def write_source_hashes_header() -> Path:
+    """build/generated/vkernels_sources.h: the hash of each csrc/cuda/<family>.cu and its headers, which
+    vkernels._C exposes as source_hashes, so that verification records (vkernels/verified.json) can
+    tell whether the binary was built from the kernels that passed their tests (vkernels/sources.py)."""
+    spec = importlib.util.spec_from_file_location("vkernels_sources", ROOT / "vkernels" / "sources.py")
+    sources = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sources)
+    header = ROOT / "build" / "generated" / "vkernels_sources.h"
+    header.parent.mkdir(parents=True, exist_ok=True)
+    escaped = sources.cuda_source_hashes_json(ROOT / "csrc").replace("\\", "\\\\").replace('"', '\\"')
+    text = f'#define VKERNELS_SOURCE_HASHES "{escaped}"\n'
+    if not header.exists() or header.read_text() != text:  # an unchanged header rebuilds nothing
+        header.write_text(text)
+    return header.parent
+
+
 def cuda_extension_kwargs():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
@@ -62,6 +79,7 @@ def cuda_extension_kwargs():
     extension = CUDAExtension(
         name="vkernels._C",
         sources=sources,
+        include_dirs=[str(write_source_hashes_header())],
         # No -std: torch adds the standard its headers need. No --use_fast_math: it breaks the NaN
         # propagation of max pooling.
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
@@ -79,5 +97,7 @@ if (ROOT / "models" / "__init__.py").exists():
 setup(
     packages=packages,
     package_dir=package_dir,
+    # the verification records and the tuned Triton configs, per GPU architecture (python -m vkernels.verify)
+    package_data={"vkernels": ["verified.json", "tuned_configs.json"]},
     **(cuda_extension_kwargs() if want_cuda_extension() else {}),
 )

@@ -230,7 +230,7 @@ def describe_backend(requested: str, used: dict[str, str], device: torch.device)
     text = ", ".join(f"{family}: {backend}" for family, backend in used.items())
     if requested == "auto" and set(used.values()) == {"torch"}:
         why = ("no GPU here, and on CPU tensors auto always picks stock PyTorch" if device.type == "cpu"
-               else "auto picks a kernel backend only once its tests passed on a GPU (vkernels.dispatch.VERIFIED is empty)")
+               else "auto picks a kernel backend only once its tests passed on a GPU of this architecture: vkernels/verified.json")
         text += (f"  -> auto = stock PyTorch ({why}), so both runs compute the same thing. "
                  "--backend triton runs the Triton kernels (through the slow interpreter without a GPU).")
     elif "triton" in used.values() and dispatch.TRITON_INTERPRETED:

@@ -4,6 +4,7 @@ import torch
 
 import vkernels
 from vkernels import dispatch
+from vkernels.verified import Verification
 from support import device_for
 
 POOLING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -19,31 +20,70 @@ def test_backends_reports_every_backend_with_a_reason():
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_auto_never_selects_an_unverified_kernel(device, monkeypatch):
-    monkeypatch.setattr(dispatch, "VERIFIED", {})
+    monkeypatch.setattr(dispatch, "_VERIFICATION", Verification({}, {}))
     chosen = dispatch.choose(None, torch.device(device), torch.float16, POOLING_DTYPES, op="max_pool2d")
     assert chosen == "torch"
 
 
-def test_auto_selects_a_verified_available_kernel_on_cuda(monkeypatch):
-    monkeypatch.setattr(dispatch, "VERIFIED", {"max_pool2d": frozenset({"cuda", "triton"})})
-    monkeypatch.setattr(dispatch, "PREFERENCE", {"max_pool2d": ("cuda", "triton")})
+def fake_sm90_with_both_kernel_backends(monkeypatch) -> None:
+    """A CUDA device of compute capability 9.0 on which both kernel backends can serve max_pool2d."""
     available = dispatch.BackendStatus(True, "test")
     monkeypatch.setitem(dispatch._STATUS, "cuda", available)
     monkeypatch.setitem(dispatch._STATUS, "triton", available)
     monkeypatch.setattr(dispatch, "TRITON_INTERPRETED", False)
     monkeypatch.setattr(dispatch, "has_cuda_kernel", lambda op: True)
-    cuda = torch.device("cuda")
-    assert dispatch.choose(None, cuda, torch.float16, POOLING_DTYPES, op="max_pool2d") == "cuda"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def test_auto_selects_a_verified_available_kernel_on_cuda(monkeypatch):
+    fake_sm90_with_both_kernel_backends(monkeypatch)
+    order = ("cuda", "triton", "torch")
+    monkeypatch.setattr(dispatch, "_VERIFICATION", Verification(
+        {("max_pool2d", "9.0", torch.float16): frozenset({"cuda", "triton"}), ("max_pool2d", "9.0", torch.float32): frozenset({"triton"})},
+        {("max_pool2d", "9.0", torch.float16, "all"): order, ("max_pool2d", "9.0", torch.float32, "all"): order}))
+    cuda = torch.device("cuda", 0)
+    choose = lambda dtype=torch.float16, **kw: dispatch.choose(None, kw.pop("device", cuda), dtype, POOLING_DTYPES, op=kw.pop("op", "max_pool2d"), **kw)
+    assert choose() == "cuda"
     # a per-input limit moves auto to the next verified backend, then to torch
     assert dispatch.choose(None, cuda, torch.float16, POOLING_DTYPES, {"cuda": "no"}, op="max_pool2d") == "triton"
-    assert dispatch.choose(None, cuda, torch.int32, POOLING_DTYPES, op="max_pool2d") == "torch"
+    assert choose(torch.int32) == "torch"
+    # verification is per dtype: fp32 passed on triton only; bf16 passed nowhere
+    assert choose(torch.float32) == "triton"
+    assert choose(torch.bfloat16) == "torch"
     # auto keeps CPU tensors on torch even when a kernel is verified
-    assert dispatch.choose(None, torch.device("cpu"), torch.float32, POOLING_DTYPES, op="max_pool2d") == "torch"
+    assert choose(torch.float32, device=torch.device("cpu")) == "torch"
     # verification is per op: another op of the same family stays on torch
-    assert dispatch.choose(None, cuda, torch.float16, POOLING_DTYPES, op="avg_pool2d") == "torch"
-    # "torch" in the preference order ends the search: stock PyTorch is faster than what follows
-    monkeypatch.setattr(dispatch, "PREFERENCE", {"max_pool2d": ("torch", "cuda")})
-    assert dispatch.choose(None, cuda, torch.float16, POOLING_DTYPES, op="max_pool2d") == "torch"
+    assert choose(op="avg_pool2d") == "torch"
+    # and per shape class of the preference order: a class nobody measured stays on torch
+    assert choose(shape_class="spatial") == "torch"
+    # an sm_90 result says nothing about sm_80 or sm_100
+    for capability in ((8, 0), (10, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert choose(device=torch.device("cuda", 1)) == "torch"
+
+
+def test_torch_in_the_preference_order_ends_the_search(monkeypatch):
+    fake_sm90_with_both_kernel_backends(monkeypatch)
+    monkeypatch.setattr(dispatch, "_VERIFICATION", Verification(
+        {("max_pool2d", "9.0", torch.float16): frozenset({"cuda", "triton"})},
+        {("max_pool2d", "9.0", torch.float16, "all"): ("torch", "cuda")}))
+    assert dispatch.choose(None, torch.device("cuda", 0), torch.float16, POOLING_DTYPES, op="max_pool2d") == "torch"
+
+
+def test_choose_traces_without_graph_breaks(monkeypatch):
+    """Under torch.compile(fullgraph=True) auto's choice, GPU architecture included, is a constant."""
+    fake_sm90_with_both_kernel_backends(monkeypatch)
+    monkeypatch.setattr(dispatch, "_VERIFICATION", Verification(
+        {("max_pool2d", "9.0", torch.float16): frozenset({"triton"})},
+        {("max_pool2d", "9.0", torch.float16, "all"): ("triton", "torch")}))
+
+    def pick(x):
+        chosen = dispatch.choose(None, torch.device("cuda", 0), torch.float16, POOLING_DTYPES, op="max_pool2d")
+        return x + (1 if chosen == "triton" else 2)
+
+    torch._dynamo.reset()
+    x = torch.randn(3)
+    assert torch.equal(torch.compile(pick, fullgraph=True)(x), x + 1)
 
 
 def test_use_backend_nests_and_backend_argument_wins():

@@ -3,32 +3,27 @@
 Three backends implement every op family: ``triton`` (vkernels/triton_kernels), ``cuda`` (CUDA C++ in
 ``vkernels._C``) and ``torch`` (stock PyTorch: the oracle and the CPU fallback). A call's backend is
 its ``backend=`` argument, else the innermost :func:`use_backend`, else ``"auto"``. ``auto`` takes
-the first backend of an op's preference order that has passed its tests on a real GPU (listed in
-``VERIFIED``) and can serve the input, and stock PyTorch otherwise.
+the first backend of the op's measured preference order (for the input's GPU architecture, dtype and
+shape class) that has passed its tests on a GPU of that architecture, with the same kernel sources,
+and can serve the input; stock PyTorch otherwise. Both come from vkernels/verified.json (see
+:mod:`vkernels.verified`), written by ``python -m vkernels.verify`` from a GPU run.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 import torch
 
+from vkernels import sources, verified
 # TRITON_INTERPRET=1: Triton kernels run on CPU tensors with numpy, which has no bf16 arithmetic.
 from vkernels.triton_kernels.autotuning import INTERPRETED as TRITON_INTERPRETED
 
 KERNEL_BACKENDS = ("triton", "cuda")
 BACKENDS = (*KERNEL_BACKENDS, "torch")
-
-# Public op ("max_pool2d", "attention", "conv2d_relu", ...) -> kernel backends whose tests passed on
-# a GPU (see BENCHMARKS.md). Only these are eligible for ``auto``. Nothing has run on a GPU yet.
-VERIFIED: Mapping[str, frozenset[str]] = {}
-
-# Public op -> backends in the order ``auto`` tries them, fastest first from the benchmarks in
-# BENCHMARKS.md; "torch" ends the search (stock PyTorch beats the backends after it). Ops not listed
-# try KERNEL_BACKENDS in order.
-PREFERENCE: Mapping[str, tuple[str, ...]] = {}
 
 
 class BackendStatus(NamedTuple):
@@ -60,6 +55,14 @@ def _cuda_status() -> BackendStatus:
     return BackendStatus(True, "CUDA C++ kernels in vkernels._C")
 
 
+def _built_cuda_source_hashes() -> dict[str, str] | None:
+    """Hashes of the csrc/cuda/*.cu that vkernels._C was built from (setup.py bakes them in)."""
+    try:
+        return json.loads(importlib.import_module("vkernels._C").source_hashes)
+    except (ImportError, AttributeError):
+        return None
+
+
 # Read once at import: availability does not change within a process, and torch.compile traces
 # plain dict lookups without graph breaks.
 _STATUS = {
@@ -67,7 +70,19 @@ _STATUS = {
     "cuda": _cuda_status(),
     "torch": BackendStatus(True, f"stock PyTorch {torch.__version__}"),
 }
+# What auto may pick, from vkernels/verified.json: the records whose family's sources hash as in
+# their GPU run (vkernels/sources.py), so that a kernel edited since is unverified again.
+_VERIFICATION = verified.usable(
+    verified.load(),
+    lambda family, backend: sources.source_hash(family, backend, cuda_hashes=_built_cuda_source_hashes()),
+)
 _requested: list[str] = []
+
+
+@torch.compiler.assume_constant_result
+def _capability(device_index: int | None) -> str:
+    """The compute capability of a CUDA device (None: the current one), "9.0"; a constant to torch.compile."""
+    return "{}.{}".format(*torch.cuda.get_device_capability(device_index))
 
 
 def backends() -> dict[str, BackendStatus]:
@@ -127,11 +142,13 @@ def choose(
     limits: Mapping[str, str] | None = None,
     *,
     op: str,
+    shape_class: str = verified.ONE_CLASS,
 ) -> str:
     """The backend that runs one call of the public op ``op``.
 
     ``dtypes`` are the dtypes the family's kernels take; ``limits`` maps a kernel backend to the reason
-    it cannot serve this particular input (a head dim it lacks, say).
+    it cannot serve this particular input (a head dim it lacks, say); ``shape_class`` names the input's
+    class where backends rank differently by shape (vkernels.shapes).
     """
     name = requested or (_requested[-1] if _requested else "auto")
     _check_name(name)
@@ -141,11 +158,14 @@ def choose(
         return _unfit_reason(backend, op, device, dtype, dtypes) or limits.get(backend)
 
     if name == "auto":
-        verified = VERIFIED.get(op, frozenset())
-        for backend in PREFERENCE.get(op, KERNEL_BACKENDS):
-            if backend == "torch":
+        if device.type != "cuda" or not _VERIFICATION.verified:  # never a CPU path, nor an emulated one
+            return "torch"
+        capability = _capability(device.index)
+        passed = _VERIFICATION.verified.get((op, capability, dtype), frozenset())
+        for backend in _VERIFICATION.preference.get((op, capability, dtype, shape_class), ()):
+            if backend == "torch":  # measured faster than every backend after it
                 break
-            if backend in verified and device.type == "cuda" and reason(backend) is None:
+            if backend in passed and reason(backend) is None:
                 return backend
         return "torch"
     why = reason(name)

@@ -235,3 +235,21 @@ def conv2d_geometry(
         )
     output = tuple((p - e) // s + 1 for p, e, s in zip(padded, effective, stride))
     return stride, padding, dilation, output
+
+
+# Shape classes: inputs whose backends rank differently in the benchmarks get their own preference
+# order (vkernels/verified.json); the benchmark cases and the public functions classify alike.
+
+
+def attention_shape_class(query_shape: Sequence[int], key_shape: Sequence[int]) -> str:
+    """"vit" up to 1024 tokens (ViT's 50 to 577), "long" beyond (the 2048-token anchors). Any rank:
+    the public function checks ranks after it has chosen a backend."""
+    tokens = max((shape[-2] for shape in (query_shape, key_shape) if len(shape) >= 2), default=0)
+    return "vit" if tokens <= 1024 else "long"
+
+
+def conv_shape_class(kernel_size: Sequence[int], groups: int, in_channels: int) -> str:
+    """"1x1" (a plain GEMM), "depthwise", or "spatial" (3x3, the 7x7 stem, ...)."""
+    if groups > 1 and groups == in_channels:
+        return "depthwise"
+    return "1x1" if tuple(kernel_size) == (1, 1) else "spatial"

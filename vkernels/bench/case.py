@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vkernels.verified import ONE_CLASS
+
 # Stock eager PyTorch: every case has it, it is the reference for the output check and the
 # denominator of every speed-up.
 BASELINE = "pytorch"
@@ -30,9 +32,18 @@ class Case:
     flops: int | None = None  # floating-point operations of an ideal implementation
     tolerance: float = 1e-5  # largest relative error against BASELINE that counts as a match
     items: int | None = None  # images (or samples) one call processes: the report shows items/s
+    op: str | None = None  # the public op it times (None: a whole model)
+    dtype: str | None = None  # its compute dtype, as torch names it ("bfloat16")
+    shape_class: str = ONE_CLASS  # vkernels.shapes' class of the input: preference orders are per class
+    headline: bool = False  # one of the anchor shapes of the README's targets (--headline)
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """As torch names it, and vkernels/verified.json records it: "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -4,9 +4,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from vkernels.bench.case import BASELINE
 from vkernels.bench.runner import Result
+from vkernels.triton_kernels.autotuning import picked_configs
+
+NO_CHART = "speedup.png not drawn: matplotlib is not installed (pip install matplotlib, or the [bench] extra, draws it)"
 
 IMPLS_LEGEND = (
     f"`{BASELINE}` = stock eager PyTorch (reference and speed-up baseline); `torch.compile` = stock "
@@ -73,11 +77,19 @@ def format_table(results: list[Result]) -> str:
     return "\n\n".join(sections)
 
 
+def result_problems(results: list[Result]) -> list[str]:
+    """The implementations that erred or disagreed with PyTorch, one line each."""
+    return [f"{r.case} [{r.impl}]: {r.status.upper()} {r.note}" for r in results if r.status in ("mismatch", "error")]
+
+
 def machine_lines(machine: dict) -> list[str]:
+    capability = f" (compute capability {machine['capability']})" if machine.get("capability") else ""
     lines = [
         f"- date: {machine['date']}",
-        f"- device: {machine['device']}",
-        f"- versions: Python {machine['python']}, torch {machine['torch']}, Triton {machine['triton']}",
+        f"- device: {machine['device']}{capability}",
+        f"- versions: Python {machine['python']}, torch {machine['torch']}, Triton {machine['triton']}, "
+        f"CUDA {machine.get('cuda')}",
+        f"- commit: {machine.get('commit', 'unknown')}",
         f"- command: `{machine['command']}`",
         f"- copy bandwidth (one large tensor copy, bytes read + written): {_number(machine['copy_gbps'])} GB/s",
     ]
@@ -87,39 +99,57 @@ def machine_lines(machine: dict) -> list[str]:
     return lines
 
 
-def autotuned_configs() -> list[dict]:
-    """The config Triton's autotuner picked for each kernel and tuning key so far in this process (GPU
-    runs only: interpreted kernels have one config): which configs win, to read beside
-    bench/compile_check.py's registers and spills, and to prune the lists with."""
-    import importlib
-
-    from triton.runtime.autotuner import Autotuner
-
-    picked = []
-    for family in ("attention", "conv", "pooling"):
-        module = importlib.import_module(f"vkernels.triton_kernels.{family}")
-        for name, kernel in vars(module).items():
-            if isinstance(kernel, Autotuner):
-                picked += [{"kernel": name, "key": str(key), "config": str(config)} for key, config in kernel.cache.items()]
-    return picked
-
-
-def write_outputs(out_dir: Path, machine: dict, results: list[Result], problems: list[str], chart: bool = True) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path, chart_path = out_dir / "results.json", out_dir / "results.md", out_dir / "speedup.png"
-    autotuned = autotuned_configs()
-    json_path.write_text(json.dumps(
-        {"machine": machine, "problems": problems, "results": [dataclasses.asdict(r) for r in results],
-         "autotuned": autotuned},
-        indent=1, ensure_ascii=False))
-    markdown = ["## " + machine["title"], "", *machine_lines(machine), "", IMPLS_LEGEND, "", format_table(results)]
+def results_markdown(results: list[Result], problems: list[str], autotuned: list[dict]) -> str:
+    """The legend, one table per family, the problems and the autotuner's picks."""
+    markdown = [IMPLS_LEGEND, "", format_table(results)]
     if problems:
         markdown += ["", "**Problems:**", "", *[f"- {p}" for p in problems]]
     if autotuned:
-        markdown += ["", "**Triton autotuner picks** (kernel, tuning key: config):", "",
-                     *[f"- `{a['kernel']}` {a['key']}: {a['config']}" for a in autotuned]]
-    markdown_path.write_text("\n".join(markdown) + "\n")
+        markdown += ["", "**Triton autotuner picks** (kernel, tuning key: config, how it was picked):", "",
+                     *[f"- `{a['kernel']}` {a['key']}: {a['config']} ({a['picked']})" for a in autotuned]]
+    return "\n".join(markdown)
+
+
+class Earlier(NamedTuple):
+    """What an earlier run left in results.json, for --merge."""
+    machine: dict
+    problems: list[str]
+    results: list[Result]
+    extra: dict  # its autotuner picks and any other sections (first-call latencies)
+
+
+def earlier_results(out_dir: Path) -> Earlier | None:
+    path = out_dir / "results.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    results = [Result(**result) for result in data.pop("results")]
+    derived = set(result_problems(results))  # recomputed at the end of the run
+    problems = [problem for problem in data.pop("problems") if problem not in derived]
+    return Earlier(data.pop("machine"), problems, results, data)
+
+
+def write_outputs(out_dir: Path, machine: dict, results: list[Result], problems: list[str],
+                  earlier: Earlier | None = None, chart: bool = True) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path, chart_path = out_dir / "results.json", out_dir / "results.md", out_dir / "speedup.png"
+    extra = dict(earlier.extra) if earlier else {}
+    # The config Triton's autotuner picked for each kernel and tuning key (GPU runs only: interpreted
+    # kernels have one config): python -m vkernels.verify ships them; compare with compile_check's spills.
+    picks = {json.dumps([p["kernel"], p["key"]], sort_keys=True): p for p in [*extra.pop("autotuned", []), *picked_configs()]}
+    autotuned = list(picks.values())
+    json_path.write_text(json.dumps(
+        {"machine": machine, "problems": problems, "results": [dataclasses.asdict(r) for r in results],
+         "autotuned": autotuned, **extra},
+        indent=1, ensure_ascii=False))
+    markdown_path.write_text("\n".join(["## " + machine["title"], "", *machine_lines(machine), "",
+                                         results_markdown(results, problems, autotuned)]) + "\n")
     if not chart:
+        return [json_path, markdown_path]
+    try:
+        import matplotlib  # noqa: F401  the chart is optional: the [bench] extra installs it
+    except ImportError:
+        print(NO_CHART)
         return [json_path, markdown_path]
     draw_speedups(chart_path, machine["title"], results)
     return [json_path, markdown_path, chart_path]

@@ -32,17 +32,24 @@ class Result:
     speedup: float | None = None  # BASELINE's median over this one's
     items_per_s: float | None = None  # case.items / median time
     peak_mib: float | None = None  # CUDA only: peak memory allocated during one call, above what was allocated before it
+    op: str | None = None  # the case's public op, dtype and shape class (see Case)
+    dtype: str | None = None
+    shape_class: str | None = None
+
+
+def import_module_cases(family: str, device: torch.device, max_autotune: bool = False) -> list[Case]:
+    """cases(device, max_autotune) of vkernels.bench.cases.<family>."""
+    return importlib.import_module(f"vkernels.bench.cases.{family}").cases(device, max_autotune)
 
 
 def discover_cases(device: torch.device, max_autotune: bool = False) -> tuple[list[Case], list[str]]:
-    """cases(device, max_autotune) of every module in vkernels.bench.cases, and the modules that failed."""
+    """The cases of every module in vkernels.bench.cases, and the modules that failed."""
     from vkernels.bench import cases as package
 
     found, failures = [], []
     for module_info in pkgutil.iter_modules(package.__path__):
         try:
-            module = importlib.import_module(f"{package.__name__}.{module_info.name}")
-            found += module.cases(device, max_autotune)
+            found += import_module_cases(module_info.name, device, max_autotune)
         except Exception as error:  # one broken family must not hide the others' results
             failures.append(f"vkernels.bench.cases.{module_info.name}: {type(error).__name__}: {error}")
     return found, failures
@@ -85,7 +92,12 @@ def run_case(case: Case, device: torch.device, quick: bool, ceilings: Ceilings) 
     """One Result per implementation, skipped ones included, BASELINE first."""
     torch._dynamo.reset()  # each case's torch.compile starts fresh (see case.compiled)
     names = [BASELINE] + [name for name in case.impls if name != BASELINE]
-    results = {name: Result(case.name, case.family, case.direction, name, "ok") for name in names}
+
+    def make_result(impl: str, status: str, note: str = "") -> Result:
+        return Result(case.name, case.family, case.direction, impl, status, note,
+                      op=case.op, dtype=case.dtype, shape_class=case.shape_class)
+
+    results = {name: make_result(name, "ok") for name in names}
 
     # Correctness first, on fresh inputs: a fast wrong answer must not look like a win.
     inputs = case.make_inputs()
@@ -137,6 +149,5 @@ def run_case(case: Case, device: torch.device, quick: bool, ceilings: Ceilings) 
     for result in results.values():
         if result.median_ms and baseline_ms:
             result.speedup = baseline_ms / result.median_ms
-    skipped = [Result(case.name, case.family, case.direction, name, "skipped", reason)
-               for name, reason in case.skipped.items()]
+    skipped = [make_result(name, "skipped", reason) for name, reason in case.skipped.items()]
     return list(results.values()) + skipped

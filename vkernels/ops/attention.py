@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from vkernels import dispatch
 from vkernels.ops.library import autocast_inputs, backend_op, define_backend_ops
-from vkernels.shapes import attention_batch_shape
+from vkernels.shapes import attention_batch_shape, attention_shape_class
 from vkernels.triton_kernels import attention as triton_attention
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -117,7 +117,8 @@ def attention(
         raise RuntimeError("attention: an explicit attn_mask should not be set when is_causal=True (as in SDPA)")
     limits = _kernel_limits(query, key, value, attn_mask, dropout_p)
     operands = autocast_inputs(query.device.type, query, key, value)
-    chosen = dispatch.choose(backend, query.device, operands[0].dtype, DTYPES, limits, op="attention")
+    chosen = dispatch.choose(backend, query.device, operands[0].dtype, DTYPES, limits, op="attention",
+                             shape_class=attention_shape_class(query.shape, key.shape))
     if chosen == "torch":  # SDPA checks its own arguments and applies autocast itself
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
     query, key, value = operands

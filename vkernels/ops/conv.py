@@ -18,6 +18,7 @@ from vkernels.ops import pooling  # noqa: F401  defines the max_pool2d_backward 
 from vkernels.ops.library import autocast_inputs, backend_op, define_backend_ops
 from vkernels.shapes import (
     conv2d_geometry,
+    conv_shape_class,
     is_channels_last,
     memory_format,
     pair,
@@ -169,7 +170,8 @@ def conv2d_relu(
     if residual is not None and tuple(residual.shape) != output_shape:
         raise RuntimeError(f"conv2d_relu: residual of shape {tuple(residual.shape)} does not match the output {output_shape}")
     operands = autocast_inputs(input.device.type, input, weight, bias, residual)
-    chosen = dispatch.choose(backend, input.device, operands[0].dtype, DTYPES, op="conv2d_relu")
+    chosen = dispatch.choose(backend, input.device, operands[0].dtype, DTYPES, op="conv2d_relu",
+                             shape_class=conv_shape_class(weight.shape[-2:], groups, input.shape[-3]))
     if chosen == "torch":  # stock autocast semantics: conv in low precision, the add promotes
         out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
         return F.relu(out if residual is None else out + residual)
@@ -223,7 +225,8 @@ def conv2d_relu_maxpool2d(
         (*input.shape[:-3], weight.shape[0], *conv_output_size), pool_kernel_size, pool_stride, pool_padding, (1, 1), False
     )
     operands = autocast_inputs(input.device.type, input, weight, bias)
-    chosen = dispatch.choose(backend, input.device, operands[0].dtype, DTYPES, op="conv2d_relu_maxpool2d")
+    chosen = dispatch.choose(backend, input.device, operands[0].dtype, DTYPES, op="conv2d_relu_maxpool2d",
+                             shape_class=conv_shape_class(weight.shape[-2:], groups, input.shape[-3]))
     if chosen == "torch":
         return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups)),
                             pool_kernel_size, pool_stride, pool_padding)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vkernels.triton_kernels.autotuning import AUTOTUNE, INTERPRETED
+from vkernels.triton_kernels.autotuning import INTERPRETED, autotune
 
 LOG2E = tl.constexpr(1.4426950408889634)
 NO_MASK = tl.constexpr(0)
@@ -71,21 +71,21 @@ def _tiled_config(block_m: int, block_n: int, **options) -> triton.Config:
 
 def _autotuned(interpreted: tuple[int, int], table: dict[str, list[tuple[int, int, int, int]]]):
     if INTERPRETED:
-        return triton.autotune(configs=[_tiled_config(*interpreted)], key=[])
+        return autotune([_tiled_config(*interpreted)], key=[])
     by_class = {
         name: [_tiled_config(m, n, num_warps=w, num_stages=s) for m, n, w, s in rows]
         for name, rows in table.items()
     }
 
-    def configs_for_class(configs, named_args, **kwargs):
-        name = _config_class({**named_args, **kwargs})
-        rows = by_class.get(name, by_class[name.removesuffix("-mask")])
-        return rows if AUTOTUNE else rows[:1]
+    def configs_for_class(configs, args):
+        name = _config_class(args)
+        return by_class.get(name, by_class[name.removesuffix("-mask")])
 
-    return triton.autotune(
-        configs=[config for rows in by_class.values() for config in rows],
+    return autotune(
+        [config for rows in by_class.values() for config in rows],
         key=["seq_q", "seq_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "MASK_PER_KEY", "IS_CAUSAL"],
-        prune_configs_by={"early_config_prune": configs_for_class},
+        sizes=("seq_q", "seq_k"),
+        prune=configs_for_class,
     )
 
 

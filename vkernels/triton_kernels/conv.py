@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from vkernels.shapes import is_channels_last, memory_format, window_index_dtype
-from vkernels.triton_kernels.autotuning import AUTOTUNE, INTERPRETED
+from vkernels.triton_kernels.autotuning import INTERPRETED, autotune
 
 # Channels per group from which K is walked tap by tap (every block of channels a contiguous load);
 # below it K runs over (tap, channel) pairs so that e.g. the RGB stem does not pad 3 channels to a block.
@@ -39,7 +39,6 @@ def _autotune_configs(blocks: list[tuple[int, int, int, int, int]]) -> list[trit
     small config, so CPU runs never benchmark."""
     if INTERPRETED:
         blocks = [(16, 16, 16, 4, 1)]
-    # without AUTOTUNE _fit_shared_memory keeps the first config: triton prunes only lists of several
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
         for m, n, k, warps, stages in blocks
@@ -52,19 +51,18 @@ _OPERAND_SHARED_BYTES = 160 * 1024
 
 
 def _fit_shared_memory(stage_elements):
-    """An early_config_prune giving configs whose stages of stage_elements(blocks) operand elements of
-    the input dtype exceed _OPERAND_SHARED_BYTES fewer stages: 4-byte inputs take twice the room of
-    16-bit ones."""
-    def prune(configs, named_args, **kwargs):
-        element = named_args.get("src_ptr", named_args.get("input_ptr")).dtype.itemsize
+    """A prune giving configs whose stages of stage_elements(blocks) operand elements of the input
+    dtype exceed _OPERAND_SHARED_BYTES fewer stages: 4-byte inputs take twice the room of 16-bit ones."""
+    def prune(configs, args):
+        element = args.get("src_ptr", args.get("input_ptr")).dtype.itemsize
         fitted = {}
         for config in configs:
             stage_bytes = stage_elements(config.kwargs) * element
             stages = max(1, min(config.num_stages, _OPERAND_SHARED_BYTES // stage_bytes))
             fitted.setdefault((tuple(config.kwargs.items()), config.num_warps, stages),
                               triton.Config(config.kwargs, num_warps=config.num_warps, num_stages=stages))
-        return list(fitted.values()) if AUTOTUNE else list(fitted.values())[:1]
-    return {"early_config_prune": prune}
+        return list(fitted.values())
+    return prune
 
 
 # Operand elements of one pipeline stage. Implicit GEMM: [BLOCK_M x BLOCK_K] @ [BLOCK_K x BLOCK_N];
@@ -231,11 +229,12 @@ def _conv_epilogue(acc, bias_ptr, residual_ptr, channel, n_ok, residual_offsets,
     return acc
 
 
-@triton.autotune(
-    configs=_autotune_configs(_CONV_BLOCKS),
-    prune_configs_by=_FIT_GEMM_STAGES,
+@autotune(
+    _autotune_configs(_CONV_BLOCKS),
     key=["BATCH", "SRC_H", "SRC_W", "DST_H", "DST_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW", "KH", "KW",
          "TRANSPOSED", "DEPTHWISE", "MASK_SRC_BY_RELU"],
+    sizes=("BATCH", "SRC_H", "SRC_W", "DST_H", "DST_W", "K_CH", "N_CH"),
+    prune=_FIT_GEMM_STAGES,
 )
 @triton.jit
 def _conv2d_implicit_gemm_kernel(
@@ -322,11 +321,12 @@ def _conv2d_implicit_gemm_kernel(
              acc.to(dst_ptr.dtype.element_ty), mask=out_ok)
 
 
-@triton.autotune(
-    configs=_autotune_configs(_POOLED_BLOCKS),
-    prune_configs_by=_FIT_GEMM_STAGES,
+@autotune(
+    _autotune_configs(_POOLED_BLOCKS),
     key=["BATCH", "H", "W", "CONV_H", "CONV_W", "POOL_H", "POOL_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW",
          "KH", "KW", "PKH", "PKW", "PSH", "PSW", "DEPTHWISE"],
+    sizes=("BATCH", "H", "W", "CONV_H", "CONV_W", "POOL_H", "POOL_W", "K_CH", "N_CH"),
+    prune=_FIT_GEMM_STAGES,
 )
 @triton.jit
 def _conv2d_relu_maxpool2d_kernel(
@@ -394,11 +394,12 @@ def _conv2d_relu_maxpool2d_kernel(
              best_position.to(argmax_ptr.dtype.element_ty), mask=out_ok)
 
 
-@triton.autotune(
-    configs=_autotune_configs(_WEIGHT_GRAD_BLOCKS),
-    prune_configs_by=_FIT_WEIGHT_GRAD_STAGES,
+@autotune(
+    _autotune_configs(_WEIGHT_GRAD_BLOCKS),
     key=["BATCH", "H", "W", "OH", "OW", "CIN_G", "COUT_G", "SH", "SW", "DH", "DW", "KH", "KW", "DEPTHWISE",
          "COMPUTE_WEIGHT"],
+    sizes=("BATCH", "H", "W", "OH", "OW", "CIN_G", "COUT_G"),
+    prune=_FIT_WEIGHT_GRAD_STAGES,
 )
 @triton.jit
 def _conv2d_weight_grad_kernel(

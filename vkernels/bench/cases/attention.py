@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import vkernels
-from vkernels.bench.case import DTYPE_NAMES, Case, forward_backward, forward_only, tolerance, vkernels_impls
+from vkernels.bench.case import DTYPE_NAMES, Case, dtype_name, forward_backward, forward_only, tolerance, vkernels_impls
+from vkernels.shapes import attention_shape_class
 
 
 class Shape(NamedTuple):
@@ -24,19 +25,21 @@ class Shape(NamedTuple):
     head_dim: int
     causal: bool = False
     key_padding: bool = False  # a bool (B, 1, 1, L) mask with a random number of padded keys per sample
+    headline: bool = False  # timed in bench/gpu_run.sh's headline stage: one shape per shape class
 
 
 CUDA_SHAPES = [
     # FlashAttention-3's anchors: 16k tokens per batch, heads × head dim = 2048.
-    *(Shape("anchor", 8, 32, 2048, 64, causal) for causal in (False, True)),
+    Shape("anchor", 8, 32, 2048, 64, headline=True),
+    Shape("anchor", 8, 32, 2048, 64, causal=True),
     *(Shape("anchor", 8, 16, 2048, 128, causal) for causal in (False, True)),
-    Shape("ViT-B/16@224", 256, 12, 197, 64),
+    Shape("ViT-B/16@224", 256, 12, 197, 64, headline=True),
     Shape("ViT-B/16@384", 64, 12, 577, 64),  # batch 64, not 256: 4× fewer tokens keeps memory sane
     Shape("ViT-H/14", 128, 16, 257, 80),
     Shape("ViT-B/16@224 key-padding", 256, 12, 197, 64, key_padding=True),  # where SDPA leaves flash
 ]
 CPU_SHAPES = [  # tiny: the Triton interpreter runs each program in numpy
-    Shape("tiny", 1, 2, 50, 32),
+    Shape("tiny", 1, 2, 50, 32, headline=True),
     Shape("tiny", 1, 2, 50, 32, causal=True),
     Shape("tiny", 1, 2, 50, 32, key_padding=True),
 ]
@@ -81,4 +84,8 @@ def attention_case(shape: Shape, dtype: torch.dtype, device: torch.device, direc
         skipped=skipped,
         flops=int(flops),
         tolerance=tolerance(dtype),
+        op="attention",
+        dtype=dtype_name(dtype),
+        shape_class=attention_shape_class((length, head_dim), (length, head_dim)),
+        headline=shape.headline,
     )

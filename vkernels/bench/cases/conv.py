@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import vkernels
-from vkernels.bench.case import DTYPE_NAMES, Case, compiled, forward_backward, forward_only, tolerance, vkernels_impls
+from vkernels.bench.case import DTYPE_NAMES, Case, compiled, dtype_name, forward_backward, forward_only, tolerance, vkernels_impls
+from vkernels.shapes import conv_shape_class
 
 ARGS = ("x", "weight", "bias")
 
@@ -29,6 +30,7 @@ class Layer(NamedTuple):
     kernel: int
     stride: int = 1
     groups: int = 1
+    headline: bool = False  # timed in bench/gpu_run.sh's headline stage: one layer per shape class
 
     @property
     def padding(self) -> int:  # "same"-style padding, as ResNet pads
@@ -38,15 +40,15 @@ class Layer(NamedTuple):
 CUDA_BATCH = 256
 CUDA_LAYERS = [
     Layer("stem 7x7/2 3->64 @224", 3, 64, 224, 7, stride=2),
-    Layer("1x1 64->256 @56", 64, 256, 56, 1),
+    Layer("1x1 64->256 @56", 64, 256, 56, 1, headline=True),
     Layer("1x1 256->64 @56", 256, 64, 56, 1),
-    Layer("3x3 64->64 @56", 64, 64, 56, 3),
+    Layer("3x3 64->64 @56", 64, 64, 56, 3, headline=True),
     Layer("3x3 256->256 @14", 256, 256, 14, 3),
     Layer("3x3/2 128->128 @56", 128, 128, 56, 3, stride=2),
     Layer("depthwise 3x3 64 @56", 64, 64, 56, 3, groups=64),
 ]
 CPU_BATCH = 2
-CPU_LAYERS = [Layer("3x3 8->16 @12", 8, 16, 12, 3)]  # tiny: the Triton interpreter runs each program in numpy
+CPU_LAYERS = [Layer("3x3 8->16 @12", 8, 16, 12, 3, headline=True)]  # tiny: the Triton interpreter runs each program in numpy
 
 
 def stock(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, layer: Layer) -> torch.Tensor:
@@ -104,4 +106,8 @@ def conv_case(layer: Layer, batch: int, dtype: torch.dtype, device: torch.device
         skipped=skipped,
         flops=flops * (3 if training else 1),
         tolerance=tolerance(dtype),
+        op="conv2d_relu",
+        dtype=dtype_name(dtype),
+        shape_class=conv_shape_class((layer.kernel, layer.kernel), layer.groups, layer.in_channels),
+        headline=layer.headline,
     )

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vkernels
-from vkernels.bench.case import BASELINE, DTYPE_NAMES, Case, Inputs, Outputs, compiled, tolerance
+from vkernels.bench.case import BASELINE, DTYPE_NAMES, Case, Inputs, Outputs, compiled, dtype_name, tolerance
 
 CUDA_BATCH = 128
 CPU_BATCH = 2
@@ -274,4 +274,5 @@ def model_case(model: Model, device: torch.device, direction: str) -> Case:
         skipped=skipped,
         tolerance=CUDA_TOLERANCE if on_gpu else tolerance(torch.float32),
         items=batch,
+        dtype=dtype_name(torch.bfloat16 if on_gpu else torch.float32),  # what autocast computes in
     )

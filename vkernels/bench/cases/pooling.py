@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vkernels
-from vkernels.bench.case import DTYPE_NAMES, Case, compiled, forward_backward, forward_only, tolerance, vkernels_impls
+from vkernels.bench.case import DTYPE_NAMES, Case, compiled, dtype_name, forward_backward, forward_only, tolerance, vkernels_impls
 
 # op -> (its arguments, how the case name shows them, bytes per output saved for the backward)
 POOLS = {
@@ -20,6 +20,7 @@ POOLS = {
     "adaptive_avg_pool2d": (dict(output_size=1), "global", 0),  # ResNet head
     "avg_pool2d": (dict(kernel_size=3, stride=1, padding=1), "3x3/1 pad1", 0),  # Inception-style branch
 }
+HEADLINE = ("max_pool2d", "adaptive_avg_pool2d")  # issue 2's targets, BENCHMARKS.md
 CUDA_SHAPES = {
     "max_pool2d": (256, 64, 112, 112),
     "adaptive_avg_pool2d": (256, 2048, 7, 7),
@@ -83,4 +84,7 @@ def pooling_case(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
         skipped=skipped,
         bytes_moved=bytes_moved,
         tolerance=tolerance(dtype),
+        op=op,
+        dtype=dtype_name(dtype),
+        headline=op in HEADLINE,
     )
