@@ -62,8 +62,9 @@ def draw_detections(images: torch.Tensor, detections, boxes: list[torch.Tensor],
                     path: Path, min_score: float = 0.3, columns: int = 6) -> None:
     """Scenes with their true boxes (dashed white) and the detections scoring at least ``min_score``
     (solid, green when the class is right and IoU ≥ 0.5 with a true box of that class, else red;
-    labelled class:score)."""
-    from torchvision.ops import box_iou
+    labelled class:score). For legibility one box per place: of detections overlapping at IoU > 0.5
+    only the best-scoring class is drawn (mAP sees them all: ``detect``'s NMS is per class)."""
+    from torchvision.ops import box_iou, nms
 
     plt = _pyplot()
     rows = -(-len(images) // columns)
@@ -74,7 +75,8 @@ def draw_detections(images: torch.Tensor, detections, boxes: list[torch.Tensor],
         axis.imshow(image[0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         for (x1, y1, x2, y2) in true_boxes.tolist():
             axis.add_patch(plt.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, ec="white", ls="--", lw=0.8))
-        keep = found.scores >= min_score
+        keep = nms(found.boxes, found.scores, 0.5)
+        keep = keep[found.scores[keep] >= min_score]
         for box, score, label in zip(found.boxes[keep], found.scores[keep], found.labels[keep]):
             same = true_labels == label
             hit = bool(same.any()) and box_iou(box[None], true_boxes[same]).max() >= 0.5
