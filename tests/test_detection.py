@@ -1,5 +1,5 @@
 """The detector: mean average precision on hand-worked cases, FCOS target assignment, decoding and
-NMS, the Detector on the Triton kernels against float64 (forward, loss gradients, three training
+NMS, the Detector on the kernel backends against float64 (forward, loss gradients, three training
 steps), and the digit scenes.
 
 Tiny configs: without a GPU the Triton kernels run through the interpreter.
@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from support import as_dtype_of, assert_as_accurate_as_stock, assert_trains_like_float64, device_for
+from support import (
+    KERNEL_BACKENDS, as_dtype_of, assert_as_accurate_as_stock, assert_trains_like_float64, device_for,
+)
 from vkernels.models import Detector, detect, mean_average_precision
 from vkernels.models.datasets import compose_scenes, ink_box, split_digits
 from vkernels.models.detection import Detections, assign_targets, average_precision, detection_loss
@@ -141,31 +143,33 @@ def tiny_detector(device):
     return Detector(3, channels=(4, 8), head_depth=1, stride=4).to(device)
 
 
-def test_detector_triton_as_accurate_as_stock_with_gradients():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_detector_as_accurate_as_stock_with_gradients(backend):
     """Class logits, boxes, the detection loss and every parameter gradient within max(2 × stock
     float32's error, 1e-5) of float64. Measured over 3 seeds: both float32 runs <= 1e-7 (outputs),
     <= 2.4e-7 (gradients)."""
-    device = device_for("triton")
+    device = device_for(backend)
     images, boxes, labels = tiny_scene_batch(device)
 
     def run(model):
         (images64,) = as_dtype_of(model, images)
         return (*model(images64), detection_loss(model, images64, *(as_dtype_of(model, *boxes), labels)))
 
-    assert_as_accurate_as_stock(tiny_detector(device), run)
+    assert_as_accurate_as_stock(tiny_detector(device), run, backend)
 
 
-def test_detector_convergence_triton_vs_float64():
-    """Three SGD steps: Triton's loss at every step within 1e-4 of float64's, its final parameters as
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_detector_convergence_vs_float64(backend):
+    """Three SGD steps: the kernels' loss at every step within 1e-4 of float64's, its final parameters as
     close to float64's as stock float32's. Measured over 4 seeds: stock float32 and Triton losses
     <= 1e-7 from float64, parameters <= 3e-7 (under the 1e-5 floor)."""
-    device = device_for("triton")
+    device = device_for(backend)
     images, boxes, labels = tiny_scene_batch(device)
 
     def loss(model):
         return detection_loss(model, *as_dtype_of(model, images), as_dtype_of(model, *boxes), labels)
 
-    assert_trains_like_float64(tiny_detector(device), loss, lr=0.05)
+    assert_trains_like_float64(tiny_detector(device), loss, backend=backend, lr=0.05)
 
 
 # --- scenes ----------------------------------------------------------------------------------

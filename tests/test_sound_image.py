@@ -1,5 +1,5 @@
-"""Sound-image fusion: the log-mel front end, the spectrogram CNN, SoundImageFusion on the Triton
-kernels against float64, its training on Triton against float64, and the spoken-digit data (built
+"""Sound-image fusion: the log-mel front end, the spectrogram CNN, SoundImageFusion on the kernel
+backends against float64 (outputs, gradients, three training steps), and the spoken-digit data (built
 from synthetic tones here: only test_espeak_speaks needs espeak-ng).
 
 Tiny configs: without a GPU the Triton kernels run through the interpreter.
@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support import as_dtype_of, assert_as_accurate_as_stock, assert_trains_like_float64, device_for, relative_error
+from support import (
+    KERNEL_BACKENDS, as_dtype_of, assert_as_accurate_as_stock, assert_trains_like_float64, device_for, relative_error,
+)
 from vkernels.models import SeedCNN, SoundImageFusion, SpectrogramCNN, VisionTransformer
 from vkernels.models import datasets
 from vkernels.models.audio import LogMelSpectrogram, mel_filterbank, mel_to_hz
@@ -103,28 +105,30 @@ def fusion_loss(model, wave, images, labels):
     return sum(F.cross_entropy(logits, labels) for logits in model.logits_per_modality(wave, images).values())
 
 
-def test_fusion_triton_as_accurate_as_stock_with_gradients():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fusion_as_accurate_as_stock_with_gradients(backend):
     """Every logit (fused, sound, image) and parameter gradient within max(2 × stock float32's error,
     1e-5) of float64. Measured over 3 seeds: both float32 runs <= 4e-7 (logits), <= 1.6e-6 (gradients)."""
-    device = device_for("triton")
+    device = device_for(backend)
     model = tiny_fusion(device)
     wave, images = torch.randn(2, SAMPLES, device=device), torch.randn(2, 3, 8, 8, device=device)
 
     def run(m):
         return tuple(m.logits_per_modality(*as_dtype_of(m, wave, images)).values())
 
-    assert_as_accurate_as_stock(model, run)
+    assert_as_accurate_as_stock(model, run, backend)
 
 
-def test_fusion_convergence_triton_vs_float64():
-    """Three SGD steps: Triton's loss at every step within 1e-4 of float64's, its final parameters as
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fusion_convergence_vs_float64(backend):
+    """Three SGD steps: the kernels' loss at every step within 1e-4 of float64's, its final parameters as
     close to float64's as stock float32's. Measured over 4 seeds: stock float32 and Triton losses
     <= 7e-8 from float64, parameters <= 8e-7 (under the 1e-5 floor)."""
-    device = device_for("triton")
+    device = device_for(backend)
     model = tiny_fusion(device)
     wave, images = torch.randn(2, SAMPLES, device=device), torch.randn(2, 3, 8, 8, device=device)
     labels = torch.randint(0, 5, (2,), device=device)
-    assert_trains_like_float64(model, lambda m: fusion_loss(m, wave, images, labels), lr=0.1)
+    assert_trains_like_float64(model, lambda m: fusion_loss(m, wave, images, labels), backend=backend, lr=0.1)
 
 
 # --- the data --------------------------------------------------------------------------------
