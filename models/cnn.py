@@ -46,19 +46,25 @@ class SeedCNN(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, c1, 3)
         self.conv2 = nn.Conv2d(c1, c2, 3)
         self.conv3 = nn.Conv2d(c2, c3, 3)
+        self.num_features = c3  # channels of forward_features' map
         size = _conv_output(_conv_output(_conv_output(_conv_output(_conv_output(image_size, 3), 2, 2), 3), 2, 2), 3)
         if size < 1:
             raise ValueError(f"SeedCNN: image_size={image_size} leaves no pixels after the last conv (needs >= 18)")
         self.fc1 = nn.Linear(c3 * size * size, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last conv's feature map, (B, channels[2], 4, 4) for 32×32 input."""
         b = self.backend
         x = vkernels.max_pool2d(vkernels.conv2d_relu(x, self.conv1.weight, self.conv1.bias, backend=b), 2, backend=b)
         x = vkernels.max_pool2d(vkernels.conv2d_relu(x, self.conv2.weight, self.conv2.bias, backend=b), 2, backend=b)
-        x = vkernels.conv2d_relu(x, self.conv3.weight, self.conv3.bias, backend=b)
-        x = F.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)
+        return vkernels.conv2d_relu(x, self.conv3.weight, self.conv3.bias, backend=b)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(features.flatten(1))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
     def extra_repr(self) -> str:
         return "" if self.backend is None else f"backend={self.backend!r}"

@@ -111,7 +111,7 @@ class VisionTransformer(nn.Module):
         self.backend = backend
         self.global_pool = global_pool
         self.num_classes = num_classes
-        self.embed_dim = embed_dim
+        self.embed_dim = self.num_features = embed_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, embed_dim)
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, embed_dim) * 0.02)
@@ -132,8 +132,11 @@ class VisionTransformer(nn.Module):
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, 0] if self.global_pool == "token" else tokens[:, 1:].mean(dim=1)
 
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(tokens))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.forward_features(x)))
+        return self.forward_head(self.forward_features(x))
 
     def extra_repr(self) -> str:
         return "" if self.backend is None else f"backend={self.backend!r}"

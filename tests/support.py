@@ -93,3 +93,51 @@ def assert_trains_identically(model: torch.nn.Module, loss_fn, *, steps: int = 3
     assert params.keys() == params_ref.keys()
     for name, param in params_ref.items():
         assert relative_error(params[name], param) <= rtol, name
+
+
+def as_dtype_of(model: torch.nn.Module, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The floating-point tensors cast to the model's parameter dtype (float64 for a reference run)."""
+    dtype = next(model.parameters()).dtype
+    return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+
+
+def outputs_and_grads(model: torch.nn.Module, backend: str, run: Callable[[torch.nn.Module], tuple[torch.Tensor, ...]]):
+    """A copy of ``model`` on ``backend``: the outputs of ``run(copy)`` and each parameter's gradient of
+    the sum of the outputs' squared means."""
+    model = copy.deepcopy(model)
+    model.backend = backend
+    outputs = run(model)
+    sum(out.square().mean() for out in outputs).backward()
+    return [out.detach() for out in outputs], {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_as_accurate_as_stock(model: torch.nn.Module, run, backend: str = "triton", factor: float = 2.0,
+                                floor: float = 1e-5) -> None:
+    """Against the same computation in float64 (stock PyTorch), every output of ``run`` and every
+    parameter gradient on ``backend`` is within max(``factor`` × stock float32's relative error,
+    ``floor``): as accurate as stock, not equal to it (two float32 orders of summation may differ)."""
+    exact = outputs_and_grads(copy.deepcopy(model).double(), "torch", run)
+    stock = outputs_and_grads(model, "torch", run)
+    ours = outputs_and_grads(model, backend, run)
+    (outs, grads), (stock_outs, stock_grads), (exact_outs, exact_grads) = ours, stock, exact
+    assert grads.keys() == stock_grads.keys() == exact_grads.keys() and grads
+    pairs = [(f"output {i}", *triple) for i, triple in enumerate(zip(outs, stock_outs, exact_outs))]
+    pairs += [(name, grads[name], stock_grads[name], exact_grads[name]) for name in grads]
+    for name, value, stock_value, truth in pairs:
+        assert relative_error(value, truth) <= max(factor * relative_error(stock_value, truth), floor), name
+
+
+def assert_trains_like_float64(model: torch.nn.Module, loss_fn, *, backend: str = "triton", steps: int = 3,
+                               lr: float = 0.5, loss_rtol: float = 1e-4, factor: float = 2.0, floor: float = 1e-5) -> None:
+    """From the same weights, ``steps`` SGD steps on ``backend`` (float32) follow the same steps in
+    float64 on stock PyTorch: the loss at every step within ``loss_rtol`` of float64's, and every
+    final parameter within max(``factor`` × stock float32's relative error, ``floor``) of float64's;
+    and the loss moved. ``loss_fn`` casts its inputs with :func:`as_dtype_of`."""
+    losses_exact, params_exact = train_steps(copy.deepcopy(model).double(), "torch", loss_fn, steps, lr)
+    losses_stock, params_stock = train_steps(model, "torch", loss_fn, steps, lr)
+    losses, params = train_steps(model, backend, loss_fn, steps, lr)
+    assert losses == pytest.approx(losses_exact, rel=loss_rtol)
+    assert losses_exact[-1] != losses_exact[0]
+    assert params.keys() == params_exact.keys()
+    for name, exact in params_exact.items():
+        assert relative_error(params[name], exact) <= max(factor * relative_error(params_stock[name], exact), floor), name

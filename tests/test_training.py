@@ -118,7 +118,8 @@ def test_train_digits_smoke(tmp_path):
     runs = saved["models"]["vit"]["runs"]
     assert set(runs) == {"stock", "vkernels"} and results["vit"]["runs"].keys() == runs.keys()
     for run in runs.values():
-        assert run["steps"] == len(run["losses"]) == 3 and 0 <= run["accuracy"] <= 1
+        assert run["steps"] == len(run["losses"]) == 3 and 0 <= run["score"] <= 1
+        assert run["figures"] == {"test accuracy": run["score"]}
     assert runs["stock"]["ops"] == {"attention": "torch"}
     assert runs["vkernels"]["losses"] == runs["stock"]["losses"]  # auto on CPU is stock PyTorch, same seed
 

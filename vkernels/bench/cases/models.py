@@ -1,11 +1,12 @@
 """Whole models: inference throughput and training steps of ResNet-50 (torchvision, channels_last),
 ViT-B/16 at 224 (timm) and CLIP ViT-B/32, both towers (open_clip; our models.multimodal.CLIP at the
-same size when open_clip is missing), batch 128 under bf16 autocast on CUDA; one tiny fp32 model
-per family on CPU, inference only.
+same size when open_clip is missing), and the seeds' SoundImageFusion and Detector (models/, at the
+sizes the training example uses), batch 128 under bf16 autocast on CUDA; one tiny fp32 model per
+family on CPU, inference only.
 
 ``pytorch`` is the stock model in eager mode, ``torch.compile`` the stock model compiled (its own
-copy), ``vk.<backend>`` a deep copy rewritten by ``vkernels.patch(model, backend=...)`` (our CLIP
-is not patched: its attention already calls vkernels, so it gets ``model.backend = ...``). Inference
+copy), ``vk.<backend>`` a deep copy rewritten by ``vkernels.patch(model, backend=...)`` (our own
+models are not patched: they already call vkernels, so they get ``model.backend = ...``). Inference
 runs in eval mode under ``torch.no_grad``, where patch folds ResNet's BatchNorms; training runs in
 train mode, where patch makes only the exact rewrites (pooling, attention).
 
@@ -101,12 +102,55 @@ def _optional(module: str):
         return None, f"{module} is not importable ({type(error).__name__}: {error})"
 
 
-def _our_clip_class():
-    for name in ("vkernels.models.multimodal", "models.multimodal"):
-        module, _ = _optional(name)
+def _our_module(name: str):
+    """vkernels.models.<name>, or models/<name>.py when the package is not installed."""
+    for package in ("vkernels.models", "models"):
+        module, _ = _optional(f"{package}.{name}")
         if module is not None:
-            return module.CLIP
+            return module
     raise ImportError("neither vkernels.models nor models/ is importable")
+
+
+def _sounds_and_images(samples: int, size: int, classes: int):
+    def make(batch: int, device: torch.device) -> Inputs:
+        return {"audio": torch.randn(batch, samples, device=device),
+                "images": torch.randn(batch, 3, size, size, device=device),
+                "labels": torch.randint(0, classes, (batch,), device=device)}
+
+    return make
+
+
+def _fused_logits(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    return model(inputs["audio"], inputs["images"])
+
+
+def _scenes(size: int):
+    def make(batch: int, device: torch.device) -> Inputs:
+        return {"images": torch.rand(batch, 1, size, size, device=device)}
+
+    return make
+
+
+def _detector_outputs(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    class_logits, boxes = model(inputs["images"])
+    return torch.cat([class_logits, boxes], dim=-1)
+
+
+def _on_stock_pytorch(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """``build`` with backend "torch": the baseline must not follow ``auto`` to a kernel."""
+
+    def stock() -> nn.Module:
+        module = build()
+        module.backend = "torch"
+        return module
+
+    return stock
+
+
+def _mean_square(outputs: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+    """The detector's stand-in loss: its backward runs the same kernels as the detection loss, whose
+    target assignment would add host work unrelated to vkernels."""
+    return outputs.float().square().mean()
 
 
 def _models(on_gpu: bool) -> list[Model | tuple[str, str]]:
@@ -150,7 +194,7 @@ def _models(on_gpu: bool) -> list[Model | tuple[str, str]]:
             found.append(Model("CLIP tiny (open_clip) 32x32 ctx16", build, _images_and_text(32, 100, 16),
                                _open_clip_logits, _contrastive))
     else:  # our CLIP at the same size; the name says so
-        clip = _our_clip_class()
+        clip = _our_module("multimodal").CLIP
         if on_gpu:
             build = lambda: clip(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_depth=12,  # noqa: E731
                                  vision_heads=12, vocab_size=49408, context_length=77, text_width=512, text_depth=12,
@@ -163,6 +207,26 @@ def _models(on_gpu: bool) -> list[Model | tuple[str, str]]:
             label, size, vocab, context = "CLIP tiny (models.multimodal, no open_clip) 32x32 ctx16", 32, 100, 16
         found.append(Model(label, build, _images_and_text(size, vocab, context), _our_clip_logits, _contrastive,
                            patchable=False))
+
+    # The seeds' sound-image fusion and detector (models/): on GPUs at the sizes the example trains
+    # (train_digits.TASKS), on CPU tiny (their convs cost seconds per call in the Triton interpreter).
+    if on_gpu:
+        tasks, clip_samples = _our_module("train_digits").TASKS, _our_module("datasets").CLIP_SAMPLES
+        fusion, detector = tasks["fusion"].build, tasks["detector"].build
+        fusion_label = f"SoundImageFusion (train_digits) {clip_samples}-sample clips + 32x32"
+        fusion_inputs, scene_size = _sounds_and_images(clip_samples, 32, 10), 64
+    else:
+        audio, cnn, sound_image = _our_module("audio"), _our_module("cnn"), _our_module("sound_image")
+        fusion = lambda: sound_image.SoundImageFusion(  # noqa: E731
+            10, audio.SpectrogramCNN(10, (8, 16), n_fft=128, hop_length=64, n_mels=16),
+            cnn.SeedCNN(10, channels=(8, 16, 16), hidden=32, image_size=18), dim=32, num_heads=2, depth=1)
+        fusion_label = "SoundImageFusion tiny 1024-sample clips + 18x18"
+        fusion_inputs, scene_size = _sounds_and_images(1024, 18, 10), 16
+        detector = lambda: _our_module("detection").Detector(10, channels=(8, 16, 16), head_depth=1)  # noqa: E731
+    found.append(Model(fusion_label, _on_stock_pytorch(fusion), fusion_inputs, _fused_logits, _cross_entropy,
+                       patchable=False))
+    found.append(Model(f"Detector (FCOS-style) {scene_size}x{scene_size}", _on_stock_pytorch(detector),
+                       _scenes(scene_size), _detector_outputs, _mean_square, patchable=False))
     return found
 
 
