@@ -200,8 +200,8 @@ def fold_attention_batch(
         return full[0] == full[1] and (not full[0] or t.stride(first) == t.stride(second) * t.shape[second])
 
     groups: list[list[int]] = []
-    for dim in (d for d in leading if batch[d] != 1):
-        if groups and all(t is None or mergeable(t, groups[-1][-1], dim) for t in aligned):
+    for dim in [d for d in leading if batch[d] != 1]:
+        if groups and all([t is None or mergeable(t, groups[-1][-1], dim) for t in aligned]):
             groups[-1].append(dim)
         else:
             groups.append([dim])
@@ -210,10 +210,11 @@ def fold_attention_batch(
         aligned = [None if t is None else _expand_dims(t, merged, batch) for t in aligned]
         groups = [merged, groups[-1]]
     groups = [[]] * (2 - len(groups)) + groups
-    levels = (math.prod(batch[d] for d in groups[0]), math.prod(batch[d] for d in groups[1]), heads)
+    # (lists, not generators, inside math.prod and all: torch.compile traces these)
+    levels = (math.prod([batch[d] for d in groups[0]]), math.prod([batch[d] for d in groups[1]]), heads)
 
     def level_view(t):
-        sizes = [math.prod(t.shape[d] for d in group) for group in groups]
+        sizes = [math.prod([t.shape[d] for d in group]) for group in groups]
         own_heads = t.shape[len(batch) - 1] if len(batch) >= 2 else 1
         return t.reshape(*sizes, own_heads, *t.shape[-2:])
 
