@@ -67,6 +67,7 @@ class ZooModel(NamedTuple):
     name: str
     build: Callable[[], tuple[torch.nn.Module, dict]]  # a fresh fp32 model on the CPU, and its inputs
     output: Callable[[torch.nn.Module, dict], torch.Tensor]
+    note: str = ""  # why some attention stays stock at run time
 
 
 def _call(model, inputs):
@@ -174,7 +175,9 @@ ZOO = [
     ZooModel("open_clip CLIP, both towers", _open_clip, _features),
     ZooModel("transformers ViTModel", _hf_vision("ViTConfig", "ViTModel", 32, 8), _last_hidden_state),
     ZooModel("transformers CLIPModel", _hf_two_towers("CLIPConfig", "CLIPModel"), _features),
-    ZooModel("transformers SiglipModel", _hf_two_towers("SiglipConfig", "SiglipModel"), _features),
+    ZooModel("transformers SiglipModel", _hf_two_towers("SiglipConfig", "SiglipModel"), _features,
+             "the vision tower's pooling head calls nn.MultiheadAttention with need_weights=True (the default) "
+             "and drops the weights, which the kernels never form: its one-query attention runs torch's"),
     ZooModel("transformers Dinov2Model", _hf_vision("Dinov2Config", "Dinov2Model", 28, 14), _last_hidden_state),
 ]
 ZOO_BY_NAME = {model.name: model for model in ZOO}
@@ -190,6 +193,7 @@ class Coverage(NamedTuple):
     grad_error: float  # of all parameter gradients together, train mode
     bias_grad_error: float  # of the relative-position bias parameters' gradients (NaN: the model has none)
     left: list[tuple[str, str]]  # patch's report.left: what it knew and left stock, and why
+    note: str  # the zoo's note on attention that stays stock at run time
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -244,7 +248,7 @@ def measure(entry: ZooModel, backend: str | None = "triton", seed: int = 0) -> t
     if stock_results[2].numel():
         bias_error = _relative_error(results["patched"][2], stock_results[2])
     row = Coverage(entry.name, counters[0].share, counters[1].share, _relative_error(output, stock_results[0]),
-                   _relative_error(results["patched"][1], stock_results[1]), bias_error, list(report.left))
+                   _relative_error(results["patched"][1], stock_results[1]), bias_error, list(report.left), entry.note)
     return row, {**results, "stock_model": stock, "inputs": inputs, "weights": stock_results[3]}
 
 
@@ -256,10 +260,11 @@ def _format(value: float, percent: bool = False) -> str:
 
 def format_table(rows: list[Coverage], markdown: bool = False) -> str:
     header = ["model", "vkernels share of attention FLOPs, eval", "train (fwd+bwd)", "output rel. error (eval)",
-              "param-grad rel. error (train)", "bias-table grad rel. error", "left stock by patch"]
+              "param-grad rel. error (train)", "bias-table grad rel. error", "stock attention left, and why"]
     lines = [[row.name, _format(row.eval_share, True), _format(row.train_share, True), _format(row.eval_error),
               _format(row.grad_error), _format(row.bias_grad_error),
-              "; ".join(f"{path}: {why}" for path, why in row.left) or "-"] for row in rows]
+              "; ".join([f"{path}: {why}" for path, why in row.left] + ([row.note] if row.note else [])) or "-"]
+             for row in rows]
     if markdown:
         return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *lines])
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]

@@ -65,9 +65,9 @@ def _config_class(args) -> str:
     name = "d64" if width <= 64 else "d128" if width <= 128 else "d256"
     if args["DOT_PRECISION"] == "ieee":  # fp32: CUDA-core dots holding fp32 tiles, keep them small
         return "fp32" if name == "d64" else f"fp32-{name}"
-    # a full (query x key) mask or bias tile costs registers: smaller key tiles
-    full_mask = any(args[f"{kind}_KIND"] != NO_MASK.value and not args[f"{kind}_PER_KEY"] for kind in ("MASK", "BIAS"))
-    return f"{name}-mask" if full_mask else name
+    # a full (query x key) mask or bias tile costs registers: smaller key tiles ("-masks": both, as Swin's)
+    full_tiles = sum(args[f"{kind}_KIND"] != NO_MASK.value and not args[f"{kind}_PER_KEY"] for kind in ("MASK", "BIAS"))
+    return name + ("", "-mask", "-masks")[full_tiles]
 
 
 def _tiled_config(block_m: int, block_n: int, **options) -> triton.Config:
@@ -90,7 +90,7 @@ def _autotuned(interpreted: tuple[int, int], table: dict[str, list[tuple[int, in
 
     def configs_for_class(configs, args):
         name = _config_class(args)
-        return by_class.get(name, by_class[name.removesuffix("-mask")])
+        return by_class.get(name) or by_class.get(name.removesuffix("s")) or by_class[name.split("-mask")[0]]
 
     return autotune(
         [config for rows in by_class.values() for config in rows],
@@ -104,6 +104,7 @@ def _autotuned(interpreted: tuple[int, int], table: dict[str, list[tuple[int, in
 _FORWARD_CONFIGS = {
     "d64": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
     "d64-mask": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2)],
+    "d64-masks": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
     "d128": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3)],
     "d128-mask": [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2)],
     "d256": [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
@@ -124,6 +125,7 @@ _BACKWARD_KEY_CONFIGS = {  # owns BLOCK_N keys, steps over BLOCK_M queries
 }
 _BACKWARD_QUERY_CONFIGS = {  # owns BLOCK_M queries, steps over BLOCK_N keys
     "d64": [(128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
+    "d64-masks": [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
     "d128": [(128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
     "d128-mask": [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 2)],
     "d256": [(32, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
@@ -134,7 +136,7 @@ _BACKWARD_QUERY_CONFIGS = {  # owns BLOCK_M queries, steps over BLOCK_N keys
 }
 
 _BIAS_GRAD_CONFIGS = {  # owns a BLOCK_M x BLOCK_N bias tile, recomputes S and dP there per batch entry
-    "d64": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+    "d64": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
     "d128": [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
     "d256": [(32, 32, 4, 2), (64, 32, 8, 2)],
     "fp32": [(32, 32, 4, 2), (32, 16, 4, 2)],
