@@ -141,7 +141,8 @@ def _hf_two_towers(config_name: str, model_name: str):
         import transformers
 
         small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-        towers = dict(text_config=dict(small, vocab_size=50, max_position_embeddings=8),
+        tokens = dict(vocab_size=50, max_position_embeddings=8, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+        towers = dict(text_config=dict(small, **tokens),
                       vision_config=dict(small, image_size=32, patch_size=8))
         config = getattr(transformers, config_name)(**towers, **({"projection_dim": 16} if config_name == "CLIPConfig" else {}))
         padding = torch.ones(2, 8, dtype=torch.long)

@@ -102,23 +102,22 @@ def attention_case(shape: Shape, dtype: torch.dtype, device: torch.device, direc
     impls, skipped = vkernels_impls(
         "attention", lambda backend: functools.partial(vkernels.attention, is_causal=shape.causal, backend=backend), wrap)
 
-    flops = 4 * batch * heads * length * length * head_dim * (3.5 if training else 1) / (2 if shape.causal else 1)
     attributes = " causal" if shape.causal else ""
     attributes += " mask(B,1,1,L)" if shape.key_padding else ""
-    return Case(
-        name=f"attention {shape.label} B{batch} H{heads} L{length} D{head_dim}{attributes} {DTYPE_NAMES[dtype]} {direction}",
-        family="attention",
-        direction=direction,
-        make_inputs=make_inputs,
-        impls={"pytorch": wrap(stock), **impls},
-        skipped=skipped,
-        flops=int(flops),
-        tolerance=tolerance(dtype),
-        op="attention",
-        dtype=dtype_name(dtype),
-        shape_class=attention_shape_class((length, head_dim), (length, head_dim)),
-        headline=shape.headline,
-    )
+    name = f"attention {shape.label} B{batch} H{heads} L{length} D{head_dim}{attributes} {DTYPE_NAMES[dtype]} {direction}"
+    flops = _flops(batch * heads, length, head_dim, training) / (2 if shape.causal else 1)
+    return _case(name, direction, make_inputs, {"pytorch": wrap(stock), **impls}, skipped, flops, dtype, length, head_dim,
+                 shape.headline)
+
+
+def _flops(batch: int, length: int, head_dim: int, training: bool) -> float:
+    return 4 * batch * length * length * head_dim * (3.5 if training else 1)
+
+
+def _case(name, direction, make_inputs, impls, skipped, flops, dtype, length, head_dim, headline=False) -> Case:
+    return Case(name=name, family="attention", direction=direction, make_inputs=make_inputs, impls=impls,
+                skipped=skipped, flops=int(flops), tolerance=tolerance(dtype), op="attention", dtype=dtype_name(dtype),
+                shape_class=attention_shape_class((length, head_dim), (length, head_dim)), headline=headline)
 
 
 def bias_case(shape: BiasShape, dtype: torch.dtype, device: torch.device, direction: str) -> Case:
@@ -154,17 +153,9 @@ def bias_case(shape: BiasShape, dtype: torch.dtype, device: torch.device, direct
         impls["flex"] = wrap(_flex_with_bias(windows))
     else:
         skipped["flex"] = "FlexAttention has no CPU backward, and its compiled CPU forward is not what we compare to"
-    flops = 4 * batch * heads * length * length * head_dim * (3.5 if training else 1)
-    return Case(
-        name=f"attention+bias {shape.label} B{images}x{windows} H{heads} L{length} D{head_dim} {DTYPE_NAMES[dtype]} {direction}",
-        family="attention",
-        direction=direction,
-        make_inputs=make_inputs,
-        impls={"pytorch": wrap(stock), **impls},
-        skipped=skipped,
-        flops=int(flops),
-        tolerance=tolerance(dtype),
-    )
+    name = f"attention+bias {shape.label} B{images}x{windows} H{heads} L{length} D{head_dim} {DTYPE_NAMES[dtype]} {direction}"
+    flops = _flops(batch * heads, length, head_dim, training)
+    return _case(name, direction, make_inputs, {"pytorch": wrap(stock), **impls}, skipped, flops, dtype, length, head_dim)
 
 
 def _flex_with_bias(windows: int):
