@@ -52,7 +52,7 @@ SM90 = ("cuda", 90, 32)  # backend, compute capability, warp size
 # Cases: representative public calls. Each runs for fp32 and fp16 (bf16 is derived from fp16).
 
 
-def _attention(dtype, dim=64, dim_v=None, seq_q=50, seq_k=50, mask=None, causal=False, qkv_view=False):
+def _attention(dtype, dim=64, dim_v=None, seq_q=50, seq_k=50, mask=None, causal=False, qkv_view=False, bias=None):
     import torch
     import vkernels
 
@@ -68,11 +68,22 @@ def _attention(dtype, dim=64, dim_v=None, seq_q=50, seq_k=50, mask=None, causal=
     attn_mask = None
     if mask == "bool":
         attn_mask = torch.rand(batch, heads, seq_q, seq_k) > 0.2
+    elif mask == "windows":  # Swin's shift mask: float32 0 / -100 per window
+        attn_mask = torch.where(torch.rand(batch, 1, seq_q, seq_k) > 0.2, 0.0, -100.0)
     elif mask in ("float", "float32"):
         attn_mask = torch.randn(batch, 1, seq_q, seq_k, dtype=dtype if mask == "float" else torch.float32)
     elif mask == "key-padding":
         attn_mask = torch.rand(batch, 1, 1, seq_k) > 0.2
-    out = vkernels.attention(q, k, v, attn_mask, is_causal=causal, backend="triton")
+    attn_bias = None
+    if bias == "heads":  # a learned float32 relative-position bias shared by the batch
+        attn_bias = torch.randn(1, heads, seq_q, seq_k, requires_grad=True)
+    elif bias == "keys":  # a learned per-key bias: its gradient sums rows too
+        attn_bias = torch.randn(batch, 1, 1, seq_k, requires_grad=True)
+    elif bias == "windows":  # Swin: 5-D windows, a per-window mask and a per-head bias
+        q, k, v = (t.detach().view(1, batch, heads, *t.shape[2:]).requires_grad_() for t in (q, k, v))
+        attn_mask = attn_mask.view(1, batch, 1, seq_q, seq_k)
+        attn_bias = torch.randn(heads, seq_q, seq_k, requires_grad=True)
+    out = vkernels.attention(q, k, v, attn_mask, is_causal=causal, attn_bias=attn_bias, backend="triton")
     out.float().sum().backward()
 
 
@@ -120,6 +131,10 @@ CASES = {
     "attention d64 seq 64 qkv view": lambda dt: _attention(dt, 64, seq_q=64, seq_k=64, qkv_view=True),
     "attention d64 cross 20x77": lambda dt: _attention(dt, 64, seq_q=20, seq_k=77, mask="key-padding"),
     "attention d64 dv32": lambda dt: _attention(dt, 64, dim_v=32),
+    **{f"attention d{d} bias": (lambda dt, d=d: _attention(dt, d, bias="heads")) for d in (32, 64, 80, 128, 256)},
+    "attention d64 key bias": lambda dt: _attention(dt, 64, bias="keys"),
+    **{f"attention d{d} window 49 bias": (lambda dt, d=d: _attention(dt, d, seq_q=49, seq_k=49, mask="windows",
+                                                                      bias="windows")) for d in (32, 64)},
     "conv 3x3": lambda dt: _conv(dt),
     "conv 3x3 channels_last residual": lambda dt: _conv(dt, channels_last=True, residual=True),
     "conv 3x3 stride 2": lambda dt: _conv(dt, stride=2),

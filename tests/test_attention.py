@@ -5,29 +5,47 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import vkernels
+import vkernels.ops.attention as attention_ops
 from support import CPU_DTYPES, DTYPES, GPU, KERNEL_BACKENDS, device_for, relative_error, tolerance
 
 
-def reference(query, key, value, attn_mask=None, is_causal=False, scale=None):
-    return F.scaled_dot_product_attention(
-        query.double(), key.double(), value.double(),
-        attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.double(),
-        is_causal=is_causal, scale=scale,
-    )
+def reference(query, key, value, attn_mask=None, is_causal=False, scale=None, attn_bias=None):
+    """SDPA in float64, attn_bias added to attn_mask (a bool mask keeps -inf where it masks)."""
+    mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.double()
+    if attn_bias is not None:
+        bias = attn_bias.double()
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else mask + bias
+    return F.scaled_dot_product_attention(query.double(), key.double(), value.double(), mask, is_causal=is_causal,
+                                          scale=scale)
 
 
 def check(backend, query, key, value, dtype, **kwargs):
+    """Output and the gradients of q, k, v and of every mask that requires grad against float64 SDPA.
+    A learned mask's reference is a full-size float64 copy, whose gradient dS is then summed to the
+    mask's shape; its error is measured against the largest of that sum, dS and 1 (a bias constant
+    along the keys has gradient 0: softmax ignores it, and the kernels' sum cancels to rounding of dS)."""
+    learned = [name for name, t in kwargs.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+    scores = (*torch.broadcast_shapes(query.shape[:-2], key.shape[:-2]), query.shape[-2], key.shape[-2])
+    ours = {**kwargs, **{name: kwargs[name].detach().requires_grad_() for name in learned}}
+    theirs = {**kwargs, **{name: kwargs[name].detach().double().expand(scores).clone().requires_grad_() for name in learned}}
     leaves = [t.detach().requires_grad_() for t in (query, key, value)]
     ref_leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
-    out = vkernels.attention(*leaves, **kwargs, backend=backend)
-    expected = reference(*ref_leaves, **kwargs)
+    out = vkernels.attention(*leaves, **ours, backend=backend)
+    expected = reference(*ref_leaves, **theirs)
     assert out.dtype == dtype and out.shape == expected.shape
     assert relative_error(out, expected) < tolerance(dtype)
     grad = torch.randn_like(out)
     out.backward(grad)
     expected.backward(grad.double())
     for leaf, ref_leaf in zip(leaves, ref_leaves):
+        assert leaf.grad.dtype == leaf.dtype and leaf.grad.shape == leaf.shape
         assert relative_error(leaf.grad, ref_leaf.grad, floor=1.0) < tolerance(dtype) * 2
+    for name in learned:
+        grad_scores = theirs[name].grad
+        assert ours[name].grad.dtype == ours[name].dtype and ours[name].grad.shape == ours[name].shape
+        floor = max(grad_scores.norm().item(), 1.0)  # absolute where dS is ~0 too (a single key, say)
+        error = relative_error(ours[name].grad, grad_scores.sum_to_size(ours[name].shape), floor=floor)
+        assert error < tolerance(dtype) * 2, name
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -96,17 +114,88 @@ def test_attention_shape_fuzz(backend, batch_heads, lengths, head_dims, mask, dt
     check(backend, query, key, value, dtype, **kwargs)
 
 
+def keep_first_key(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask where every query row attends key 0: no row fully masked (SDPA gives NaN there)."""
+    return mask.index_fill(-1, torch.tensor([0], device=mask.device), True)
+
+
+FP32, FP16 = torch.float32, torch.float16
+# name -> (query batch dims, key length, bias shape, mask shape or None, q/k/v dtype): learned float32
+# biases as models use them
+BIAS_PATTERNS = {
+    "relative-position (1,H,L,L)": ((3, 2), 20, (1, 2, 20, 20), None, FP16),
+    "swin windows as batch: bias (nW,H,L,L) + shift mask (nW,1,L,L)": ((2, 3, 2), 20, (3, 2, 20, 20), (3, 1, 20, 20), FP32),
+    "per-head (H,L,L) + key padding": ((2, 2), 25, (2, 20, 25), (2, 1, 1, 25), FP16),
+    "per-key (B,1,1,Lk)": ((3, 2), 25, (3, 1, 1, 25), None, FP32),
+    "per-query (Lq,1): gradient 0": ((2, 2), 25, (20, 1), None, FP16),
+    "full (B,H,Lq,Lk)": ((2, 2), 25, (2, 2, 20, 25), None, FP32),
+}
+if GPU:  # bf16 arithmetic: not in the Triton interpreter
+    BIAS_PATTERNS["relative-position (1,H,L,L) bf16"] = ((3, 2), 20, (1, 2, 20, 20), None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("pattern", BIAS_PATTERNS.values(), ids=BIAS_PATTERNS.keys())
+def test_learned_bias_gets_sdpas_gradient(pattern):
+    """An additive attn_mask that requires grad (float32, with any q/k/v dtype, as SDPA takes it):
+    its gradient, summed over what it broadcasts over, against float64 SDPA."""
+    device = device_for("triton")
+    batch, key_len, bias_shape, mask_shape, dtype = pattern
+    query = torch.randn(*batch, 20, 16, device=device).to(dtype)
+    key, value = (torch.randn(*batch, key_len, 16, device=device).to(dtype) for _ in range(2))
+    bias = torch.randn(bias_shape, device=device, requires_grad=True)
+    if mask_shape is None:
+        check("triton", query, key, value, dtype, attn_mask=bias)
+    else:  # a second mask in the same pass: SDPA's attn_mask is their sum
+        mask = keep_first_key(torch.rand(mask_shape, device=device) > 0.3)
+        check("triton", query, key, value, dtype, attn_mask=mask, attn_bias=bias)
+
+
+@settings(max_examples=5, deadline=None)
+@given(
+    batch=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+    lengths=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    head_dim=st.sampled_from([8, 16, 24]),
+    broadcast=st.lists(st.booleans(), min_size=5, max_size=5),
+    mask=st.sampled_from([None, "bool", "float"]),
+    dtype=st.sampled_from(CPU_DTYPES),
+    bias_dtype=st.sampled_from([torch.float32, None]),
+)
+def test_learned_bias_fuzz(batch, lengths, head_dim, broadcast, mask, dtype, bias_dtype):
+    """Random batch dims, a bias broadcast over a random subset of them and of (Lq, Lk), maybe of lower
+    rank, with or without a second mask, in the query's dtype or float32."""
+    device = device_for("triton")
+    seq_q, seq_k = lengths
+    scores = (*batch, seq_q, seq_k)
+    bias_shape = [1 if flat else size for flat, size in zip(broadcast, scores[-5:] if len(scores) >= 5 else scores)]
+    bias_shape = bias_shape[next((i for i, size in enumerate(bias_shape) if size != 1), len(bias_shape)) // 2:]
+    query = torch.randn(*batch, seq_q, head_dim, device=device).to(dtype)
+    key, value = (torch.randn(*batch, seq_k, head_dim, device=device).to(dtype) for _ in range(2))
+    bias = torch.randn(bias_shape, device=device, dtype=bias_dtype or dtype, requires_grad=True)
+    kwargs = {"attn_bias": bias}
+    if mask == "bool":
+        kwargs["attn_mask"] = keep_first_key(torch.rand(scores, device=device) > 0.4)
+    elif mask == "float":
+        kwargs["attn_mask"] = torch.randn(scores[-3:], device=device)
+    check("triton", query, key, value, dtype, **kwargs)
+
+
 def test_what_only_sdpa_serves_goes_to_torch_under_auto_and_is_refused_when_forced():
     device = device_for("triton")
     q = torch.randn(1, 2, 4, 8, device=device)
     for kwargs, inputs in (
         ({"dropout_p": 0.5}, (q, q, q)),
         ({}, (torch.randn(1, 2, 4, 300, device=device),) * 3),
-        ({"attn_mask": torch.zeros(4, 4, device=device, requires_grad=True)}, (q, q, q)),
     ):
         vkernels.attention(*inputs, **kwargs)  # auto: stock SDPA
         with pytest.raises(vkernels.BackendUnavailableError):
             vkernels.attention(*inputs, **kwargs, backend="triton")
+
+
+def test_cuda_refuses_a_learned_bias_until_its_kernels_take_one():
+    """Issue 13's phase 2 brings attn_bias to csrc/cuda/attention.cu; until then CUDA says why."""
+    q = torch.randn(1, 2, 4, 8)
+    limits = attention_ops._kernel_limits(q, q, q, None, torch.zeros(4, 4), 0.0)
+    assert set(limits) == {"cuda"} and "phase 2" in limits["cuda"]
 
 
 BAD_CALLS = {
@@ -139,8 +228,18 @@ def test_opcheck(backend):
     q, k, v = (torch.randn(1, 2, n, 16, device=device, requires_grad=True) for n in (5, 7, 7))
     mask = (torch.rand(1, 1, 1, 7, device=device) > 0.2).expand(1, 2, 5, 7)
     op = getattr(torch.ops.vkernels, f"attention_{backend}").default
-    torch.library.opcheck(op, (q, k, v, None, True, 0.25))
-    torch.library.opcheck(op, (q, k, v, mask, False, 0.25))
+    if backend == "cuda":  # its schema from before attn_bias, until issue 13's phase 2
+        torch.library.opcheck(op, (q, k, v, None, True, 0.25))
+        torch.library.opcheck(op, (q, k, v, mask, False, 0.25))
+        return
+    torch.library.opcheck(op, (q, k, v, None, None, True, 0.25))
+    # 5-D windows (B0 images, B1 windows, H heads): a per-window bool mask and a per-head learned bias
+    q, k, v = (torch.randn(2, 2, 2, 5, 8, device=device, requires_grad=True) for _ in range(3))
+    mask = torch.rand(1, 2, 1, 5, 5, device=device) > 0.2
+    bias = torch.randn(1, 1, 2, 5, 5, device=device, requires_grad=True)
+    torch.library.opcheck(op, (q, k, v, mask, bias, False, 0.25))
+    out = vkernels.attention(q[0], k[0], v[0], attn_bias=bias[0], backend=backend)
+    assert out.transpose(-3, -2).is_contiguous()  # laid out (B, L, H, E): a ViT's (B, L, H * E) view is free
 
 
 def test_autocast_runs_the_kernel_in_the_autocast_dtype_like_sdpa():

@@ -1,4 +1,4 @@
-"""vkernels.patch: torchvision ResNets, timm ViT attention, open_clip CLIP, nn.MultiheadAttention and
+"""vkernels.patch: torchvision ResNets, timm ViT attention (routed SDPA), open_clip CLIP, nn.MultiheadAttention and
 pooling rewritten in place; outputs, state_dict keys and Parameter objects as the stock model's."""
 import copy
 import importlib
@@ -146,7 +146,8 @@ def test_timm_attention_masks_qk_norm_and_dropout(calls):
     device = device_for("triton")
     stock = Attention(16, num_heads=2, qkv_bias=True, qk_norm=True, norm_layer=torch.nn.LayerNorm).to(device).eval()
     patched = vkernels.patch(copy.deepcopy(stock), backend="triton")
-    assert isinstance(patched, patch_module.TimmAttention)
+    assert type(patched) is Attention  # timm's own forward, its SDPA call routed to vkernels
+    assert patch_module.common.wrapped_forward(patched) is patch_module.attention.sdpa_routed_forward
     x = torch.randn(2, 5, 16, device=device)
     mask = torch.rand(2, 1, 5, 5, device=device) > 0.3
     mask[..., 0] = True  # every query attends to something

@@ -18,10 +18,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def reference_attention(query, key, value, mask, is_causal, scale):
-    """softmax(q k^T * scale + mask) v in float64, and the natural-log lse; rows with every key
+def reference_attention(query, key, value, mask, is_causal, scale, bias=None):
+    """softmax(q k^T * scale + mask + bias) v in float64, and the natural-log lse; rows with every key
     masked give out = 0 (and so zero gradients) and lse = -inf."""
     scores = (query @ key.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
     attend = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if mask is not None and mask.dtype == torch.bool:
         attend = attend & mask
@@ -49,6 +51,7 @@ class Case:
     is_causal: bool = False
     logit_scale: float = 1.0  # x100 pushes the softmax to one-hot: large logits
     dead_row: bool = False  # mask every key of one query row
+    bias: tuple[int, ...] | None = None  # a learned float32 bias of this shape, broadcast to (B, H, Lq, Lk)
 
     def inputs(self):
         dv = self.head_dim_v or self.head_dim
@@ -66,7 +69,8 @@ class Case:
             query = (query.float() * self.logit_scale**0.5).to(self.dtype)
             key = (key.float() * self.logit_scale**0.5).to(self.dtype)
         mask = self._mask()
-        return query, key, value, mask
+        bias = None if self.bias is None else torch.randn(self.bias, device=DEVICE)
+        return query, key, value, mask, bias
 
     def _mask(self):
         b, h, lq, lk = self.batch, self.heads, self.seq_q, self.seq_k
@@ -106,6 +110,16 @@ CASES = [
     pytest.param(Case(1, 2, 40, 40, 64, FP32, mask="causal_float32", is_causal=True), id="text-causal-f32mask-fp32"),
     pytest.param(Case(1, 3, 50, 50, 80, BF16, layout="qkv", mask="bool", dead_row=True),
                  id="vit50-d80-bool-bf16", marks=pytest.mark.cuda),
+    # learned float32 biases, their gradients summed over the dims they broadcast over
+    pytest.param(Case(3, 2, 49, 49, 32, FP32, layout="qkv", bias=(1, 2, 49, 49)), id="window49-headbias-fp32"),
+    pytest.param(Case(2, 2, 50, 50, 80, FP16, mask="bool", dead_row=True, bias=(1, 2, 50, 50)),
+                 id="bool+bias-deadrow-d80-fp16"),
+    pytest.param(Case(2, 2, 37, 45, 40, FP32, mask="key_padding", bias=(2, 1, 1, 45)), id="keybias-keypad-fp32"),
+    pytest.param(Case(2, 1, 37, 45, 24, FP16, is_causal=True, bias=(1, 1, 37, 1)), id="rowbias-causal-fp16"),  # grad 0
+    pytest.param(Case(2, 2, 20, 33, 16, FP32, mask="float", bias=(1, 1, 1, 1)), id="scalarbias-fp32"),
+    pytest.param(Case(2, 2, 33, 20, 64, FP32, bias=(2, 2, 33, 20)), id="fullbias-fp32"),
+    pytest.param(Case(2, 3, 50, 50, 64, BF16, layout="qkv", bias=(1, 3, 50, 50)), id="headbias-bf16",
+                 marks=pytest.mark.cuda),
 ]
 
 
@@ -123,27 +137,33 @@ def test_block_shapes(blocks, monkeypatch):
     if DEVICE.type == "cuda":
         pytest.skip("the GPU autotunes over its own configs")
     kernels = (attention_kernels._attention_forward_kernel, attention_kernels._attention_backward_key_kernel,
-               attention_kernels._attention_backward_query_kernel)
-    for kernel, (block_m, block_n) in zip(kernels, blocks):
+               attention_kernels._attention_backward_query_kernel, attention_kernels._attention_bias_grad_kernel)
+    for kernel, (block_m, block_n) in zip(kernels, (*blocks, blocks[0])):
         monkeypatch.setattr(kernel, "configs", [attention_kernels._tiled_config(block_m, block_n)])
     check_against_reference(Case(1, 1, 83, 70, 40, FP32, mask="bool", is_causal=True, dead_row=True))
     check_against_reference(Case(1, 1, 37, 90, 24, FP32, mask="key_padding", is_causal=True))
     # not causal: the forward and dQ key loops (and the dK/dV query loop) end in tail steps
     check_against_reference(Case(1, 1, 83, 70, 40, FP32, mask="bool", dead_row=True))
     check_against_reference(Case(2, 1, 50, 129, 24, FP32))
+    check_against_reference(Case(2, 1, 50, 70, 24, FP32, bias=(1, 1, 50, 70)))  # bias tiles across both axes
 
 
 def check_against_reference(case: Case):
-    query, key, value, mask = case.inputs()
+    query, key, value, mask, bias = case.inputs()
     scale = case.head_dim**-0.5
     poison_allocator(DEVICE)
-    out, lse = attention_forward(query, key, value, mask, case.is_causal, scale)
+    out, lse = attention_forward(query, key, value, mask, bias, case.is_causal, scale)
 
     leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
-    expected_out, expected_lse = reference_attention(*leaves, mask, case.is_causal, scale)
+    # the bias at full size: its gradient is dS, summed below to the bias's shape
+    scores = (case.batch, case.heads, case.seq_q, case.seq_k)
+    bias_leaf = None if bias is None else bias.double().expand(scores).clone().requires_grad_()
+    expected_out, expected_lse = reference_attention(*leaves, mask, case.is_causal, scale, bias_leaf)
     grad_out = torch.randn_like(out)
     expected_out.backward(grad_out.double())
-    grads = attention_backward(grad_out, query, key, value, out, lse, mask, case.is_causal, scale)
+    poison_allocator(DEVICE)
+    *grads, grad_bias = attention_backward(grad_out, query, key, value, out, lse, mask, bias, case.is_causal, scale,
+                                           bias is not None)
 
     # scores of ~1e3 carry fp32 rounding of ~1e-4 into exp(): large logits get a looser bound
     tolerance = TOLERANCE[case.dtype] * (10 if case.logit_scale > 1 else 1)
@@ -156,14 +176,34 @@ def check_against_reference(case: Case):
         assert grad.dtype == query.dtype and grad.shape == leaf.shape, name
         error = relative_error(grad, leaf.grad, floor=1.0)  # dQ and dK are ~0 with a single key
         assert error < tolerance, f"grad {name}: {error:.2e}"
+    if bias is None:
+        assert grad_bias is None
+    else:  # summed over the batch entries, rows and columns the bias broadcasts over; measured against
+        # dS too, as a bias constant along the keys has gradient 0 (softmax ignores it)
+        assert grad_bias.dtype == bias.dtype and grad_bias.shape == bias.shape
+        expected = bias_leaf.grad.sum_to_size(bias.shape)
+        floor = max(bias_leaf.grad.norm().item(), 1.0)
+        assert relative_error(grad_bias, expected, floor=floor) < tolerance, "grad bias"
     if case.dead_row:
         assert (out[:, :, case.seq_q // 2] == 0).all() and (grads[0][:, :, case.seq_q // 2] == 0).all()
 
 
-def test_attention_backward_is_deterministic():
-    query, key, value, mask = Case(1, 2, 50, 45, 40, FP32, mask="float").inputs()
-    out, lse = attention_forward(query, key, value, mask, False, 0.2)
+def test_attention_backward_is_deterministic(monkeypatch):
+    """Bit-identical reruns; the bias gradient sums 6 batch entries in 3 chunks of 2 (few programs
+    wanted) and in 6 chunks of 1 (the default here), each in a fixed order."""
+    query, key, value, mask, bias = Case(3, 2, 20, 17, 16, FP32, mask="float", bias=(1, 1, 20, 17)).inputs()
+    out, lse = attention_forward(query, key, value, mask, bias, False, 0.2)
     grad_out = torch.randn_like(out)
-    first = attention_backward(grad_out, query, key, value, out, lse, mask, False, 0.2)
-    second = attention_backward(grad_out, query, key, value, out, lse, mask, False, 0.2)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for programs in (3, attention_kernels.BIAS_GRAD_PROGRAMS):
+        monkeypatch.setattr(attention_kernels, "BIAS_GRAD_PROGRAMS", programs)
+        first = attention_backward(grad_out, query, key, value, out, lse, mask, bias, False, 0.2, True)
+        second = attention_backward(grad_out, query, key, value, out, lse, mask, bias, False, 0.2, True)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_bias_grad_chunks_depend_on_shapes_only():
+    assert attention_kernels.bias_grad_chunks(1, 4) == (1, 1)  # nothing to reduce: no partial sums
+    assert attention_kernels.bias_grad_chunks(8192, 3) == (25, 328)  # Swin-T stage 1, batch 128: 64 x 128 windows
+    for entries, tiles in ((5, 1), (1000, 7), (3, 5000)):
+        chunk_size, chunks = attention_kernels.bias_grad_chunks(entries, tiles)
+        assert (chunks - 1) * chunk_size < entries <= chunks * chunk_size

@@ -133,10 +133,13 @@ def window_index_dtype(window_elements: int) -> torch.dtype:
     return torch.int32
 
 
-def attention_batch_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[int, ...]:
+def attention_batch_shape(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+    attn_bias: torch.Tensor | None = None,
+) -> tuple[int, ...]:
     """The batch dims (..., before L and E) of scaled dot-product attention, after the checks SDPA makes:
     ranks >= 2, one dtype and device, key and query head dims equal, key and value lengths equal,
-    batch dims broadcastable, a bool or float mask broadcastable to (..., Lq, Lk)."""
+    batch dims broadcastable, a bool or float mask (and a float bias) broadcastable to (..., Lq, Lk)."""
     if min(query.dim(), key.dim(), value.dim()) < 2:
         raise RuntimeError(
             "attention: expected query, key and value to be at least 2-dimensional, got "
@@ -157,18 +160,82 @@ def attention_batch_shape(query: torch.Tensor, key: torch.Tensor, value: torch.T
             f"attention: batch dims of query {tuple(query.shape[:-2])}, key {tuple(key.shape[:-2])} and "
             f"value {tuple(value.shape[:-2])} do not broadcast"
         ) from error
-    if attn_mask is not None:
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise RuntimeError(f"attention: attn_mask must be bool or floating point, got {attn_mask.dtype}")
-        if attn_mask.device != query.device:
-            raise RuntimeError(f"attention: attn_mask is on {attn_mask.device}, query on {query.device}")
-        scores = (*batch, query.shape[-2], key.shape[-2])
+    scores = (*batch, query.shape[-2], key.shape[-2])
+    for name, mask in (("attn_mask", attn_mask), ("attn_bias", attn_bias)):
+        if mask is None:
+            continue
+        if not mask.is_floating_point() and (name == "attn_bias" or mask.dtype != torch.bool):
+            kinds = "floating point" if name == "attn_bias" else "bool or floating point"
+            raise RuntimeError(f"attention: {name} must be {kinds}, got {mask.dtype}")
+        if mask.device != query.device:
+            raise RuntimeError(f"attention: {name} is on {mask.device}, query on {query.device}")
         try:
-            if torch.broadcast_shapes(attn_mask.shape, scores) != scores:
+            if torch.broadcast_shapes(mask.shape, scores) != scores:
                 raise RuntimeError
         except RuntimeError as error:
-            raise RuntimeError(f"attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {scores}") from error
+            raise RuntimeError(f"attention: {name} of shape {tuple(mask.shape)} does not broadcast to {scores}") from error
     return tuple(batch)
+
+
+def fold_attention_batch(
+    batch: tuple[int, ...], tensors: Sequence[torch.Tensor | None]
+) -> tuple[tuple[int, int, int], list[torch.Tensor | None]]:
+    """Three batch levels (B0, B1, H) for attention over the batch dims ``batch``, and ``tensors``
+    (query, key, value, masks: each (*its batch dims, X, Y), broadcastable to batch) as 5-D views
+    over them, of size 1 on a level where the tensor broadcasts.
+
+    H is batch's last dim when there are two or more (the heads of (B, H, L, E); never merged, so that
+    an output laid out (..., L, H, E) keeps that layout for the caller), else 1. The leading dims fold
+    into B0 and B1: dims of size 1 drop out, and adjacent dims merge when every tensor views them as
+    one (both broadcast, or both full with nesting strides). (B, H) folds to (1, B, H); windows of
+    an image batch, (B, nW, H) with a per-window mask, keep three levels. When more than two leading
+    groups remain, the first ones merge by reshaping the broadcast tensors: a copy, and for a bias a
+    full-size gradient that autograd then reduces."""
+    heads = batch[-1] if len(batch) >= 2 else 1
+    leading = range(len(batch) - 1) if len(batch) >= 2 else range(len(batch))
+    aligned = [None if t is None else t.view((1,) * (len(batch) + 2 - t.dim()) + tuple(t.shape)) for t in tensors]
+
+    def mergeable(t, first, second):
+        full = t.shape[first] != 1, t.shape[second] != 1
+        return full[0] == full[1] and (not full[0] or t.stride(first) == t.stride(second) * t.shape[second])
+
+    groups: list[list[int]] = []
+    for dim in [d for d in leading if batch[d] != 1]:
+        if groups and all([t is None or mergeable(t, groups[-1][-1], dim) for t in aligned]):
+            groups[-1].append(dim)
+        else:
+            groups.append([dim])
+    if len(groups) > 2:
+        merged = [d for group in groups[:-1] for d in group]
+        aligned = [None if t is None else _expand_dims(t, merged, batch) for t in aligned]
+        groups = [merged, groups[-1]]
+    groups = [[]] * (2 - len(groups)) + groups
+    # (lists, not generators, inside math.prod and all: torch.compile traces these)
+    levels = (math.prod([batch[d] for d in groups[0]]), math.prod([batch[d] for d in groups[1]]), heads)
+
+    def level_view(t):
+        sizes = [math.prod([t.shape[d] for d in group]) for group in groups]
+        own_heads = t.shape[len(batch) - 1] if len(batch) >= 2 else 1
+        return t.reshape(*sizes, own_heads, *t.shape[-2:])
+
+    return levels, [None if t is None else level_view(t) for t in aligned]
+
+
+def _expand_dims(tensor: torch.Tensor, dims: Sequence[int], batch: tuple[int, ...]) -> torch.Tensor:
+    sizes = list(tensor.shape)
+    for d in dims:
+        sizes[d] = batch[d]
+    return tensor.expand(sizes)
+
+
+def empty_attention_output(query: torch.Tensor, value_dim: int) -> torch.Tensor:
+    """Attention's output for ``query`` (..., H, Lq, E): shaped (..., H, Lq, value_dim) in query's dtype,
+    laid out (..., Lq, H, value_dim) in memory as FlashAttention's, so that the (B, L, H * E) view
+    every ViT takes next costs no copy. Contiguous for queries of fewer than 4 dims."""
+    if query.dim() < 4:
+        return query.new_empty((*query.shape[:-1], value_dim))
+    *batch, heads, seq_q, _ = query.shape
+    return query.new_empty((*batch, seq_q, heads, value_dim)).transpose(-3, -2)
 
 
 def conv2d_geometry(

@@ -1,7 +1,7 @@
 """The ``vkernels`` torch.library namespace: where every op family defines its per-backend ops."""
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -11,13 +11,14 @@ _LIBRARY = torch.library.Library("vkernels", "FRAGMENT")
 
 
 def define_backend_ops(
-    schemas: Mapping[str, str], fakes: Mapping[str, Callable], triton_launchers: Mapping[str, Callable]
+    schemas: Mapping[str, str], fakes: Mapping[str, Callable], triton_launchers: Mapping[str, Callable],
+    backends: Sequence[str] = KERNEL_BACKENDS,
 ) -> None:
-    """Defines ``vkernels::<name>_<backend>`` for every kernel backend with one schema and one fake
-    kernel per name, and implements the Triton ones with their launchers (CPU through the
+    """Defines ``vkernels::<name>_<backend>`` for every kernel backend in ``backends`` with one schema
+    and one fake kernel per name, and implements the Triton ones with their launchers (CPU through the
     interpreter, CUDA). The CUDA C++ ones get their kernels from vkernels._C (TORCH_LIBRARY_IMPL),
     which may load before or after this."""
-    for backend in KERNEL_BACKENDS:
+    for backend in backends:
         for name, schema in schemas.items():
             _LIBRARY.define(f"{name}_{backend}{schema}")
             torch.library.register_fake(f"vkernels::{name}_{backend}", fakes[name], lib=_LIBRARY)

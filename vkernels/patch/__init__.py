@@ -9,8 +9,14 @@ The walk (this file) is written once; what is replaced is data, one file per mec
 - ``modules``: ``torch.nn.MaxPool2d`` / ``AvgPool2d`` / ``AdaptiveAvgPool2d`` -> ``vkernels.nn``'s,
   same config; ``torch.nn.MultiheadAttention`` -> ``vkernels.nn.MultiheadAttention`` (open_clip's
   towers use it, calling it with ``need_weights=False``, which is what lets the kernels run).
-- ``attention``: timm's ``Attention`` (ViT) -> :class:`TimmAttention`: the attention core runs
-  through ``vkernels.attention`` on strided views of the qkv projection.
+- ``swin``: Swin's window attention (torchvision and timm, v1 and v2): the forward of the instance
+  is replaced by one that attends the windows as batch entries of ``vkernels.attention``, with the
+  shift mask per window and the learned relative-position bias per head (and its gradient).
+- ``attention``: timm modules with a ``fused_attn`` path (ViT, DeiT, BEiT, EVA, DINOv2, ...): their
+  own forward runs with ``F.scaled_dot_product_attention`` routed to ``vkernels.attention``.
+- ``transformers``: Hugging Face models switch to the ``"vkernels"`` attention implementation
+  registered in transformers' ``AttentionInterface`` (``attn_implementation="vkernels"`` works
+  too, after ``vkernels.patch.transformers.register_attention()``).
 - ``resnet``: torchvision ``BasicBlock`` / ``Bottleneck`` whose BatchNorms are in eval mode ->
   :class:`ResNetBlock`: conv -> BN -> ReLU is one ``conv2d_relu`` with the BN folded into the
   weights, and the last conv -> BN -> add -> ReLU uses the kernel's residual epilogue. The ResNet stem
@@ -18,26 +24,29 @@ The walk (this file) is written once; what is replaced is data, one file per mec
   batch statistics, nothing folds, and blocks are left alone; a block patched in eval mode and put
   back in train mode runs torchvision's own math.
 
-Module rules match exact types only (a subclass may have changed ``forward``, so it is left alone).
-Anything else is left as it is, so a model ``patch`` does not understand keeps working unchanged.
+Rules that replace a module or its forward match exact types only (a subclass may have changed
+``forward``, so it is left alone); the SDPA routing and transformers' registry keep the model's own
+forward, so they take subclasses too. Anything else is left as it is, so a model ``patch`` does not
+understand keeps working unchanged.
 """
 from __future__ import annotations
 
 import torch
 
-from vkernels.patch import attention, modules, resnet
-from vkernels.patch.attention import TimmAttention
+from vkernels.patch import attention, modules, resnet, swin, transformers
 from vkernels.patch.report import Left, PatchReport
 from vkernels.patch.resnet import ResNetBlock
 
-__all__ = ["PatchReport", "ResNetBlock", "TimmAttention", "patch"]
+__all__ = ["PatchReport", "ResNetBlock", "patch"]
 
 # rule(module, backend) -> (replacement, description), Left(why) for a module it knows but cannot
 # serve, or None; the first rule that answers wins.
 MODULE_RULES = (
     modules.replace_pooling,
     modules.replace_multihead_attention,
-    attention.replace_timm_attention,
+    swin.window_attention_rule,
+    attention.route_timm_attention,
+    transformers.transformers_attention_rule,
     resnet.replace_resnet_block,
 )
 # rule(module, path_prefix, backend, report): rewires a module's children in place before the walk

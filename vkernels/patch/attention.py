@@ -1,82 +1,65 @@
-"""timm's ViT attention: the attention core of ``timm.layers.attention.Attention`` through
-``vkernels.attention``."""
+"""Attention through the libraries' own seam: ``F.scaled_dot_product_attention``.
+
+A routed module keeps its class, state and forward; its forward runs inside a ``TorchFunctionMode``
+that sends each ``F.scaled_dot_product_attention`` call to ``vkernels.attention`` (SDPA's arguments;
+an additive mask that requires grad, such as BEiT's relative position bias, gets its gradient from
+the kernels). The mode holds under ``torch.compile(fullgraph=True)``: Dynamo traces it and the graph
+holds the vkernels op. In eager mode it costs one Python call per torch function the module's
+forward makes. Calls with what the kernels lack (``dropout_p > 0`` in training, ``enable_gqa``) run
+stock SDPA.
+
+Routed here: every timm module with a ``fused_attn`` flag that is on (ViT, DeiT, DINOv2 with
+registers, BEiT, EVA/EVA-02 with RoPE applied before the call, and the other timm families whose
+fused path calls SDPA). timm's Swin has its own rule (``vkernels.patch.swin``): its fused path adds
+the window mask to the bias at full (batch x windows) size.
+"""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from vkernels.ops.attention import attention
-from vkernels.patch.common import loaded_class, share_state
+from vkernels.patch.common import wrap_forward, wrapped_forward
 from vkernels.patch.report import Left
 
 
-def _timm_attention_classes():
-    """timm's ViT attention class: ``timm.layers.attention.Attention`` in timm >= 1.0, defined in
-    ``timm.models.vision_transformer`` before that."""
-    found = (loaded_class(name, "Attention") for name in ("timm.layers.attention", "timm.models.vision_transformer"))
-    return {cls for cls in found if cls is not None}
+def sdpa_through_vkernels(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                          enable_gqa=False, *, backend=None):
+    """``F.scaled_dot_product_attention``'s arguments, run by ``vkernels.attention`` when the kernels
+    have what the call needs, else by stock SDPA."""
+    if dropout_p > 0 or enable_gqa:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
+    return attention(query, key, value, attn_mask, is_causal=is_causal, scale=scale, backend=backend)
 
 
-def replace_timm_attention(module, backend):
-    kind = type(module)
-    if kind not in _timm_attention_classes():
-        return None
-    if not TimmAttention.supports(module):
-        return Left(f"children {sorted(module._modules)} or qkv layer not as in timm's ViT Attention")
-    return TimmAttention(module, backend=backend), f"timm {kind.__name__} -> vkernels.patch.TimmAttention"
+class SdpaToVkernels(TorchFunctionMode):
+    """While active, ``F.scaled_dot_product_attention`` runs ``sdpa_through_vkernels`` on ``backend``."""
 
-
-
-class TimmAttention(torch.nn.Module):
-    """timm's ViT ``Attention`` with the same submodules (``qkv``, ``q_norm``, ``k_norm``,
-    ``attn_drop``, ``norm``, ``gate``, ``proj``, ``proj_drop``; so the same state_dict keys) whose
-    attention core is ``vkernels.attention`` on strided (no-copy) views of the qkv output.
-
-    Attention dropout in training (``attn_drop.p > 0``) has no kernel: those calls run SDPA.
-    """
-
-    _KNOWN_CHILDREN = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"}
-
-    @classmethod
-    def supports(cls, module) -> bool:
-        required = all(hasattr(module, name) for name in ("qkv", "proj", "num_heads", "fused_attn"))
-        return required and set(module._modules) <= cls._KNOWN_CHILDREN and isinstance(module.qkv, torch.nn.Linear)
-
-    def __init__(self, module: torch.nn.Module, *, backend: str | None = None) -> None:
+    def __init__(self, backend: str | None = None) -> None:
         super().__init__()
-        share_state(self, module)
-        self.num_heads = module.num_heads
-        self.attn_dim = getattr(module, "attn_dim", module.qkv.out_features // 3)
-        self.head_dim = getattr(module, "head_dim", self.attn_dim // self.num_heads)
-        self.scale = getattr(module, "scale", self.head_dim**-0.5)
-        self.fused_attn = module.fused_attn
-        if "gate" not in self._modules:
-            self.gate = None
         self.backend = backend
 
-    def extra_repr(self) -> str:
-        config = f"num_heads={self.num_heads}, head_dim={self.head_dim}"
-        return config if self.backend is None else f"{config}, backend={self.backend!r}"
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return sdpa_through_vkernels(*args, **kwargs, backend=self.backend)
+        return func(*args, **kwargs)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        # (B, N, 3, H, D) -> three (B, H, N, D) views of the one projection output
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        if dropout_p > 0:  # the kernels have no dropout
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale)
-        else:
-            out = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale, backend=self.backend)
-        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
-        if "norm" in self._modules:  # timm's scale_norm (Identity unless enabled; absent in older timm)
-            out = self.norm(out)
-        if gate is not None:
-            out = out * gate
-        return self.proj_drop(self.proj(out))
 
-    @staticmethod
-    def _norm(norm, x):
-        return x if isinstance(norm, torch.nn.Identity) else norm(x)
+def sdpa_routed_forward(module, backend, *args, **kwargs):
+    """The module's own forward, its SDPA calls routed to vkernels."""
+    with SdpaToVkernels(backend):
+        return type(module).forward(module, *args, **kwargs)
 
+
+def route_timm_attention(module, backend):
+    if not type(module).__module__.startswith("timm.") or not hasattr(module, "fused_attn"):
+        return None
+    if wrapped_forward(module) is not None:
+        return None  # patched before
+    if not module.fused_attn:
+        return Left("timm's fused_attn is off here (TIMM_FUSED_ATTN=0, or an experimental fused path): "
+                    "its attention is explicit matmuls")
+    wrap_forward(module, sdpa_routed_forward, backend)
+    return module, f"timm {type(module).__name__}: F.scaled_dot_product_attention -> vkernels.attention"

@@ -1,7 +1,8 @@
-"""What every patch rule shares: moving a module's state into its replacement, and finding a model
-library's classes without importing the library."""
+"""What every patch rule shares: moving a module's state into its replacement, replacing a module's
+forward on one instance, and finding a model library's classes without importing the library."""
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -25,3 +26,16 @@ def loaded_class(module_name: str, name: str) -> type | None:
     library is), else None: patching never imports a model library."""
     found = getattr(sys.modules.get(module_name), name, None)
     return found if isinstance(found, type) else None
+
+
+def wrap_forward(module: torch.nn.Module, forward, backend: str | None) -> None:
+    """Run ``forward(module, backend, *args, **kwargs)`` in place of ``module``'s forward, on this
+    instance only: the class and its other instances keep theirs, the module keeps its type, state
+    and methods, and deepcopy, pickling and torch.compile see the instance attribute."""
+    module.forward = functools.partial(forward, module, backend)
+
+
+def wrapped_forward(module: torch.nn.Module):
+    """The function ``wrap_forward`` put in place of ``module``'s forward, else None."""
+    found = module.__dict__.get("forward")
+    return found.func if isinstance(found, functools.partial) else None

@@ -1,22 +1,32 @@
-"""Flash attention in Triton: a forward with online softmax and a deterministic three-kernel backward.
+"""Flash attention in Triton: a forward with online softmax and a deterministic backward, with the
+gradient of a learned additive bias.
 
-Shapes: query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv), read through any strides.
-``mask`` is None or a (B, H, Lq, Lk) view (stride 0 on broadcast dimensions), bool (True = attend)
-or additive float. ``is_causal`` is top-left aligned as in torch SDPA: query i attends key j iff
-j <= i, whatever Lq and Lk are.
+Shapes: query (B0, B1, B2, Lq, D), key (B0, B1, B2, Lk, D), value (B0, B1, B2, Lk, Dv) (4-D inputs
+are taken as B0 = 1), read through any strides: three batch levels so that windows of an image batch
+(Swin: B0 images, B1 windows, B2 heads) index a per-window mask and a per-head bias without copies.
+``mask`` is None or broadcastable to (B0, B1, B2, Lq, Lk), bool (True = attend) or additive float;
+``bias`` is None or an additive float broadcastable the same way, added with the mask in the same
+pass; both are read through stride-0 views where they broadcast. ``is_causal`` is top-left aligned
+as in torch SDPA: query i attends key j iff j <= i, whatever Lq and Lk are.
 
-lse convention: ``lse[b, h, i]`` is the natural-log log-sum-exp over keys of the scaled, masked
-logits ``scale * q_i . k_j + mask_ij`` (torch's ``logsumexp``), in float32. A row whose every key is
-masked gets out = 0 and lse = +inf, so that exp(s - lse) = 0 and the backward gives it zero
+lse convention: ``lse[b, i]`` is the natural-log log-sum-exp over keys of the scaled, masked logits
+``scale * q_i . k_j + mask_ij + bias_ij`` (torch's ``logsumexp``), in float32. A row whose every key
+is masked gets out = 0 and lse = +inf, so that exp(s - lse) = 0 and the backward gives it zero
 gradients. Internally the kernels work in base 2 (scores carry a factor log2(e), softmax uses exp2).
+The output is laid out (B0, B1, Lq, B2, Dv) in memory, as FlashAttention's: a (B, H, L, D) result
+transposed to (B, L, H * D), as every ViT does next, is a view.
 
 Tiling follows FlashAttention-2: a forward program owns BLOCK_M query rows and streams key blocks;
 the backward computes delta = rowsum(dO * O), then one kernel owns a key block and loops over query
-blocks for dK, dV, and another owns a query block and loops over key blocks for dQ. Every output
-element is written by one program in a fixed order: no atomics, bitwise deterministic. Sequences
-rarely fill their last block (ViT lengths: 50, 197, 257, 577): the loops cross it in quarter-block
-steps and the program owning it takes a quarter-size tile when the rest fits one (_tiled_config).
-Those small tiles run on mma.sync (wgmma needs 64 rows), and each kernel compiles both tile sizes.
+blocks for dK, dV, and another owns a query block and loops over key blocks for dQ. The bias
+gradient dS = P * (dP - delta) is summed over the batch entries, rows and columns the bias broadcasts
+over by a fourth kernel: a program owns one tile of the bias for a fixed chunk of those entries and
+recomputes S and dP for each (two of the backward's seven matmuls again), summing in entry order;
+the chunks' partial sums are then added in chunk order (_bias_grad_chunks). Every output element is
+written by one program in a fixed order: no atomics, bitwise deterministic. Sequences rarely fill
+their last block (ViT lengths: 50, 197, 257, 577): the loops cross it in quarter-block steps and
+the program owning it takes a quarter-size tile when the rest fits one (_tiled_config). Those
+small tiles run on mma.sync (wgmma needs 64 rows), and each kernel compiles both tile sizes.
 
 Head dims are split into at most two power-of-two chunks (80 = 64 + 16, 40 = 32 + 16) that are
 loaded and multiplied separately, so 80 costs 80 (not 128) columns of matmul work.
@@ -25,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vkernels.shapes import empty_attention_output
 from vkernels.triton_kernels.autotuning import INTERPRETED, autotune
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -54,9 +65,9 @@ def _config_class(args) -> str:
     name = "d64" if width <= 64 else "d128" if width <= 128 else "d256"
     if args["DOT_PRECISION"] == "ieee":  # fp32: CUDA-core dots holding fp32 tiles, keep them small
         return "fp32" if name == "d64" else f"fp32-{name}"
-    # a full (query x key) mask tile costs registers: smaller key tiles
-    full_mask = args["MASK_KIND"] != NO_MASK.value and not args["MASK_PER_KEY"]
-    return f"{name}-mask" if full_mask else name
+    # a full (query x key) mask or bias tile costs registers: smaller key tiles ("-masks": both, as Swin's)
+    full_tiles = sum(args[f"{kind}_KIND"] != NO_MASK.value and not args[f"{kind}_PER_KEY"] for kind in ("MASK", "BIAS"))
+    return name + ("", "-mask", "-masks")[full_tiles]
 
 
 def _tiled_config(block_m: int, block_n: int, **options) -> triton.Config:
@@ -69,7 +80,7 @@ def _tiled_config(block_m: int, block_n: int, **options) -> triton.Config:
                           "TAIL_N": max(16, block_n // 4)}, **options)
 
 
-def _autotuned(interpreted: tuple[int, int], table: dict[str, list[tuple[int, int, int, int]]]):
+def _autotuned(interpreted: tuple[int, int], table: dict[str, list[tuple[int, int, int, int]]], extra_key=()):
     if INTERPRETED:
         return autotune([_tiled_config(*interpreted)], key=[])
     by_class = {
@@ -79,11 +90,12 @@ def _autotuned(interpreted: tuple[int, int], table: dict[str, list[tuple[int, in
 
     def configs_for_class(configs, args):
         name = _config_class(args)
-        return by_class.get(name, by_class[name.removesuffix("-mask")])
+        return by_class.get(name) or by_class.get(name.removesuffix("s")) or by_class[name.split("-mask")[0]]
 
     return autotune(
         [config for rows in by_class.values() for config in rows],
-        key=["seq_q", "seq_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "MASK_PER_KEY", "IS_CAUSAL"],
+        key=["seq_q", "seq_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "MASK_PER_KEY", "BIAS_KIND", "BIAS_PER_KEY",
+             "IS_CAUSAL", *extra_key],
         sizes=("seq_q", "seq_k"),
         prune=configs_for_class,
     )
@@ -92,6 +104,7 @@ def _autotuned(interpreted: tuple[int, int], table: dict[str, list[tuple[int, in
 _FORWARD_CONFIGS = {
     "d64": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
     "d64-mask": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2)],
+    "d64-masks": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
     "d128": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3)],
     "d128-mask": [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2)],
     "d256": [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
@@ -112,6 +125,7 @@ _BACKWARD_KEY_CONFIGS = {  # owns BLOCK_N keys, steps over BLOCK_M queries
 }
 _BACKWARD_QUERY_CONFIGS = {  # owns BLOCK_M queries, steps over BLOCK_N keys
     "d64": [(128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
+    "d64-masks": [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
     "d128": [(128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
     "d128-mask": [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 2)],
     "d256": [(32, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
@@ -121,6 +135,14 @@ _BACKWARD_QUERY_CONFIGS = {  # owns BLOCK_M queries, steps over BLOCK_N keys
     "fp32-d256": [(32, 16, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)],
 }
 
+_BIAS_GRAD_CONFIGS = {  # owns a BLOCK_M x BLOCK_N bias tile, recomputes S and dP there per batch entry
+    "d64": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+    "d128": [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    "d256": [(32, 32, 4, 2), (64, 32, 8, 2)],
+    "fp32": [(32, 32, 4, 2), (32, 16, 4, 2)],
+    "fp32-d128": [(32, 16, 8, 2), (16, 16, 4, 2)],
+    "fp32-d256": [(16, 16, 4, 2), (32, 16, 8, 2)],
+}
 
 # ---------------------------------------------------------------------------------------------
 # Tile helpers
@@ -179,7 +201,7 @@ def _zero_chunks(ROWS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
 @triton.jit
 def _apply_user_mask(scores, mask_base, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
                      MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Scores (base-2 units) with the user's mask applied. The tile is queries x keys, or keys x
+    """Scores (base-2 units) with one user mask applied. The tile is queries x keys, or keys x
     queries when TRANSPOSED. MASK_PER_KEY (query stride 0, as for a key-padding mask) loads one
     vector per key block instead of a full tile."""
     if MASK_KIND != NO_MASK:
@@ -205,6 +227,17 @@ def _apply_user_mask(scores, mask_base, offs_m, offs_n, stride_mm, stride_mn, se
             bias = tl.load(ptrs, mask=in_bounds, other=0.0).to(tl.float32)
             scores = scores + bias * LOG2E
     return scores
+
+
+@triton.jit
+def _apply_masks(scores, Mask, Bias, offs_m, offs_n, stride_mm, stride_mn, stride_bias_m, stride_bias_n, seq_q, seq_k,
+                 MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr,
+                 BIAS_PER_KEY: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Scores with the mask (bool or additive) and the additive bias applied, in one pass."""
+    scores = _apply_user_mask(scores, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
+                              MASK_KIND, MASK_PER_KEY, TRANSPOSED)
+    return _apply_user_mask(scores, Bias, offs_m, offs_n, stride_bias_m, stride_bias_n, seq_q, seq_k,
+                            BIAS_KIND, BIAS_PER_KEY, TRANSPOSED)
 
 
 @triton.jit
@@ -256,7 +289,7 @@ def _keys_visible(offs_m, offs_n, seq_k, IS_CAUSAL: tl.constexpr):
 
 @triton.jit
 def _program_block(num_blocks, REVERSE: tl.constexpr):
-    """(batch*head, block) of this program; the grid is flat so batch*heads has no 65535 limit."""
+    """(flat batch index, block) of this program; the grid is flat so the batch has no 65535 limit."""
     pid = tl.program_id(0)
     bh = pid // num_blocks
     block = pid % num_blocks
@@ -266,17 +299,16 @@ def _program_block(num_blocks, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _head_inputs(Q, K, V, Mask, bh, num_heads,
-                 stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_mb, stride_mh):
-    """Batch b and head h of the flat index bh, as int64 so that offsets past 2**31 elements are exact,
-    and Q, K, V, Mask moved to that head."""
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    Mask += b * stride_mb + h * stride_mh
-    return b, h, Q, K, V, Mask
+def _batch_index(bh, batch1, batch2):
+    """(i0, i1, i2) of the flat batch index bh = (i0 * batch1 + i1) * batch2 + i2, as int64 so that
+    offsets past 2**31 elements are exact."""
+    bh = tl.cast(bh, tl.int64)
+    return bh // (batch1 * batch2), (bh // batch2) % batch1, bh % batch2
+
+
+@triton.jit
+def _at_batch(base, i0, i1, i2, stride0, stride1, stride2):
+    return base + i0 * stride0 + i1 * stride1 + i2 * stride2
 
 
 @triton.jit
@@ -302,12 +334,13 @@ def _softmax_backward(scores, grad_p, lse, delta):
 
 @triton.jit
 def _forward_key_block(
-    acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, offs_m, start_n,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+    acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, Bias, offs_m, start_n,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+    seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The online-softmax update of (acc0, acc1, m_i, l_i) with keys [start_n, start_n + BLOCK_N);
     MASKED applies the key-length and causal masks."""
@@ -317,14 +350,14 @@ def _forward_key_block(
     if D1 > 0:
         k1 = _load_tile(K, offs_n, D0 + tl.arange(0, D1), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 + D1 > HEAD_DIM)
         s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
-    s = _apply_user_mask(s * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
-                         MASK_KIND, MASK_PER_KEY, False)
+    s = _apply_masks(s * qk_scale, Mask, Bias, offs_m, offs_n, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+                     seq_q, seq_k, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, False)
     if MASKED:
         s = tl.where(_keys_visible(offs_m, offs_n, seq_k, IS_CAUSAL), s, float("-inf"))
 
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_shift = m_new
-    if MASK_KIND != NO_MASK:
+    if MASK_KIND != NO_MASK or BIAS_KIND != NO_MASK:
         # a row that has seen only masked keys so far: shift by 0, not -inf (-inf - -inf = NaN)
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_shift)
@@ -342,15 +375,16 @@ def _forward_key_block(
 
 @triton.jit
 def _forward_query_rows(
-    Q, K, V, Mask, Out, Lse, start_m,
-    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_om, stride_od,
-    seq_q, seq_k, qk_scale,
+    Q, K, V, Mask, Bias, Out, Lse, start_m,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    stride_bias_m, stride_bias_n, stride_om, stride_od, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """Out and lse of query rows [start_m, start_m + ROWS) of one head."""
+    """Out and lse of query rows [start_m, start_m + ROWS) of one batch entry."""
     offs_m = start_m + tl.arange(0, ROWS)
     q0, q1 = _load_chunks(Q, offs_m, stride_qm, stride_qd, seq_q, HEAD_DIM, D0, D1)
 
@@ -362,19 +396,19 @@ def _forward_query_rows(
     lo, hi = _key_blocks(False, start_m, seq_k, IS_CAUSAL, ROWS, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         acc0, acc1, m_i, l_i = _forward_key_block(
-            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, offs_m, start_n,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
-            False, BLOCK_N)
+            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, Bias, offs_m, start_n,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, False, BLOCK_N)
     # the causal diagonal in whole blocks; without it only the partial last block is left: tail steps
     MASKED_STEP: tl.constexpr = BLOCK_N if IS_CAUSAL else TAIL_N
     lo, hi = _key_blocks(True, start_m, seq_k, IS_CAUSAL, ROWS, BLOCK_N)
     for start_n in range(lo, hi, MASKED_STEP):
         acc0, acc1, m_i, l_i = _forward_key_block(
-            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, offs_m, start_n,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
-            True, MASKED_STEP)
+            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, Bias, offs_m, start_n,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, True, MASKED_STEP)
 
     attended = l_i > 0.0  # False only for rows whose every key is masked
     l_safe = tl.where(attended, l_i, 1.0)
@@ -388,36 +422,44 @@ def _forward_query_rows(
 @_autotuned((32, 32), _FORWARD_CONFIGS)
 @triton.jit
 def _attention_forward_kernel(
-    Q, K, V, Mask, Out, Lse,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_ob, stride_oh, stride_om, stride_od,
-    num_heads, seq_q, seq_k, qk_scale,
+    Q, K, V, Mask, Bias, Out, Lse,
+    stride_q0, stride_q1, stride_q2, stride_qm, stride_qd,
+    stride_k0, stride_k1, stride_k2, stride_kn, stride_kd,
+    stride_v0, stride_v1, stride_v2, stride_vn, stride_vd,
+    stride_m0, stride_m1, stride_m2, stride_mm, stride_mn,
+    stride_bias0, stride_bias1, stride_bias2, stride_bias_m, stride_bias_n,
+    stride_o0, stride_o1, stride_o2, stride_om, stride_od,
+    batch1, batch2, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
     bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
-    b, h, Q, K, V, Mask = _head_inputs(Q, K, V, Mask, bh, num_heads, stride_qb, stride_qh, stride_kb, stride_kh,
-                                       stride_vb, stride_vh, stride_mb, stride_mh)
-    Out += b * stride_ob + h * stride_oh
+    i0, i1, i2 = _batch_index(bh, batch1, batch2)
+    Q = _at_batch(Q, i0, i1, i2, stride_q0, stride_q1, stride_q2)
+    K = _at_batch(K, i0, i1, i2, stride_k0, stride_k1, stride_k2)
+    V = _at_batch(V, i0, i1, i2, stride_v0, stride_v1, stride_v2)
+    Mask = _at_batch(Mask, i0, i1, i2, stride_m0, stride_m1, stride_m2)
+    Bias = _at_batch(Bias, i0, i1, i2, stride_bias0, stride_bias1, stride_bias2)
+    Out = _at_batch(Out, i0, i1, i2, stride_o0, stride_o1, stride_o2)
     Lse += bh.to(tl.int64) * seq_q
     start_m = m_block * BLOCK_M
     if seq_q - start_m <= TAIL_M:  # the last block, and its rows fit a tail-sized tile
         _forward_query_rows(
-            Q, K, V, Mask, Out, Lse, start_m,
-            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_om, stride_od,
-            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-            MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION, TAIL_M, BLOCK_N, TAIL_N)
+            Q, K, V, Mask, Bias, Out, Lse, start_m,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            stride_bias_m, stride_bias_n, stride_om, stride_od, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY,
+            IS_CAUSAL, DOT_PRECISION, TAIL_M, BLOCK_N, TAIL_N)
     else:
         _forward_query_rows(
-            Q, K, V, Mask, Out, Lse, start_m,
-            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_om, stride_od,
-            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-            MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, TAIL_N)
+            Q, K, V, Mask, Bias, Out, Lse, start_m,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            stride_bias_m, stride_bias_n, stride_om, stride_od, seq_q, seq_k, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY,
+            IS_CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, TAIL_N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,33 +469,33 @@ def _attention_forward_kernel(
 @triton.jit
 def _attention_backward_delta_kernel(
     Out, GradOut, Delta,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    num_heads, seq_q,
+    stride_o0, stride_o1, stride_o2, stride_om, stride_od,
+    stride_g0, stride_g1, stride_g2, stride_gm, stride_gd,
+    batch1, batch2, seq_q,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta_i = sum_d dO_id * O_id, the row term of the softmax gradient."""
     bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), False)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
+    i0, i1, i2 = _batch_index(bh, batch1, batch2)
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DV)
-    out = _load_tile(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, seq_q,
-                     HEAD_DIM_V, BLOCK_DV > HEAD_DIM_V)
-    grad_out = _load_tile(GradOut + b * stride_gb + h * stride_gh, offs_m, offs_d, stride_gm, stride_gd, seq_q,
-                          HEAD_DIM_V, BLOCK_DV > HEAD_DIM_V)
+    out = _load_tile(_at_batch(Out, i0, i1, i2, stride_o0, stride_o1, stride_o2), offs_m, offs_d,
+                     stride_om, stride_od, seq_q, HEAD_DIM_V, BLOCK_DV > HEAD_DIM_V)
+    grad_out = _load_tile(_at_batch(GradOut, i0, i1, i2, stride_g0, stride_g1, stride_g2), offs_m, offs_d,
+                          stride_gm, stride_gd, seq_q, HEAD_DIM_V, BLOCK_DV > HEAD_DIM_V)
     delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
     tl.store(Delta + bh.to(tl.int64) * seq_q + offs_m, delta, mask=offs_m < seq_q)
 
 
 @triton.jit
 def _key_grads_query_block(
-    grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
-    stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+    grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, offs_n, start_m,
+    stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+    seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dK and dV of the key block offs_n, accumulated over queries [start_m, start_m + BLOCK_M);
     MASKED applies the causal mask. Rows past seq_q need no mask: their lse is +inf."""
@@ -471,8 +513,8 @@ def _key_grads_query_block(
         grad_out1 = _load_tile(GradOut, offs_m, DV0 + tl.arange(0, DV1), stride_gm, stride_gd, seq_q,
                                HEAD_DIM_V, DV0 + DV1 > HEAD_DIM_V)
         grad_p_t = tl.dot(v1, tl.trans(grad_out1), grad_p_t, input_precision=DOT_PRECISION)
-    s_t = _apply_user_mask(s_t * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
-                           MASK_KIND, MASK_PER_KEY, True)
+    s_t = _apply_masks(s_t * qk_scale, Mask, Bias, offs_m, offs_n, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+                       seq_q, seq_k, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, True)
     if MASKED:
         s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
     p_t, grad_s_t = _softmax_backward(s_t, grad_p_t, lse[None, :], delta[None, :])
@@ -488,15 +530,17 @@ def _key_grads_query_block(
 
 @triton.jit
 def _key_grad_columns(
-    Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV, start_n,
-    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_gm, stride_gd,
-    stride_dkn, stride_dkd, stride_dvn, stride_dvd, seq_q, seq_k, qk_scale, sm_scale,
+    Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradK, GradV, start_n,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    stride_bias_m, stride_bias_n, stride_gm, stride_gd, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+    seq_q, seq_k, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     COLS: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
 ):
-    """dK and dV of keys [start_n, start_n + COLS) of one head."""
+    """dK and dV of keys [start_n, start_n + COLS) of one batch entry."""
     offs_n = start_n + tl.arange(0, COLS)
     k0, k1 = _load_chunks(K, offs_n, stride_kn, stride_kd, seq_k, HEAD_DIM, D0, D1)
     v0, v1 = _load_chunks(V, offs_n, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0, DV1)
@@ -508,20 +552,23 @@ def _key_grad_columns(
     whole_end = lo + (hi - lo) // BLOCK_M * BLOCK_M
     for start_m in range(lo, whole_end, BLOCK_M):
         grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
-            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, DOT_PRECISION, False, BLOCK_M)
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, offs_n, start_m,
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, DOT_PRECISION, False, BLOCK_M)
     for start_m in range(whole_end, hi, TAIL_M):
         grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
-            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, DOT_PRECISION, False, TAIL_M)
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, offs_n, start_m,
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, DOT_PRECISION, False, TAIL_M)
     lo, hi = _query_blocks(True, start_n, seq_q, IS_CAUSAL, BLOCK_M, COLS)
     for start_m in range(lo, hi, BLOCK_M):
         grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
-            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, offs_n, start_m,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, DOT_PRECISION, True, BLOCK_M)
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, offs_n, start_m,
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, DOT_PRECISION, True, BLOCK_M)
 
     _store_chunks(GradV, offs_n, stride_dvn, stride_dvd, seq_k, grad_v0, grad_v1, HEAD_DIM_V, DV0, DV1)
     _store_chunks(GradK, offs_n, stride_dkn, stride_dkd, seq_k, grad_k0 * sm_scale, grad_k1 * sm_scale,
@@ -531,65 +578,73 @@ def _key_grad_columns(
 @_autotuned((32, 32), _BACKWARD_KEY_CONFIGS)
 @triton.jit
 def _attention_backward_key_kernel(
-    Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    num_heads, seq_q, seq_k, qk_scale, sm_scale,
+    Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradK, GradV,
+    stride_q0, stride_q1, stride_q2, stride_qm, stride_qd,
+    stride_k0, stride_k1, stride_k2, stride_kn, stride_kd,
+    stride_v0, stride_v1, stride_v2, stride_vn, stride_vd,
+    stride_m0, stride_m1, stride_m2, stride_mm, stride_mn,
+    stride_bias0, stride_bias1, stride_bias2, stride_bias_m, stride_bias_n,
+    stride_g0, stride_g1, stride_g2, stride_gm, stride_gd,
+    stride_dk0, stride_dk1, stride_dk2, stride_dkn, stride_dkd,
+    stride_dv0, stride_dv1, stride_dv2, stride_dvn, stride_dvd,
+    batch1, batch2, seq_q, seq_k, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
     """dK and dV for one block of BLOCK_N keys (TAIL_N for a last block that fits one), looping over
     query blocks. Works on transposed (keys x queries) score tiles so that dV = P^T dO and
     dK = dS^T Q need no transposes of P, dS."""
     bh, n_block = _program_block(tl.cdiv(seq_k, BLOCK_N), False)
-    b, h, Q, K, V, Mask = _head_inputs(Q, K, V, Mask, bh, num_heads, stride_qb, stride_qh, stride_kb, stride_kh,
-                                       stride_vb, stride_vh, stride_mb, stride_mh)
-    GradOut += b * stride_gb + h * stride_gh
-    GradK += b * stride_dkb + h * stride_dkh
-    GradV += b * stride_dvb + h * stride_dvh
+    i0, i1, i2 = _batch_index(bh, batch1, batch2)
+    Q = _at_batch(Q, i0, i1, i2, stride_q0, stride_q1, stride_q2)
+    K = _at_batch(K, i0, i1, i2, stride_k0, stride_k1, stride_k2)
+    V = _at_batch(V, i0, i1, i2, stride_v0, stride_v1, stride_v2)
+    Mask = _at_batch(Mask, i0, i1, i2, stride_m0, stride_m1, stride_m2)
+    Bias = _at_batch(Bias, i0, i1, i2, stride_bias0, stride_bias1, stride_bias2)
+    GradOut = _at_batch(GradOut, i0, i1, i2, stride_g0, stride_g1, stride_g2)
+    GradK = _at_batch(GradK, i0, i1, i2, stride_dk0, stride_dk1, stride_dk2)
+    GradV = _at_batch(GradV, i0, i1, i2, stride_dv0, stride_dv1, stride_dv2)
     Lse += bh.to(tl.int64) * seq_q
     Delta += bh.to(tl.int64) * seq_q
     start_n = n_block * BLOCK_N
     if seq_k - start_n <= TAIL_N:
         _key_grad_columns(
-            Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV, start_n,
-            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_gm, stride_gd,
-            stride_dkn, stride_dkd, stride_dvn, stride_dvd, seq_q, seq_k, qk_scale, sm_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
-            TAIL_N, BLOCK_M, TAIL_M)
+            Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradK, GradV, start_n,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            stride_bias_m, stride_bias_n, stride_gm, stride_gd, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+            seq_q, seq_k, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, TAIL_N, BLOCK_M, TAIL_M)
     else:
         _key_grad_columns(
-            Q, K, V, Mask, GradOut, Lse, Delta, GradK, GradV, start_n,
-            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_gm, stride_gd,
-            stride_dkn, stride_dkd, stride_dvn, stride_dvd, seq_q, seq_k, qk_scale, sm_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
-            BLOCK_N, BLOCK_M, TAIL_M)
+            Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradK, GradV, start_n,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            stride_bias_m, stride_bias_n, stride_gm, stride_gd, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+            seq_q, seq_k, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, BLOCK_N, BLOCK_M, TAIL_M)
 
 
 @triton.jit
-def _query_grad_key_block(
-    grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, offs_m, start_n,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
+def _score_grads(
+    q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, offs_m, offs_n,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+    seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """dQ of the query block offs_m, accumulated over keys [start_n, start_n + BLOCK_N); MASKED
-    applies the key-length and causal masks (keys past seq_k must be masked here: their zero-filled
-    scores could overflow exp2(s - lse))."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    """dS = P * (dP - delta) of query rows offs_m against keys offs_n (the gradient of the natural
+    logits, so also of an additive bias), with the key tiles it loaded. MASKED applies the key-length
+    and causal masks (keys past seq_k must be masked: their zero-filled scores could overflow
+    exp2(s - lse))."""
     k0 = _load_tile(K, offs_n, tl.arange(0, D0), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
     v0 = _load_tile(V, offs_n, tl.arange(0, DV0), stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
     s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
     grad_p = tl.dot(grad_out0, tl.trans(v0), input_precision=DOT_PRECISION)
+    k1 = k0
     if D1 > 0:
         k1 = _load_tile(K, offs_n, D0 + tl.arange(0, D1), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 + D1 > HEAD_DIM)
         s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
@@ -597,11 +652,30 @@ def _query_grad_key_block(
         v1 = _load_tile(V, offs_n, DV0 + tl.arange(0, DV1), stride_vn, stride_vd, seq_k, HEAD_DIM_V,
                         DV0 + DV1 > HEAD_DIM_V)
         grad_p = tl.dot(grad_out1, tl.trans(v1), grad_p, input_precision=DOT_PRECISION)
-    s = _apply_user_mask(s * qk_scale, Mask, offs_m, offs_n, stride_mm, stride_mn, seq_q, seq_k,
-                         MASK_KIND, MASK_PER_KEY, False)
+    s = _apply_masks(s * qk_scale, Mask, Bias, offs_m, offs_n, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+                     seq_q, seq_k, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, False)
     if MASKED:
         s = tl.where(_keys_visible(offs_m, offs_n, seq_k, IS_CAUSAL), s, float("-inf"))
     _, grad_s = _softmax_backward(s, grad_p, lse[:, None], delta[:, None])
+    return grad_s, k0, k1
+
+
+@triton.jit
+def _query_grad_key_block(
+    grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, offs_m, start_n,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+    seq_q, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of the query block offs_m, accumulated over keys [start_n, start_n + BLOCK_N)."""
+    grad_s, k0, k1 = _score_grads(
+        q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, offs_m, start_n + tl.arange(0, BLOCK_N),
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+        seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+        MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, MASKED)
     grad_q0 = tl.dot(grad_s.to(k0.dtype), k0, grad_q0, input_precision=DOT_PRECISION)
     if D1 > 0:
         grad_q1 = tl.dot(grad_s.to(k1.dtype), k1, grad_q1, input_precision=DOT_PRECISION)
@@ -610,15 +684,16 @@ def _query_grad_key_block(
 
 @triton.jit
 def _query_grad_rows(
-    Q, K, V, Mask, GradOut, Lse, Delta, GradQ, start_m,
-    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_gm, stride_gd,
-    stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale,
+    Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradQ, start_m,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    stride_bias_m, stride_bias_n, stride_gm, stride_gd, stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """dQ of query rows [start_m, start_m + ROWS) of one head, looping over keys as the forward does."""
+    """dQ of query rows [start_m, start_m + ROWS) of one batch entry, looping over keys as the forward does."""
     offs_m = start_m + tl.arange(0, ROWS)
     lse, delta = _row_statistics(Lse, Delta, offs_m, seq_q)
     q0, q1 = _load_chunks(Q, offs_m, stride_qm, stride_qd, seq_q, HEAD_DIM, D0, D1)
@@ -628,19 +703,19 @@ def _query_grad_rows(
     lo, hi = _key_blocks(False, start_m, seq_k, IS_CAUSAL, ROWS, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         grad_q0, grad_q1 = _query_grad_key_block(
-            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, offs_m, start_n,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
-            False, BLOCK_N)
+            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, offs_m, start_n,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, False, BLOCK_N)
     # as in the forward: the causal diagonal in whole blocks, else the partial last block in tail steps
     MASKED_STEP: tl.constexpr = BLOCK_N if IS_CAUSAL else TAIL_N
     lo, hi = _key_blocks(True, start_m, seq_k, IS_CAUSAL, ROWS, BLOCK_N)
     for start_n in range(lo, hi, MASKED_STEP):
         grad_q0, grad_q1 = _query_grad_key_block(
-            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, offs_m, start_n,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, seq_q, seq_k, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
-            True, MASKED_STEP)
+            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, offs_m, start_n,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, True, MASKED_STEP)
 
     _store_chunks(GradQ, offs_m, stride_dqm, stride_dqd, seq_q, grad_q0 * sm_scale, grad_q1 * sm_scale,
                   HEAD_DIM, D0, D1)
@@ -649,128 +724,283 @@ def _query_grad_rows(
 @_autotuned((32, 32), _BACKWARD_QUERY_CONFIGS)
 @triton.jit
 def _attention_backward_query_kernel(
-    Q, K, V, Mask, GradOut, Lse, Delta, GradQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    num_heads, seq_q, seq_k, qk_scale, sm_scale,
+    Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradQ,
+    stride_q0, stride_q1, stride_q2, stride_qm, stride_qd,
+    stride_k0, stride_k1, stride_k2, stride_kn, stride_kd,
+    stride_v0, stride_v1, stride_v2, stride_vn, stride_vd,
+    stride_m0, stride_m1, stride_m2, stride_mm, stride_mn,
+    stride_bias0, stride_bias1, stride_bias2, stride_bias_m, stride_bias_n,
+    stride_g0, stride_g1, stride_g2, stride_gm, stride_gd,
+    stride_dq0, stride_dq1, stride_dq2, stride_dqm, stride_dqd,
+    batch1, batch2, seq_q, seq_k, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M queries (TAIL_M for a last block that fits one)."""
     bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
-    b, h, Q, K, V, Mask = _head_inputs(Q, K, V, Mask, bh, num_heads, stride_qb, stride_qh, stride_kb, stride_kh,
-                                       stride_vb, stride_vh, stride_mb, stride_mh)
-    GradOut += b * stride_gb + h * stride_gh
-    GradQ += b * stride_dqb + h * stride_dqh
+    i0, i1, i2 = _batch_index(bh, batch1, batch2)
+    Q = _at_batch(Q, i0, i1, i2, stride_q0, stride_q1, stride_q2)
+    K = _at_batch(K, i0, i1, i2, stride_k0, stride_k1, stride_k2)
+    V = _at_batch(V, i0, i1, i2, stride_v0, stride_v1, stride_v2)
+    Mask = _at_batch(Mask, i0, i1, i2, stride_m0, stride_m1, stride_m2)
+    Bias = _at_batch(Bias, i0, i1, i2, stride_bias0, stride_bias1, stride_bias2)
+    GradOut = _at_batch(GradOut, i0, i1, i2, stride_g0, stride_g1, stride_g2)
+    GradQ = _at_batch(GradQ, i0, i1, i2, stride_dq0, stride_dq1, stride_dq2)
     Lse += bh.to(tl.int64) * seq_q
     Delta += bh.to(tl.int64) * seq_q
     start_m = m_block * BLOCK_M
     if seq_q - start_m <= TAIL_M:
         _query_grad_rows(
-            Q, K, V, Mask, GradOut, Lse, Delta, GradQ, start_m,
-            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_gm, stride_gd,
-            stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
-            TAIL_M, BLOCK_N, TAIL_N)
+            Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradQ, start_m,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            stride_bias_m, stride_bias_n, stride_gm, stride_gd, stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY,
+            IS_CAUSAL, DOT_PRECISION, TAIL_M, BLOCK_N, TAIL_N)
     else:
         _query_grad_rows(
-            Q, K, V, Mask, GradOut, Lse, Delta, GradQ, start_m,
-            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_gm, stride_gd,
-            stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, IS_CAUSAL, DOT_PRECISION,
-            BLOCK_M, BLOCK_N, TAIL_N)
+            Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradQ, start_m,
+            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            stride_bias_m, stride_bias_n, stride_gm, stride_gd, stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale,
+            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY,
+            IS_CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, TAIL_N)
+
+
+@_autotuned((32, 32), _BIAS_GRAD_CONFIGS, extra_key=("REDUCE_ROWS", "REDUCE_COLS"))
+@triton.jit
+def _attention_bias_grad_kernel(
+    Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradBias,
+    stride_q0, stride_q1, stride_q2, stride_qm, stride_qd,
+    stride_k0, stride_k1, stride_k2, stride_kn, stride_kd,
+    stride_v0, stride_v1, stride_v2, stride_vn, stride_vd,
+    stride_m0, stride_m1, stride_m2, stride_mm, stride_mn,
+    stride_bias0, stride_bias1, stride_bias2, stride_bias_m, stride_bias_n,
+    stride_g0, stride_g1, stride_g2, stride_gm, stride_gd,
+    batch1, batch2, seq_q, seq_k, qk_scale,
+    kept0, kept1, kept2, reduced1, reduced2, num_entries, chunk_size,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, REDUCE_ROWS: tl.constexpr, REDUCE_COLS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+):
+    """One chunk's partial sum of dS over one BLOCK_M x BLOCK_N tile of the bias.
+
+    The bias has kept0 x kept1 x kept2 batch entries (each kept_l is the batch size B_l or 1); every
+    one stands for reduced_l = B_l / kept_l entries of each level, num_entries in all, enumerated
+    e = (r0 * reduced1 + r1) * reduced2 + r2. A program owns bias entry g, one tile (all query rows when
+    the bias has one row, REDUCE_ROWS; all keys when it has one column, REDUCE_COLS) and the entries
+    [chunk * chunk_size, (chunk + 1) * chunk_size), which it adds in increasing e, and row and column
+    blocks in increasing order, before summing a reduced axis of the tile. It writes
+    GradBias[chunk, g, rows, cols], a contiguous float32 (chunks, kept0 * kept1 * kept2, bias rows,
+    bias cols) buffer."""
+    tiles_n = 1
+    if not REDUCE_COLS:
+        tiles_n = tl.cdiv(seq_k, BLOCK_N)
+    tiles_m = 1
+    if not REDUCE_ROWS:
+        tiles_m = tl.cdiv(seq_q, BLOCK_M)
+    groups = kept0 * kept1 * kept2
+    pid = tl.program_id(0)
+    tile_n = pid % tiles_n
+    tile_m = (pid // tiles_n) % tiles_m
+    g = (pid // (tiles_n * tiles_m)) % groups
+    chunk = pid // (tiles_n * tiles_m * groups)
+    g0, g1, g2 = _batch_index(g, kept1, kept2)
+
+    m_lo = tile_m * BLOCK_M
+    m_hi = m_lo + 1  # one block
+    if REDUCE_ROWS:
+        m_hi = seq_q
+    n_lo = tile_n * BLOCK_N
+    n_hi = n_lo + 1
+    if REDUCE_COLS:
+        n_hi = seq_k
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for e in range(chunk * chunk_size, tl.minimum(chunk * chunk_size + chunk_size, num_entries)):
+        r0, r1, r2 = _batch_index(e, reduced1, reduced2)
+        # one of g_l, r_l is 0 on every level: kept_l == 1 or reduced_l == 1
+        i0, i1, i2 = g0 + r0, g1 + r1, g2 + r2
+        bh = (i0 * batch1 + i1) * batch2 + i2
+        q_entry = _at_batch(Q, i0, i1, i2, stride_q0, stride_q1, stride_q2)
+        k_entry = _at_batch(K, i0, i1, i2, stride_k0, stride_k1, stride_k2)
+        v_entry = _at_batch(V, i0, i1, i2, stride_v0, stride_v1, stride_v2)
+        mask_entry = _at_batch(Mask, i0, i1, i2, stride_m0, stride_m1, stride_m2)
+        bias_entry = _at_batch(Bias, i0, i1, i2, stride_bias0, stride_bias1, stride_bias2)
+        grad_out_entry = _at_batch(GradOut, i0, i1, i2, stride_g0, stride_g1, stride_g2)
+        for start_m in range(m_lo, m_hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            lse, delta = _row_statistics(Lse + bh * seq_q, Delta + bh * seq_q, offs_m, seq_q)
+            q0, q1 = _load_chunks(q_entry, offs_m, stride_qm, stride_qd, seq_q, HEAD_DIM, D0, D1)
+            grad_out0, grad_out1 = _load_chunks(grad_out_entry, offs_m, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0, DV1)
+            for start_n in range(n_lo, n_hi, BLOCK_N):
+                grad_s, _, _ = _score_grads(
+                    q0, q1, grad_out0, grad_out1, lse, delta, k_entry, v_entry, mask_entry, bias_entry, offs_m,
+                    start_n + tl.arange(0, BLOCK_N),
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+                    seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+                    MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, True)
+                acc += grad_s
+
+    bias_rows = seq_q
+    if REDUCE_ROWS:
+        bias_rows = 1
+    bias_cols = seq_k
+    if REDUCE_COLS:
+        bias_cols = 1
+    GradBias += tl.cast(chunk * groups + g, tl.int64) * bias_rows * bias_cols
+    rows = m_lo + tl.arange(0, BLOCK_M)
+    cols = n_lo + tl.arange(0, BLOCK_N)
+    if REDUCE_ROWS and REDUCE_COLS:
+        tl.store(GradBias, tl.sum(tl.sum(acc, 1), 0))
+    elif REDUCE_ROWS:
+        tl.store(GradBias + cols, tl.sum(acc, 0), mask=cols < seq_k)
+    elif REDUCE_COLS:
+        tl.store(GradBias + rows, tl.sum(acc, 1), mask=rows < seq_q)
+    else:
+        _store_tile(GradBias, rows, cols, bias_cols, 1, seq_q, seq_k, acc, True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 
 
-def _mask_arguments(mask, query):
-    """(tensor, 4 strides, constexprs) for the kernels; a dummy pointer and zero strides when absent."""
-    if mask is None:
-        return query, (0, 0, 0, 0), dict(MASK_KIND=NO_MASK.value, MASK_PER_KEY=False)
-    per_key = dict(MASK_PER_KEY=mask.stride(2) == 0 or mask.shape[2] == 1)
-    if mask.dtype == torch.bool:
-        return mask.view(torch.uint8), mask.stride(), dict(MASK_KIND=BOOL_MASK.value, **per_key)
-    return mask, mask.stride(), dict(MASK_KIND=ADDITIVE_MASK.value, **per_key)
+def _five_dims(tensor):
+    """A tensor with leading size-1 dims up to 5 (a (B, H, L, X) one as (1, B, H, L, X)); None stays None."""
+    return tensor if tensor is None else tensor.view((1,) * (5 - tensor.dim()) + tuple(tensor.shape))
 
 
-def _shape_arguments(query, key, value, mask, is_causal, scale):
-    batch, heads, seq_q, head_dim = query.shape
-    seq_k, head_dim_v = key.shape[2], value.shape[3]
-    assert key.shape == (batch, heads, seq_k, head_dim) and value.shape == (batch, heads, seq_k, head_dim_v)
-    assert mask is None or mask.shape == (batch, heads, seq_q, seq_k)
+def _additive_arguments(tensor, kind_name, batch, seq_q, seq_k, query):
+    """(tensor, 5 strides, {KIND, PER_KEY}) of a mask or bias broadcast to (*batch, seq_q, seq_k)
+    through stride-0 views; a dummy pointer, zero strides and NO_MASK when absent."""
+    if tensor is None:
+        return query, (0,) * 5, {f"{kind_name}_KIND": NO_MASK.value, f"{kind_name}_PER_KEY": False}
+    tensor = tensor.expand(*batch, seq_q, seq_k)
+    flags = {f"{kind_name}_PER_KEY": tensor.stride(3) == 0}  # every query row reads the same keys
+    if tensor.dtype == torch.bool:
+        return tensor.view(torch.uint8), tensor.stride(), {f"{kind_name}_KIND": BOOL_MASK.value, **flags}
+    return tensor, tensor.stride(), {f"{kind_name}_KIND": ADDITIVE_MASK.value, **flags}
+
+
+def _launch_arguments(query, key, value, mask, bias, is_causal, scale):
+    """The pointers-and-strides prefix and the keyword arguments every attention kernel takes, from
+    5-D query, key, value and (broadcastable) mask and bias."""
+    batch, seq_q, head_dim = query.shape[:3], query.shape[3], query.shape[4]
+    seq_k, head_dim_v = key.shape[3], value.shape[4]
+    assert key.shape == (*batch, seq_k, head_dim) and value.shape == (*batch, seq_k, head_dim_v)
+    mask, mask_strides, mask_flags = _additive_arguments(mask, "MASK", batch, seq_q, seq_k, query)
+    bias, bias_strides, bias_flags = _additive_arguments(bias, "BIAS", batch, seq_q, seq_k, query)
+    assert bias_flags["BIAS_KIND"] != BOOL_MASK.value, "the bias is additive"
     d0, d1 = _head_dim_chunks(head_dim)
     dv0, dv1 = _head_dim_chunks(head_dim_v)
-    return dict(
-        num_heads=heads, seq_q=seq_q, seq_k=seq_k, qk_scale=scale * LOG2E.value,
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, D0=d0, D1=d1, DV0=dv0, DV1=dv1,
+    tensors = (query, key, value, mask, bias)
+    strides = (*query.stride(), *key.stride(), *value.stride(), *mask_strides, *bias_strides)
+    options = dict(
+        batch1=batch[1], batch2=batch[2], seq_q=seq_q, seq_k=seq_k, qk_scale=scale * LOG2E.value,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, D0=d0, D1=d1, DV0=dv0, DV1=dv1, **mask_flags, **bias_flags,
         IS_CAUSAL=bool(is_causal), DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
+    return tensors, strides, options
 
 
-def attention_forward(query, key, value, mask, is_causal: bool, scale: float):
-    """(out (B, H, Lq, Dv) in query's dtype, lse (B, H, Lq) float32, natural log, +inf for fully
-    masked rows). See the module docstring for shapes, masks and causal alignment."""
-    batch, heads, seq_q, _ = query.shape
-    out = torch.empty((batch, heads, seq_q, value.shape[3]), dtype=query.dtype, device=query.device)
-    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=query.device)
+def attention_forward(query, key, value, mask, bias, is_causal: bool, scale: float):
+    """(out, lse float32 natural log, +inf for fully masked rows): out shaped (..., Lq, Dv) in query's
+    dtype, laid out (..., Lq, H, Dv) (``empty_attention_output``). Inputs 4-D or 5-D; see the module
+    docstring for shapes, masks and causal alignment."""
+    out = empty_attention_output(query, value.shape[-1])
+    lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
     if lse.numel() == 0:
         return out, lse
-    shape = _shape_arguments(query, key, value, mask, is_causal, scale)
-    mask_tensor, mask_strides, mask_flags = _mask_arguments(mask, query)
-    grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
-    _attention_forward_kernel[grid](
-        query, key, value, mask_tensor, out, lse,
-        *query.stride(), *key.stride(), *value.stride(), *mask_strides, *out.stride(),
-        **mask_flags, **shape,
-    )
+    query, key, value, mask, bias, out5 = (_five_dims(t) for t in (query, key, value, mask, bias, out))
+    tensors, strides, options = _launch_arguments(query, key, value, mask, bias, is_causal, scale)
+    batch_size, seq_q = lse.numel() // query.shape[3], query.shape[3]
+    grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch_size,)  # noqa: E731
+    _attention_forward_kernel[grid](*tensors, out5, lse, *strides, *out5.stride(), **options)
     return out, lse
 
 
-def attention_backward(grad_out, query, key, value, out, lse, mask, is_causal: bool, scale: float):
-    """(grad_query, grad_key, grad_value) shaped and typed as their inputs, from the forward's
-    ``out`` and ``lse``. The additive mask gets no gradient."""
-    batch, heads, seq_q, _ = query.shape
-    seq_k = key.shape[2]
+def attention_backward(grad_out, query, key, value, out, lse, mask, bias, is_causal: bool, scale: float,
+                       bias_requires_grad: bool):
+    """(grad_query, grad_key, grad_value, grad_bias) shaped and typed as their inputs, from the
+    forward's ``out`` and ``lse``; grad_bias is None unless ``bias_requires_grad``, and summed over
+    the batch entries, rows and columns the bias broadcasts over."""
     grad_query = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     grad_key = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     grad_value = torch.empty(value.shape, dtype=value.dtype, device=value.device)
-    if batch * heads == 0 or (seq_q == 0 and seq_k == 0):
-        return grad_query, grad_key, grad_value
-    shape = _shape_arguments(query, key, value, mask, is_causal, scale)
-    mask_tensor, mask_strides, mask_flags = _mask_arguments(mask, query)
+    grad_bias = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device) if bias_requires_grad else None
+    seq_q, seq_k = query.shape[-2], key.shape[-2]
+    batch_size = query.shape[:-2].numel()
+    if batch_size == 0 or (seq_q == 0 and seq_k == 0):
+        return grad_query, grad_key, grad_value, grad_bias
+    grad_out, query, key, value, out, mask, bias = (_five_dims(t) for t in (grad_out, query, key, value, out, mask, bias))
+    tensors, strides, options = _launch_arguments(query, key, value, mask, bias, is_causal, scale)
     lse = lse.contiguous()
-    delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=query.device)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=query.device)
+    inputs = (*tensors, grad_out, lse, delta)
+    input_strides = (*strides, *grad_out.stride())
 
     if seq_q > 0:
-        block_dv = triton.next_power_of_2(value.shape[3])
+        block_dv = triton.next_power_of_2(value.shape[-1])
         # two (rows x head dim) fp32 tiles in registers: fewer rows for wide heads (d256 spilled at 64)
         delta_block = 16 if INTERPRETED else max(16, min(64, 8192 // block_dv))
-        _attention_backward_delta_kernel[(triton.cdiv(seq_q, delta_block) * batch * heads,)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_q,
-            HEAD_DIM_V=value.shape[3], BLOCK_DV=block_dv, BLOCK_M=delta_block,
+        _attention_backward_delta_kernel[(triton.cdiv(seq_q, delta_block) * batch_size,)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), options["batch1"], options["batch2"], seq_q,
+            HEAD_DIM_V=value.shape[-1], BLOCK_DV=block_dv, BLOCK_M=delta_block,
         )
     if seq_k > 0:
-        key_grid = lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]) * batch * heads,)  # noqa: E731
+        grad_key5, grad_value5 = _five_dims(grad_key), _five_dims(grad_value)
+        key_grid = lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]) * batch_size,)  # noqa: E731
         _attention_backward_key_kernel[key_grid](
-            query, key, value, mask_tensor, grad_out, lse, delta, grad_key, grad_value,
-            *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
-            *grad_key.stride(), *grad_value.stride(),
-            sm_scale=scale, **mask_flags, **shape,
+            *inputs, grad_key5, grad_value5, *input_strides, *grad_key5.stride(), *grad_value5.stride(),
+            sm_scale=scale, **options,
         )
     if seq_q > 0:
-        query_grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
+        grad_query5 = _five_dims(grad_query)
+        query_grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch_size,)  # noqa: E731
         _attention_backward_query_kernel[query_grid](
-            query, key, value, mask_tensor, grad_out, lse, delta, grad_query,
-            *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
-            *grad_query.stride(),
-            sm_scale=scale, **mask_flags, **shape,
+            *inputs, grad_query5, *input_strides, *grad_query5.stride(), sm_scale=scale, **options,
         )
-    return grad_query, grad_key, grad_value
+    if bias_requires_grad and seq_q > 0 and seq_k > 0:
+        grad_bias = _bias_grad(inputs, input_strides, options, bias.shape).to(bias.dtype).view(grad_bias.shape)
+    return grad_query, grad_key, grad_value, grad_bias
+
+
+# Programs the bias gradient aims for: a few per SM of an H100/H200 (132 SMs).
+BIAS_GRAD_PROGRAMS = 1024
+
+
+def bias_grad_chunks(num_entries: int, bias_tiles: int) -> tuple[int, int]:
+    """(chunk_size, chunks): the batch entries a bias element sums over, split into consecutive
+    chunks summed separately and then added in chunk order. Depends on shapes only (bias_tiles counts
+    the bias's 64 x 64 tiles), so every config, device and run sums in the same order."""
+    chunks = max(1, min(num_entries, BIAS_GRAD_PROGRAMS // max(1, bias_tiles)))
+    chunk_size = triton.cdiv(num_entries, chunks)
+    return chunk_size, triton.cdiv(num_entries, chunk_size)
+
+
+def _bias_grad(inputs, input_strides, options, bias_shape):
+    """dS summed over what the 5-D ``bias_shape`` broadcasts over, in float32."""
+    batch = (inputs[0].shape[0], options["batch1"], options["batch2"])
+    seq_q, seq_k = options["seq_q"], options["seq_k"]
+    kept = bias_shape[:3]
+    reduced = tuple(size // k for size, k in zip(batch, kept))
+    rows, cols = bias_shape[3], bias_shape[4]
+    groups = kept[0] * kept[1] * kept[2]
+    num_entries = reduced[0] * reduced[1] * reduced[2]
+    chunk_size, chunks = bias_grad_chunks(num_entries, groups * triton.cdiv(rows, 64) * triton.cdiv(cols, 64))
+    partial = torch.empty((chunks, groups, rows, cols), dtype=torch.float32, device=inputs[0].device)
+    reduce_rows, reduce_cols = rows == 1 and seq_q > 1, cols == 1 and seq_k > 1
+
+    def grid(meta):
+        tiles_m = 1 if reduce_rows else triton.cdiv(seq_q, meta["BLOCK_M"])
+        tiles_n = 1 if reduce_cols else triton.cdiv(seq_k, meta["BLOCK_N"])
+        return (chunks * groups * tiles_m * tiles_n,)
+
+    _attention_bias_grad_kernel[grid](
+        *inputs, partial, *input_strides, kept0=kept[0], kept1=kept[1], kept2=kept[2], reduced1=reduced[1],
+        reduced2=reduced[2], num_entries=num_entries, chunk_size=chunk_size, REDUCE_ROWS=reduce_rows,
+        REDUCE_COLS=reduce_cols, **options,
+    )
+    return partial[0] if chunks == 1 else partial.sum(0)

@@ -3,6 +3,13 @@
 The baseline is F.scaled_dot_product_attention: torch picks its fastest backend (flash, cuDNN,
 memory-efficient or math) for each input. FLOPs, as in the FlashAttention benchmarks: two matmuls
 of 2·B·H·Lq·Lk·D each forward, 2.5× that for the backward (five matmuls), halved when causal.
+
+Learned biases (``BIAS_SHAPES``): Swin-T's window attention (windows as batch entries, a float32
+relative-position bias per head, learned, plus the shift mask per window) and BEiT's (a learned
+(1, H, L, L) bias), forward and forward+backward with the bias gradient. The baseline is what the
+models hand SDPA: one float mask, the bias plus the window mask expanded to (B·nW, H, L, L) as timm's
+fused Swin path does; ``flex`` is FlexAttention (torch.compile'd, GPU only: no CPU backward) with the
+bias and mask as captured buffers in its score_mod.
 """
 from __future__ import annotations
 
@@ -45,12 +52,35 @@ CPU_SHAPES = [  # tiny: the Triton interpreter runs each program in numpy
 ]
 
 
+class BiasShape(NamedTuple):
+    label: str
+    images: int
+    windows: int  # > 1: Swin windows of images, batched, with a shift mask per window
+    heads: int
+    length: int
+    head_dim: int
+
+
+CUDA_BIAS_SHAPES = [
+    BiasShape("Swin-T stage 1 shifted windows", 128, 64, 3, 49, 32),
+    BiasShape("Swin-T stage 3 shifted windows", 128, 4, 12, 49, 32),
+    BiasShape("BEiT-B/16@224 relative position bias", 128, 1, 12, 197, 64),
+]
+CPU_BIAS_SHAPES = [
+    BiasShape("tiny shifted windows", 1, 4, 2, 16, 16),
+    BiasShape("tiny relative position bias", 1, 1, 2, 50, 32),
+]
+
+
 def cases(device: torch.device, max_autotune: bool) -> list[Case]:
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     return [attention_case(shape, dtype, device, direction)
             for shape in (CUDA_SHAPES if on_gpu else CPU_SHAPES)
-            for direction in ("fwd", "fwd+bwd")]
+            for direction in ("fwd", "fwd+bwd")] + [
+        bias_case(shape, dtype, device, direction)
+        for shape in (CUDA_BIAS_SHAPES if on_gpu else CPU_BIAS_SHAPES)
+        for direction in ("fwd", "fwd+bwd")]
 
 
 def attention_case(shape: Shape, dtype: torch.dtype, device: torch.device, direction: str) -> Case:
@@ -72,20 +102,71 @@ def attention_case(shape: Shape, dtype: torch.dtype, device: torch.device, direc
     impls, skipped = vkernels_impls(
         "attention", lambda backend: functools.partial(vkernels.attention, is_causal=shape.causal, backend=backend), wrap)
 
-    flops = 4 * batch * heads * length * length * head_dim * (3.5 if training else 1) / (2 if shape.causal else 1)
     attributes = " causal" if shape.causal else ""
     attributes += " mask(B,1,1,L)" if shape.key_padding else ""
-    return Case(
-        name=f"attention {shape.label} B{batch} H{heads} L{length} D{head_dim}{attributes} {DTYPE_NAMES[dtype]} {direction}",
-        family="attention",
-        direction=direction,
-        make_inputs=make_inputs,
-        impls={"pytorch": wrap(stock), **impls},
-        skipped=skipped,
-        flops=int(flops),
-        tolerance=tolerance(dtype),
-        op="attention",
-        dtype=dtype_name(dtype),
-        shape_class=attention_shape_class((length, head_dim), (length, head_dim)),
-        headline=shape.headline,
-    )
+    name = f"attention {shape.label} B{batch} H{heads} L{length} D{head_dim}{attributes} {DTYPE_NAMES[dtype]} {direction}"
+    flops = _flops(batch * heads, length, head_dim, training) / (2 if shape.causal else 1)
+    return _case(name, direction, make_inputs, {"pytorch": wrap(stock), **impls}, skipped, flops, dtype, length, head_dim,
+                 shape.headline)
+
+
+def _flops(batch: int, length: int, head_dim: int, training: bool) -> float:
+    return 4 * batch * length * length * head_dim * (3.5 if training else 1)
+
+
+def _case(name, direction, make_inputs, impls, skipped, flops, dtype, length, head_dim, headline=False) -> Case:
+    return Case(name=name, family="attention", direction=direction, make_inputs=make_inputs, impls=impls,
+                skipped=skipped, flops=int(flops), tolerance=tolerance(dtype), op="attention", dtype=dtype_name(dtype),
+                shape_class=attention_shape_class((length, head_dim), (length, head_dim)), headline=headline)
+
+
+def bias_case(shape: BiasShape, dtype: torch.dtype, device: torch.device, direction: str) -> Case:
+    images, windows, heads, length, head_dim = shape.images, shape.windows, shape.heads, shape.length, shape.head_dim
+    batch = images * windows
+    training = direction == "fwd+bwd"
+    args = ("query", "key", "value", "window_mask", "bias")
+
+    def make_inputs() -> dict[str, torch.Tensor]:
+        inputs = {name: torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype).requires_grad_(training)
+                  for name in ("query", "key", "value")}
+        inputs["grad_out"] = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
+        inputs["bias"] = torch.randn(heads, length, length, device=device).requires_grad_(training)  # float32, learned
+        # Swin's shift mask: 0 within a region, -100 across; one window in four crosses regions here
+        crossing = (torch.rand(windows, 1, length, device=device) < 0.25) & (torch.rand(windows, length, 1, device=device) < 0.5)
+        inputs["window_mask"] = torch.where(crossing, -100.0, 0.0).to(device)
+        return inputs
+
+    def stock(query, key, value, window_mask, bias):  # timm's fused path: one (B·nW, H, L, L) float mask
+        mask = (bias + window_mask.view(1, windows, 1, length, length)).reshape(batch, heads, length, length)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype))
+
+    def ours(backend):
+        def run(query, key, value, window_mask, bias):
+            q, k, v = (t.view(images, windows, heads, length, head_dim) for t in (query, key, value))
+            out = vkernels.attention(q, k, v, window_mask.view(windows, 1, length, length), attn_bias=bias, backend=backend)
+            return out.view(batch, heads, length, head_dim)
+        return run
+
+    wrap = functools.partial(forward_backward if training else forward_only, args=args)
+    impls, skipped = vkernels_impls("attention", ours, wrap)
+    if device.type == "cuda":
+        impls["flex"] = wrap(_flex_with_bias(windows))
+    else:
+        skipped["flex"] = "FlexAttention has no CPU backward, and its compiled CPU forward is not what we compare to"
+    name = f"attention+bias {shape.label} B{images}x{windows} H{heads} L{length} D{head_dim} {DTYPE_NAMES[dtype]} {direction}"
+    flops = _flops(batch * heads, length, head_dim, training)
+    return _case(name, direction, make_inputs, {"pytorch": wrap(stock), **impls}, skipped, flops, dtype, length, head_dim)
+
+
+def _flex_with_bias(windows: int):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention)
+
+    def run(query, key, value, window_mask, bias):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[h, q_idx, kv_idx] + window_mask[b % windows, q_idx, kv_idx]
+
+        return compiled(query, key, value, score_mod=score_mod)
+
+    return run
