@@ -169,7 +169,7 @@ def test_vit_tiny_loads_timm_weights():
     ours = vit_tiny(num_classes=10, backend="torch").eval()
     assert list(ours.state_dict()) == list(stock.state_dict())
     ours.load_state_dict(stock.state_dict())
-    stock, ours, x = stock.double(), ours.double(), torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    stock, ours, x = stock.double(), ours.double(), torch.randn(1, 3, 224, 224, dtype=torch.float64)
     with torch.no_grad():  # the same function, compared in float64
         assert relative_error(ours(x), stock(x)) <= FLOAT64_BOUND
 
