@@ -41,7 +41,10 @@ def test_clip_convergence_triton_vs_torch():
                  vocab_size=TOKENIZER.vocab_size, context_length=8, text_width=32, text_depth=1, text_heads=2).to(device)
     images = torch.randn(3, 3, 8, 8, device=device)
     tokens = TOKENIZER(["a photo of the digit one", "digit two", "a handwritten nine"]).to(device)
-    assert_trains_like_float64(model, lambda m: m.contrastive_loss(*as_dtype_of(m, images), tokens), lr=0.1, floor=FLOOR)
+    # the loss scales cosine similarities by exp(logit_scale) = 1/0.07 at initialisation: every rounding
+    # before it grows 14-fold (stock's own error from float64 reached 2.4e-5 over 22 seeds)
+    assert_trains_like_float64(model, lambda m: m.contrastive_loss(*as_dtype_of(m, images), tokens), lr=0.1,
+                               floor=FLOOR / 0.07)
 
 
 # --- DistributedDataParallel ------------------------------------------------------------------
