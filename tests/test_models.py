@@ -301,13 +301,16 @@ def test_model_under_autocast(name, backend, dtype):
     device = device_for(backend)
     model, inputs = WHOLE_MODELS[name](device)
     exact = outputs_and_grads(copy.deepcopy(model).double(), "torch", forward(*inputs))
-    # autocast rounds each operand and result to the low precision once and sums in float32
-    floor = rounding_floor(dtype, 1)
+    # autocast rounds each operand and result to the low precision once and sums in float32. Factor 4:
+    # ReLU and max-pool decide on fp16-rounded values, so the eval ResNet's gradients (a few channels
+    # each) are off by chance, ours/stock per tensor from 0.3 to 8 and stock/ours up to 15 over 30 seeds
+    floor, factor = rounding_floor(dtype, 1), 4
     with torch.autocast(device.type, dtype=dtype):
         stock = outputs_and_grads(model, "torch", forward(*inputs))
         with KernelCalls() as calls:
             result = outputs_and_grads(model, backend, forward(*inputs))
         assert calls.counts, "no vkernels op ran"
-        assert_as_accurate(result, stock, exact, floor)
+        assert_as_accurate(result, stock, exact, floor, factor)
         if GPU:
-            assert_as_accurate(outputs_and_grads(model, backend, forward(*inputs, compiled=True)), stock, exact, floor)
+            compiled = outputs_and_grads(model, backend, forward(*inputs, compiled=True))
+            assert_as_accurate(compiled, stock, exact, floor, factor)
