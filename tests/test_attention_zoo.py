@@ -40,11 +40,12 @@ def test_patched_zoo_model_runs_its_attention_on_vkernels(name):
     row, results = attention_coverage.measure(entry, "triton")
     assert row.eval_share == row.train_share == 1.0 and row.left == []
     # Output, all parameter gradients, bias-table gradients: against the float64 model each is within
-    # 2x of stock float32's own error (+1e-7). Measured over the whole zoo, seeds 0 and 1: patched
-    # float32 / stock float32 error ratios 0.86-1.10, errors 1e-7-2e-6.
+    # 2x of stock float32's own error plus the rounding floor of the longest sum, a 4 x 64-wide MLP.
+    # Measured over the whole zoo, seeds 0 and 1: patched float32 / stock float32 error ratios
+    # 0.86-1.10, errors 1e-7-2e-6; in CI's four, up to 1.6 (1.0e-6 against 6.4e-7) at seed 71271.
     triples = zip(results["patched"], results["stock"], float64_results(entry, results))
     kept = {str(i): triple for i, triple in enumerate(triples) if triple[2].numel()}
-    assert_as_accurate(*({i: triple[k] for i, triple in kept.items()} for k in range(3)), floor=1e-7)
+    assert_as_accurate(*({i: triple[k] for i, triple in kept.items()} for k in range(3)), rounding_floor(torch.float32, 256))
 
 
 def test_swin_windows_keep_state_and_patch_once():
