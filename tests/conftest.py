@@ -37,13 +37,19 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 import pytest  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one, never passed silently)")
-
-
-# Fresh inputs every run; VKERNELS_TEST_SEED=<the printed value> replays a run.
+# Fresh inputs every run; VKERNELS_TEST_SEED=<the printed value> replays a run (tests/sweep_seeds.py
+# runs many seeds).
 SESSION_SEED = int(os.environ.get("VKERNELS_TEST_SEED", random.randrange(2**31)))
 os.environ["VKERNELS_TEST_SEED"] = str(SESSION_SEED)  # pytest-xdist workers inherit it: one seed per run
+
+
+@pytest.hookimpl(tryfirst=True)  # before hypothesis' plugin reads its options
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one, never passed silently)")
+    # Hypothesis draws its examples from the session seed too (and, seeded, keeps no example
+    # database), so the printed seed replays them; --hypothesis-seed still overrides it.
+    if config.getoption("hypothesis_seed", None) is None:
+        config.option.hypothesis_seed = str(SESSION_SEED)
 
 
 def pytest_report_header(config):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vkernels
-from support import device_for, relative_error
+from support import assert_as_accurate, device_for, rounding_floor
 
 attention_coverage = pytest.importorskip("vkernels.patch.attention_coverage")
 patch_module = importlib.import_module("vkernels.patch")  # `vkernels.patch` is the function
@@ -40,11 +40,12 @@ def test_patched_zoo_model_runs_its_attention_on_vkernels(name):
     row, results = attention_coverage.measure(entry, "triton")
     assert row.eval_share == row.train_share == 1.0 and row.left == []
     # Output, all parameter gradients, bias-table gradients: against the float64 model each is within
-    # 1.5x of stock float32's own error (+1e-7). Measured over the whole zoo, seeds 0 and 1: patched
-    # float32 / stock float32 error ratios 0.86-1.10, errors 1e-7-2e-6.
-    for patched, stock, exact in zip(results["patched"], results["stock"], float64_results(entry, results)):
-        if exact.numel():
-            assert relative_error(patched, exact) <= 1.5 * relative_error(stock, exact) + 1e-7
+    # 2x of stock float32's own error plus the rounding floor of the longest sum, a 4 x 64-wide MLP.
+    # Measured over the whole zoo, seeds 0 and 1: patched float32 / stock float32 error ratios
+    # 0.86-1.10, errors 1e-7-2e-6; in CI's four, up to 1.6 (1.0e-6 against 6.4e-7) at seed 71271.
+    triples = zip(results["patched"], results["stock"], float64_results(entry, results))
+    kept = {str(i): triple for i, triple in enumerate(triples) if triple[2].numel()}
+    assert_as_accurate(*({i: triple[k] for i, triple in kept.items()} for k in range(3)), rounding_floor(torch.float32, 256))
 
 
 def test_swin_windows_keep_state_and_patch_once():
@@ -74,9 +75,9 @@ def test_transformers_registry_implementation_and_patch():
     assert report == [("", "transformers ViTModel: attn_implementation 'sdpa' -> 'vkernels_triton' (AttentionInterface)")]
     x = torch.randn(2, 3, 16, 16, device=device)
     with torch.no_grad():
-        expected = stock(x).last_hidden_state
-        for model in (chosen, patched):
-            assert relative_error(model(x).last_hidden_state, expected) < 1e-5
+        expected, exact = stock(x).last_hidden_state, copy.deepcopy(stock).double()(x.double()).last_hidden_state
+        for model in (chosen, patched):  # the longest sum: the 32-wide projections
+            assert_as_accurate(model(x).last_hidden_state, expected, exact, rounding_floor(torch.float32, 32))
     flash = transformers.ViTModel._from_config(config, attn_implementation="eager")
     flash.config._attn_implementation = "flex_attention"  # chosen by the user: patch says why it leaves it
     assert vkernels.patch(flash, report=True)[1].left == [("", "attn_implementation 'flex_attention' was chosen for this model: left as it is")]
@@ -91,14 +92,16 @@ def test_routed_sdpa_with_a_learned_bias_under_compile():
     device = device_for("triton")
     torch._dynamo.reset()
     module = attention_coverage.perturbed(Attention(16, num_heads=2, window_size=(3, 3))).to(device).train()
+    exact = copy.deepcopy(module).double()  # stock, in float64
     patched = vkernels.patch(module, backend="triton")
     x = torch.randn(2, 10, 16, device=device)  # 3 x 3 patches + class token
     compiled = torch.compile(patched, fullgraph=True)
-    grads = []
-    for run in (patched, compiled):
-        module.zero_grad()
-        out = run(x)
+    results = []
+    for run, model, inputs in ((compiled, module, x), (patched, module, x), (exact, exact, x.double())):
+        model.zero_grad()
+        out = run(inputs)
         out.square().sum().backward()
-        grads.append((out, module.relative_position_bias_table.grad.clone()))
-    assert relative_error(grads[1][0], grads[0][0]) < 1e-6 and relative_error(grads[1][1], grads[0][1]) < 1e-6
-    assert grads[0][1].abs().sum() > 0
+        results.append({"output": out.detach(), "bias grad": model.relative_position_bias_table.grad.clone()})
+    # compiled as accurate as eager against float64; the longest sum: the 16-wide projections
+    assert_as_accurate(*results, rounding_floor(torch.float32, 16))
+    assert results[1]["bias grad"].abs().sum() > 0

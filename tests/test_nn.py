@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import vkernels
-from support import device_for, relative_error
+from support import device_for, relative_error, tolerance
 
 MODULES = [
     ("MaxPool2d", (3,), {"stride": 2, "padding": 1}),
@@ -28,4 +28,4 @@ def test_module_is_a_drop_in(name, args, kwargs):
     x = torch.randn(2, 3, 9, 8, device=device)
     with vkernels.use_backend("triton"):  # backend=None defers to the innermost use_backend
         out = ours(x)
-    assert relative_error(out, theirs(x.double())) < 1e-5
+    assert relative_error(out, theirs(x.double())) < tolerance(torch.float32)  # against float64

@@ -201,12 +201,14 @@ def test_pooling_shape_fuzz(height, width, kernel, stride, ceil_mode, channels_l
         (vkernels.avg_pool2d, F.avg_pool2d),
     ):
         try:
-            expected = theirs(x, kernel, stride, padding, ceil_mode=ceil_mode)
+            expected = theirs(x.double(), kernel, stride, padding, ceil_mode=ceil_mode)
         except RuntimeError:
             with pytest.raises(RuntimeError):
                 ours(x, kernel, stride, padding, ceil_mode=ceil_mode, backend=backend)
             continue
-        assert relative_error(ours(x, kernel, stride, padding, ceil_mode=ceil_mode, backend=backend), expected) < 1e-5
+        # against float64: the float32 result rounded once (max), or a float32 sum of <= 16 terms (avg)
+        result = ours(x, kernel, stride, padding, ceil_mode=ceil_mode, backend=backend)
+        assert relative_error(result, expected) < tolerance(torch.float32)
 
 
 BAD_CALLS = {

@@ -1,9 +1,10 @@
-"""Training on vkernels: a tiny ViT and CLIP train identically on Triton and stock PyTorch (the CNN's
-twin is in test_models.py), DistributedDataParallel over two processes equals one process on the
-global batch, and the digits example runs end to end.
+"""Training on vkernels: a tiny ViT and CLIP train on Triton as accurately as on stock PyTorch against
+float64 training (the CNN's twin is in test_models.py), DistributedDataParallel over two processes
+equals one process on the global batch, and the digits example runs end to end.
 
 Tiny configs: without a GPU the Triton kernels run through the interpreter.
 """
+import copy
 import json
 import os
 import socket
@@ -14,10 +15,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from support import GPU, KERNEL_BACKENDS, assert_trains_identically, device_for, relative_error
+from support import (
+    GPU, KERNEL_BACKENDS, as_dtype_of, assert_as_accurate, assert_trains_like_float64, device_for, rounding_floor,
+)
 from vkernels.models import CLIP, DigitTokenizer, VisionTransformer
 
-RTOL = 1e-4  # Triton vs torch, fp32, as ‖Δ‖/‖ref‖
+# Floor under "ours within 2 x stock's error from float64 training": the longest sum in these tiny
+# models is the 128-wide MLP's second layer.
+FLOOR = rounding_floor(torch.float32, 128)
 TINY_VIT = dict(image_size=8, patch_size=4, num_classes=5, embed_dim=32, depth=2, num_heads=2)
 TOKENIZER = DigitTokenizer(context_length=8)
 
@@ -27,7 +32,7 @@ def test_vit_convergence_triton_vs_torch():
     x = torch.randn(4, 3, 8, 8, device=device)
     y = torch.randint(0, 5, (4,), device=device)
     model = VisionTransformer(**TINY_VIT).to(device)
-    assert_trains_identically(model, lambda m: F.cross_entropy(m(x), y), lr=0.1, rtol=RTOL)
+    assert_trains_like_float64(model, lambda m: F.cross_entropy(m(*as_dtype_of(m, x)), y), lr=0.1, floor=FLOOR)
 
 
 def test_clip_convergence_triton_vs_torch():
@@ -36,7 +41,10 @@ def test_clip_convergence_triton_vs_torch():
                  vocab_size=TOKENIZER.vocab_size, context_length=8, text_width=32, text_depth=1, text_heads=2).to(device)
     images = torch.randn(3, 3, 8, 8, device=device)
     tokens = TOKENIZER(["a photo of the digit one", "digit two", "a handwritten nine"]).to(device)
-    assert_trains_identically(model, lambda m: m.contrastive_loss(images, tokens), lr=0.1, rtol=RTOL)
+    # the loss scales cosine similarities by exp(logit_scale) = 1/0.07 at initialisation: every rounding
+    # before it grows 14-fold (stock's own error from float64 reached 2.4e-5 over 22 seeds)
+    assert_trains_like_float64(model, lambda m: m.contrastive_loss(*as_dtype_of(m, images), tokens), lr=0.1,
+                               floor=FLOOR / 0.07)
 
 
 # --- DistributedDataParallel ------------------------------------------------------------------
@@ -93,15 +101,17 @@ def test_ddp_two_processes_equal_one_process(tmp_path, monkeypatch, backend):
     torch.save({"state": model.state_dict(), "x": x, "y": y}, path)
     mp.spawn(_ddp_worker, args=(_free_port(), path, backend, process_group), nprocs=WORLD, join=True)
 
-    model = model.to(device)
-    model.backend = backend
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    _sgd_steps(model, x.to(device), y.to(device))  # one process, the whole global batch
-    ranks = [torch.load(f"{path}.rank{rank}") for rank in range(WORLD)]
-    for name, expected in model.state_dict().items():
-        assert not torch.equal(expected, initial[name]), name  # every parameter trained
-        for state in ranks:
-            assert relative_error(state[name], expected.cpu()) <= 1e-5, name
+    # one process, the whole global batch: on the backend in float32, and on stock PyTorch in float64
+    single, exact = copy.deepcopy(model).to(device), copy.deepcopy(model).double()
+    single.backend, exact.backend = backend, "torch"
+    _sgd_steps(single, x.to(device), y.to(device))
+    _sgd_steps(exact, x.double(), y)
+    single = {name: t.cpu() for name, t in single.state_dict().items()}
+    for name, value in exact.state_dict().items():
+        assert not torch.equal(value, initial[name].double()), name  # every parameter trained
+    for rank in range(WORLD):
+        assert_as_accurate(torch.load(f"{path}.rank{rank}"), single, exact.state_dict(), FLOOR)
 
 
 # --- the digits example -----------------------------------------------------------------------

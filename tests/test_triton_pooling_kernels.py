@@ -24,7 +24,8 @@ DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if DEVICE.type == "
 LAYOUTS = ("contiguous", "channels_last", "sliced", "permuted")
 CASES = range(2)
 WINDOW_KEYS = ("kernel_size", "stride", "padding", "dilation")
-# elementwise |actual - expected| <= TOLERANCE * (1 + |expected|): rounding of the stored output
+# elementwise |actual - expected| <= TOLERANCE * (1 + |expected|) against torch in float64: rounding of
+# the stored output
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
