@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 import vkernels
 import vkernels.ops.attention as attention_ops
 from support import (
-    CPU_DTYPES, DTYPES, GPU, KERNEL_BACKENDS, assert_as_accurate, device_for, relative_error, rounding_floor, tolerance,
+    CPU_DTYPES, GPU, KERNEL_BACKENDS, assert_as_accurate, backends_and_dtypes, device_for, dtypes_for, relative_error,
+    rounding_floor, tolerance,
 )
 
 
@@ -50,8 +51,7 @@ def check(backend, query, key, value, dtype, **kwargs):
         assert error < tolerance(dtype) * 2, name
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("dtype", CPU_DTYPES + ((torch.bfloat16,) if GPU else ()))
+@pytest.mark.parametrize(("backend", "dtype"), backends_and_dtypes())
 def test_vit_block_qkv_views(backend, dtype):
     """q, k, v as a ViT block makes them: unbind of a (B, L, 3, H, D) projection, read in place."""
     device = device_for(backend)
@@ -94,12 +94,13 @@ def test_fully_masked_rows_give_zeros_not_nan(backend):
     lengths=st.tuples(st.integers(1, 70), st.integers(1, 70)),
     head_dims=st.tuples(st.sampled_from([8, 16, 24, 40, 64, 72, 80, 96]), st.sampled_from([None, 8, 40])),
     mask=st.sampled_from([None, "bool", "float", "key_padding", "causal"]),
-    dtype=st.sampled_from(DTYPES),
+    data=st.data(),
 )
-def test_attention_shape_fuzz(backend, batch_heads, lengths, head_dims, mask, dtype):
+def test_attention_shape_fuzz(backend, batch_heads, lengths, head_dims, mask, data):
     """Random lengths, head dims (value's may differ), masks and causality against float64 SDPA.
     Every query row keeps key 0, so no row is fully masked (where SDPA itself gives NaN)."""
     device = device_for(backend)
+    dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
     (batch, heads), (seq_q, seq_k), (head_dim, head_dim_v) = batch_heads, lengths, head_dims
     query = torch.randn(batch, heads, seq_q, head_dim, device=device).to(dtype)
     key = torch.randn(batch, heads, seq_k, head_dim, device=device).to(dtype)

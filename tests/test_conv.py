@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 import vkernels
 from support import (
-    DTYPES, KERNEL_BACKENDS, assert_as_accurate, device_for, layout, poison_allocator, relative_error, rounding_floor,
+    KERNEL_BACKENDS, assert_as_accurate, device_for, dtypes_for, layout, poison_allocator, relative_error, rounding_floor,
     tolerance,
 )
 from vkernels import dispatch, shapes
@@ -75,13 +75,14 @@ def test_conv2d_relu_matches_torch(backend, name):
     padding=st.one_of(st.tuples(st.integers(0, 2), st.integers(0, 2)), st.sampled_from(["same", "valid"])),
     dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
     options=st.tuples(st.booleans(), st.booleans(), st.booleans()),  # bias, residual, channels_last
-    dtype=st.sampled_from(DTYPES),
+    data=st.data(),
 )
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_conv2d_relu_geometry_fuzz(backend, channels, size, kernel, stride, padding, dilation, options, dtype):
+def test_conv2d_relu_geometry_fuzz(backend, channels, size, kernel, stride, padding, dilation, options, data):
     """Any geometry F.conv2d accepts gives its result and gradients; any it refuses raises its error type."""
     (cin_per_group, cout_per_group, groups), (with_bias, with_residual, channels_last) = channels, options
     device = device_for(backend)
+    dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
     x = layout(torch.randn(2, cin_per_group * groups, *size, device=device).to(dtype),
                "channels_last" if channels_last else "contiguous")
     weight = (torch.randn(cout_per_group * groups, cin_per_group, *kernel, device=device) * 0.5).to(dtype)
@@ -274,14 +275,14 @@ def test_conv2d_relu_maxpool2d_opcheck(backend):
 
 
 def test_conv2d_relu_maxpool2d_forced_cuda_raises():
-    """The cuda backend takes CUDA tensors only (and, without a GPU or vkernels._C, none): forcing it
-    on a CPU tensor explains why."""
-    x, w = torch.randn(1, 3, 8, 8), torch.randn(5, 3, 3, 3)
+    """Forcing the cuda backend on an input its kernels cannot take (float64) explains why."""
+    x, w = torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.randn(5, 3, 3, 3, dtype=torch.float64)
     with pytest.raises(vkernels.BackendUnavailableError, match="'cuda' cannot serve"):
         vkernels.conv2d_relu_maxpool2d(x, w, pool_kernel_size=2, backend="cuda")
 
 
+@pytest.mark.cuda
 def test_cuda_extension_registers_every_conv_op():
-    pytest.importorskip("vkernels._C", reason="vkernels._C is not built")
+    device_for("cuda")  # skips where neither vkernels._C nor the emulator is loaded
     for op in conv_ops.SCHEMAS:
         assert dispatch.has_cuda_kernel(op), op

@@ -110,7 +110,7 @@ CASES = [
     pytest.param(Case(1, 2, 50, 37, 80, FP16, mask="float32", logit_scale=100.0), id="large-logits-f32mask-d80-fp16"),
     pytest.param(Case(1, 2, 40, 40, 64, FP32, mask="causal_float32", is_causal=True), id="text-causal-f32mask-fp32"),
     pytest.param(Case(1, 3, 50, 50, 80, BF16, layout="qkv", mask="bool", dead_row=True),
-                 id="vit50-d80-bool-bf16", marks=pytest.mark.cuda),
+                 id="vit50-d80-bool-bf16", marks=pytest.mark.gpu),
     # learned float32 biases, their gradients summed over the dims they broadcast over
     pytest.param(Case(3, 2, 49, 49, 32, FP32, layout="qkv", bias=(1, 2, 49, 49)), id="window49-headbias-fp32"),
     pytest.param(Case(2, 2, 50, 50, 80, FP16, mask="bool", dead_row=True, bias=(1, 2, 50, 50)),
@@ -120,7 +120,7 @@ CASES = [
     pytest.param(Case(2, 2, 20, 33, 16, FP32, mask="float", bias=(1, 1, 1, 1)), id="scalarbias-fp32"),
     pytest.param(Case(2, 2, 33, 20, 64, FP32, bias=(2, 2, 33, 20)), id="fullbias-fp32"),
     pytest.param(Case(2, 3, 50, 50, 64, BF16, layout="qkv", bias=(1, 3, 50, 50)), id="headbias-bf16",
-                 marks=pytest.mark.cuda),
+                 marks=pytest.mark.gpu),
 ]
 
 
