@@ -122,6 +122,9 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown vkernels backend {name!r}; expected one of {(*BACKENDS, 'auto')}")
 
 
+# Registrations are fixed once the extension is loaded: under torch.compile the answer is a constant
+# (dynamo cannot trace the dispatcher query itself, which returns a bool).
+@torch.compiler.assume_constant_result
 def has_cuda_kernel(op: str) -> bool:
     """Whether vkernels._C (or, emulated, vkernels._C_emu) registered a kernel for ``vkernels::<op>_cuda``."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"vkernels::{op}_cuda", CUDA_KERNEL_DEVICE.upper())

@@ -269,11 +269,13 @@ __global__ void large_dynamic_shared_kernel() {
   VKERNELS_DYNAMIC_SHARED(shared);
   shared[threadIdx.x] = 0;
 }
-// One element past a static shared array: AddressSanitizer's heap-buffer-overflow in the sanitized
-// build (on a GPU it would silently write the next array).
+// One element past a static shared array, through a pointer as the kernels index their tiles:
+// AddressSanitizer's heap-buffer-overflow in the sanitized build (on a GPU it would silently write
+// the next array).
 __global__ void shared_overrun_kernel(int index) {
   VKERNELS_SHARED(float, tile, [32]);
-  tile[threadIdx.x + index] = 1.0f;
+  float* row = tile;
+  row[threadIdx.x + index] = 1.0f;
 }
 
 void fault(std::string kind) {
