@@ -1,10 +1,13 @@
-"""The Triton pooling launchers called directly, against torch.nn.functional in float64.
+"""The pooling kernels of each backend called directly (ops vkernels::<op>_<backend>, no autograd),
+against torch.nn.functional in float64.
 
 Random geometries (seeded by conftest's per-case `seed`): odd sizes, rectangular kernels 1..5,
 strides 1..4 (larger than the kernel included), padding up to k // 2, dilation 1..3, ceil_mode,
 count_include_pad, divisor_override; inputs NCHW, channels_last, sliced or permuted views; ties,
--inf and NaN for max-pool's selection rule. Without a GPU the kernels run in the Triton interpreter
-(tests/conftest.py sets TRITON_INTERPRET), so tensors stay tiny.
+-inf and NaN for max-pool's selection rule. Without a GPU the Triton kernels run in the interpreter
+(tests/conftest.py sets TRITON_INTERPRET), so tensors stay tiny, and the CUDA kernels in the emulator.
+The CUDA kernels' own paths: 8 or 16 channels moved by one 16-byte access (channels_last, C a
+multiple of 8), and groups of up to 32 lanes sharing an NCHW window of 16 elements or more.
 """
 from __future__ import annotations
 
@@ -15,12 +18,11 @@ import torch
 import torch.nn.functional as F
 import triton.language as tl
 
+from support import KERNEL_BACKENDS, backends_and_dtypes, device_for
 from vkernels import shapes
+from vkernels.ops.library import backend_op
 from vkernels.triton_kernels import pooling
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# The interpreter has no bf16 arithmetic: bf16 runs on GPUs only.
-DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if DEVICE.type == "cuda" else ())
 LAYOUTS = ("contiguous", "channels_last", "sliced", "permuted")
 CASES = range(2)
 WINDOW_KEYS = ("kernel_size", "stride", "padding", "dilation")
@@ -46,12 +48,12 @@ def with_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(layout)
 
 
-def random_values(shape, dtype: torch.dtype, special: bool = False) -> torch.Tensor:
+def random_values(shape, dtype: torch.dtype, device: torch.device, special: bool = False) -> torch.Tensor:
     """Normal values, or (special) values from {-inf, -1, 0, 1, NaN}: many ties, all -inf windows, NaNs."""
     if special:
-        choices = torch.tensor([float("-inf"), -1.0, 0.0, 1.0, float("nan")], device=DEVICE)
-        return choices[torch.randint(0, 5, shape, device=DEVICE)].to(dtype)
-    return torch.randn(shape, device=DEVICE).to(dtype)
+        choices = torch.tensor([float("-inf"), -1.0, 0.0, 1.0, float("nan")], device=device)
+        return choices[torch.randint(0, 5, shape, device=device)].to(dtype)
+    return torch.randn(shape, device=device).to(dtype)
 
 
 def random_window(rng: random.Random, dilated: bool) -> dict:
@@ -85,12 +87,13 @@ def windows_touch_input(shape, window: dict, ceil_mode: bool) -> bool:
     )
 
 
-def random_max_pool_case(rng: random.Random, dtype: torch.dtype, layout: str, special: bool = False):
+def random_max_pool_case(rng: random.Random, dtype: torch.dtype, layout: str, device: torch.device,
+                         special: bool = False):
     while True:
         window = random_window(rng, dilated=True)
         shape, ceil_mode = random_shape(rng, window), rng.random() < 0.5
         if windows_touch_input(shape, window, ceil_mode):
-            return with_layout(random_values(shape, dtype, special), layout), window, ceil_mode
+            return with_layout(random_values(shape, dtype, device, special), layout), window, ceil_mode
 
 
 def check_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, equal_nan: bool = False):
@@ -122,12 +125,13 @@ def torch_indices(argmax: torch.Tensor, window: dict, width: int) -> torch.Tenso
 # max_pool2d
 
 
-def run_max_pool2d(x: torch.Tensor, window: dict, ceil_mode: bool, grad_layout: str, equal_nan: bool = False):
+def run_max_pool2d(backend: str, x: torch.Tensor, window: dict, ceil_mode: bool, grad_layout: str,
+                   equal_nan: bool = False):
     """Forward values, argmax and memory format, then the backward of a random upstream gradient."""
-    what = f"max_pool2d {tuple(x.shape)} strides {x.stride()} {x.dtype} {window} ceil_mode={ceil_mode}"
+    what = f"{backend} max_pool2d {tuple(x.shape)} strides {x.stride()} {x.dtype} {window} ceil_mode={ceil_mode}"
     output_size = shapes.pool2d_output_size(x.shape, ceil_mode=ceil_mode, **window)
     channels_last = shapes.is_channels_last(x)
-    out, argmax = pooling.max_pool2d_forward(x, **window, output_size=output_size)
+    out, argmax = backend_op("max_pool2d", backend)(x, **window, output_size=output_size)
 
     x_ref = x.detach().double().requires_grad_()
     ref, ref_indices = F.max_pool2d(x_ref, ceil_mode=ceil_mode, return_indices=True, **window)
@@ -137,50 +141,52 @@ def run_max_pool2d(x: torch.Tensor, window: dict, ceil_mode: bool, grad_layout: 
     assert argmax.dtype == shapes.window_index_dtype(window["kernel_size"][0] * window["kernel_size"][1]), what
     assert torch.equal(torch_indices(argmax, window, x.shape[3]), ref_indices), what + " argmax"
 
-    grad_output = with_layout(random_values(out.shape, x.dtype), grad_layout)
-    grad_input = pooling.max_pool2d_backward(grad_output, argmax, x.shape[2:], **window, channels_last=channels_last)
+    grad_output = with_layout(random_values(out.shape, x.dtype, x.device), grad_layout)
+    grad_input = backend_op("max_pool2d_backward", backend)(grad_output, argmax, x.shape[2:], **window,
+                                                            channels_last=channels_last)
     ref.backward(grad_output.double())
     check_close(grad_input, x_ref.grad, x.dtype, what + " grad_input")
     check_memory_format(grad_input, channels_last, what + " grad_input")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend, dtype", backends_and_dtypes())
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES)
-def test_max_pool2d(case, layout, dtype, seed):
+def test_max_pool2d(backend, case, layout, dtype, seed):
     rng = random.Random(seed)
-    x, window, ceil_mode = random_max_pool_case(rng, dtype, layout)
-    run_max_pool2d(x, window, ceil_mode, rng.choice(LAYOUTS))
+    x, window, ceil_mode = random_max_pool_case(rng, dtype, layout, device_for(backend))
+    run_max_pool2d(backend, x, window, ceil_mode, rng.choice(LAYOUTS))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend, dtype", backends_and_dtypes())
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_max_pool2d_ties_infinities_and_nan(layout, dtype, seed):
+def test_max_pool2d_ties_infinities_and_nan(backend, layout, dtype, seed):
     """torch's rule: the first maximum wins ties, an all -inf window points at its first valid
     element, NaN propagates with the last NaN winning."""
     rng = random.Random(seed)
-    x, window, ceil_mode = random_max_pool_case(rng, dtype, layout, special=True)
-    run_max_pool2d(x, window, ceil_mode, rng.choice(LAYOUTS), equal_nan=True)
+    x, window, ceil_mode = random_max_pool_case(rng, dtype, layout, device_for(backend), special=True)
+    run_max_pool2d(backend, x, window, ceil_mode, rng.choice(LAYOUTS), equal_nan=True)
 
 
-def test_max_pool2d_window_over_128_elements(seed):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_max_pool2d_window_over_128_elements(backend, seed):
     """A 13 x 11 window needs int16 window offsets."""
     window = {"kernel_size": (13, 11), "stride": (2, 3), "padding": (6, 5), "dilation": (1, 1)}
-    run_max_pool2d(random_values((1, 2, 9, 7), torch.float32), window, True, "contiguous")
+    run_max_pool2d(backend, random_values((1, 2, 9, 7), torch.float32, device_for(backend)), window, True, "contiguous")
 
 
 # --------------------------------------------------------------------------------------------
 # avg_pool2d
 
 
-def run_avg_pool2d(x, window, ceil_mode, count_include_pad, divisor_override, grad_layout):
+def run_avg_pool2d(backend, x, window, ceil_mode, count_include_pad, divisor_override, grad_layout):
     what = (
-        f"avg_pool2d {tuple(x.shape)} strides {x.stride()} {x.dtype} {window} ceil_mode={ceil_mode} "
+        f"{backend} avg_pool2d {tuple(x.shape)} strides {x.stride()} {x.dtype} {window} ceil_mode={ceil_mode} "
         f"count_include_pad={count_include_pad} divisor_override={divisor_override}"
     )
     output_size = shapes.pool2d_output_size(x.shape, ceil_mode=ceil_mode, dilation=(1, 1), **window)
     channels_last = shapes.is_channels_last(x)
-    out = pooling.avg_pool2d_forward(
+    out = backend_op("avg_pool2d", backend)(
         x, **window, output_size=output_size, count_include_pad=count_include_pad, divisor_override=divisor_override
     )
 
@@ -191,8 +197,8 @@ def run_avg_pool2d(x, window, ceil_mode, count_include_pad, divisor_override, gr
     check_close(out, ref, x.dtype, what + " output")
     check_memory_format(out, channels_last, what + " output")
 
-    grad_output = with_layout(random_values(out.shape, x.dtype), grad_layout)
-    grad_input = pooling.avg_pool2d_backward(
+    grad_output = with_layout(random_values(out.shape, x.dtype, x.device), grad_layout)
+    grad_input = backend_op("avg_pool2d_backward", backend)(
         grad_output, x.shape[2:], **window, count_include_pad=count_include_pad,
         divisor_override=divisor_override, channels_last=channels_last,
     )
@@ -201,16 +207,16 @@ def run_avg_pool2d(x, window, ceil_mode, count_include_pad, divisor_override, gr
     check_memory_format(grad_input, channels_last, what + " grad_input")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend, dtype", backends_and_dtypes())
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES)
-def test_avg_pool2d(case, layout, dtype, seed):
+def test_avg_pool2d(backend, case, layout, dtype, seed):
     rng = random.Random(seed)
     window = random_window(rng, dilated=False)
-    x = with_layout(random_values(random_shape(rng, window), dtype), layout)
+    x = with_layout(random_values(random_shape(rng, window), dtype, device_for(backend)), layout)
     del window["dilation"]
     run_avg_pool2d(
-        x, window, rng.random() < 0.5, rng.random() < 0.5, rng.choice([None, rng.randint(1, 7)]), rng.choice(LAYOUTS)
+        backend, x, window, rng.random() < 0.5, rng.random() < 0.5, rng.choice([None, rng.randint(1, 7)]), rng.choice(LAYOUTS)
     )
 
 
@@ -218,96 +224,135 @@ def test_avg_pool2d(case, layout, dtype, seed):
 # adaptive_avg_pool2d
 
 
-def run_adaptive_avg_pool2d(x, output_size, grad_layout):
-    what = f"adaptive_avg_pool2d {tuple(x.shape)} strides {x.stride()} {x.dtype} output_size={output_size}"
+def run_adaptive_avg_pool2d(backend, x, output_size, grad_layout):
+    what = f"{backend} adaptive_avg_pool2d {tuple(x.shape)} strides {x.stride()} {x.dtype} output_size={output_size}"
     channels_last = shapes.is_channels_last(x)
-    out = pooling.adaptive_avg_pool2d_forward(x, output_size)
+    out = backend_op("adaptive_avg_pool2d", backend)(x, output_size)
 
     x_ref = x.detach().double().requires_grad_()
     ref = F.adaptive_avg_pool2d(x_ref, output_size)
     check_close(out, ref, x.dtype, what + " output")
     check_memory_format(out, channels_last, what + " output")
 
-    grad_output = with_layout(random_values(out.shape, x.dtype), grad_layout)
-    grad_input = pooling.adaptive_avg_pool2d_backward(grad_output, x.shape[2:], channels_last)
+    grad_output = with_layout(random_values(out.shape, x.dtype, x.device), grad_layout)
+    grad_input = backend_op("adaptive_avg_pool2d_backward", backend)(grad_output, x.shape[2:], channels_last)
     ref.backward(grad_output.double())
     check_close(grad_input, x_ref.grad, x.dtype, what + " grad_input")
     check_memory_format(grad_input, channels_last, what + " grad_input")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend, dtype", backends_and_dtypes())
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES)
-def test_adaptive_avg_pool2d(case, layout, dtype, seed):
+def test_adaptive_avg_pool2d(backend, case, layout, dtype, seed):
     """Output sizes above and below the input's; one case in four is global average pooling."""
     rng = random.Random(seed)
-    x = with_layout(random_values(random_shape(rng), dtype), layout)
+    x = with_layout(random_values(random_shape(rng), dtype, device_for(backend)), layout)
     output_size = (1, 1) if rng.random() < 0.25 else (rng.randint(1, 13), rng.randint(1, 13))
-    run_adaptive_avg_pool2d(x, output_size, rng.choice(LAYOUTS))
+    run_adaptive_avg_pool2d(backend, x, output_size, rng.choice(LAYOUTS))
+
+
+@pytest.mark.parametrize("backend, dtype", backends_and_dtypes())
+def test_channels_moved_sixteen_bytes_at_a_time(backend, dtype, seed):
+    """channels_last with 16 channels: the CUDA kernels move 8 (fp16/bf16) or 4 (fp32) channels per
+    16-byte access, forward and backward, the argmax too."""
+    rng = random.Random(seed)
+    device = device_for(backend)
+    x, window, ceil_mode = random_max_pool_case(rng, dtype, "channels_last", device)
+    x = with_layout(random_values((x.shape[0], 16, *x.shape[2:]), dtype, device), "channels_last")
+    run_max_pool2d(backend, x, window, ceil_mode, "channels_last")
+    del window["dilation"]
+    run_avg_pool2d(backend, x, window, ceil_mode, True, None, "channels_last")
+    run_adaptive_avg_pool2d(backend, x, (rng.randint(1, 4), rng.randint(1, 4)), "channels_last")
+
+
+@pytest.mark.parametrize("backend, dtype", backends_and_dtypes())
+def test_wide_nchw_windows_split_over_lanes(backend, dtype):
+    """NCHW windows of 16 elements or more: the CUDA forward splits each window row over 2..32 lanes
+    that merge their maxima (ties, -inf and NaN by torch's rule) or sums with warp shuffles."""
+    device = device_for(backend)
+    x = random_values((2, 3, 12, 40), dtype, device, special=True)
+    for kernel, stride in (((4, 4), (2, 3)), ((2, 9), (1, 4)), ((3, 33), (2, 1))):
+        window = {"kernel_size": kernel, "stride": stride, "padding": (kernel[0] // 2, kernel[1] // 2),
+                  "dilation": (1, 1)}
+        run_max_pool2d(backend, x, window, False, "contiguous", equal_nan=True)
+    x = random_values((2, 3, 12, 40), dtype, device)
+    run_avg_pool2d(backend, x, {"kernel_size": (3, 17), "stride": (2, 5), "padding": (1, 8)}, True, False, None,
+                   "contiguous")
+    run_adaptive_avg_pool2d(backend, x, (1, 1), "contiguous")
 
 
 # --------------------------------------------------------------------------------------------
 # Edge cases shared by all launchers
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_empty_batch_launches_nothing(layout):
-    x = with_layout(torch.empty((0, 3, 5, 6), device=DEVICE), layout)
+def test_empty_batch_launches_nothing(backend, layout):
+    x = with_layout(torch.empty((0, 3, 5, 6), device=device_for(backend)), layout)
     window = {"kernel_size": (2, 2), "stride": (2, 2), "padding": (1, 0), "dilation": (1, 1)}
-    out, argmax = pooling.max_pool2d_forward(x, **window, output_size=(3, 3))
+    out, argmax = backend_op("max_pool2d", backend)(x, **window, output_size=(3, 3))
     assert out.shape == argmax.shape == (0, 3, 3, 3)
-    assert pooling.max_pool2d_backward(out, argmax, (5, 6), **window, channels_last=False).shape == (0, 3, 5, 6)
+    grad_input = backend_op("max_pool2d_backward", backend)(out, argmax, (5, 6), **window, channels_last=False)
+    assert grad_input.shape == (0, 3, 5, 6)
     del window["dilation"]
-    out = pooling.avg_pool2d_forward(x, **window, output_size=(3, 3), count_include_pad=True, divisor_override=None)
+    out = backend_op("avg_pool2d", backend)(x, **window, output_size=(3, 3), count_include_pad=True,
+                                            divisor_override=None)
     assert out.shape == (0, 3, 3, 3)
-    grad_input = pooling.avg_pool2d_backward(
+    grad_input = backend_op("avg_pool2d_backward", backend)(
         out, (5, 6), **window, count_include_pad=True, divisor_override=None, channels_last=True
     )
     assert grad_input.shape == (0, 3, 5, 6)
-    out = pooling.adaptive_avg_pool2d_forward(x, (2, 4))
+    out = backend_op("adaptive_avg_pool2d", backend)(x, (2, 4))
     assert out.shape == (0, 3, 2, 4)
-    assert pooling.adaptive_avg_pool2d_backward(out, (5, 6), False).shape == (0, 3, 5, 6)
+    assert backend_op("adaptive_avg_pool2d_backward", backend)(out, (5, 6), False).shape == (0, 3, 5, 6)
 
 
-def test_adaptive_avg_pool2d_empty_output():
-    x = random_values((2, 3, 5, 6), torch.float32)
-    assert pooling.adaptive_avg_pool2d_forward(x, (0, 4)).shape == (2, 3, 0, 4)
-    grad_input = pooling.adaptive_avg_pool2d_backward(torch.empty((2, 3, 0, 4), device=DEVICE), (5, 6), False)
-    assert torch.equal(grad_input, torch.zeros((2, 3, 5, 6), device=DEVICE))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_adaptive_avg_pool2d_empty_output(backend):
+    device = device_for(backend)
+    x = random_values((2, 3, 5, 6), torch.float32, device)
+    assert backend_op("adaptive_avg_pool2d", backend)(x, (0, 4)).shape == (2, 3, 0, 4)
+    grad_input = backend_op("adaptive_avg_pool2d_backward", backend)(torch.empty((2, 3, 0, 4), device=device),
+                                                                     (5, 6), False)
+    assert torch.equal(grad_input, torch.zeros((2, 3, 5, 6), device=device))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_inner_axis_wider_than_one_block(layout, seed):
-    """More than MAX_BLOCK_INNER channels (channels_last) or columns (NCHW): several programs
-    along the grid's second axis."""
+def test_inner_axis_wider_than_one_block(backend, layout, seed):
+    """More than MAX_BLOCK_INNER channels (channels_last) or columns (NCHW): several Triton programs
+    along the grid's second axis, several CUDA blocks."""
     rng = random.Random(seed)
     wide = pooling.MAX_BLOCK_INNER + 3
     shape = (1, wide, 3, 2) if layout == "channels_last" else (1, 2, 3, wide)
-    x = with_layout(random_values(shape, torch.float32), layout)
+    x = with_layout(random_values(shape, torch.float32, device_for(backend)), layout)
     window = {"kernel_size": (2, 3), "stride": (1, 2), "padding": (1, 1), "dilation": (1, 1)}
-    run_max_pool2d(x, window, False, layout)
+    run_max_pool2d(backend, x, window, False, layout)
     del window["dilation"]
-    run_avg_pool2d(x, window, True, False, None, layout)
-    run_adaptive_avg_pool2d(x, (2, rng.randint(1, 5)), layout)
+    run_avg_pool2d(backend, x, window, True, False, None, layout)
+    run_adaptive_avg_pool2d(backend, x, (2, rng.randint(1, 5)), layout)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_int64_index_arithmetic(layout, monkeypatch, seed):
+def test_triton_int64_index_arithmetic(layout, monkeypatch, seed):
     """Tensors past 2**31 elements take int64 index math; force it on small ones."""
     monkeypatch.setattr(pooling, "_index_dtype", lambda *tensors, products=(): tl.int64)
     rng = random.Random(seed)
-    x, window, ceil_mode = random_max_pool_case(rng, torch.float32, layout)
-    run_max_pool2d(x, window, ceil_mode, layout)
+    device = device_for("triton")
+    x, window, ceil_mode = random_max_pool_case(rng, torch.float32, layout, device)
+    run_max_pool2d("triton", x, window, ceil_mode, layout)
     window = random_window(rng, dilated=False)
-    x = with_layout(random_values(random_shape(rng, window), torch.float32), layout)
+    x = with_layout(random_values(random_shape(rng, window), torch.float32, device), layout)
     del window["dilation"]
-    run_avg_pool2d(x, window, False, True, None, layout)
-    run_adaptive_avg_pool2d(x, (3, 2), layout)
+    run_avg_pool2d("triton", x, window, False, True, None, layout)
+    run_adaptive_avg_pool2d("triton", x, (3, 2), layout)
 
 
-def test_float64_accumulates_in_float64(seed):
-    x = random_values((2, 3, 7, 9), torch.float64)
-    out = pooling.adaptive_avg_pool2d_forward(x, (2, 3))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_float64_accumulates_in_float64(backend, seed):
+    x = random_values((2, 3, 7, 9), torch.float64, device_for(backend))
+    out = backend_op("adaptive_avg_pool2d", backend)(x, (2, 3))
     torch.testing.assert_close(out, F.adaptive_avg_pool2d(x, (2, 3)), rtol=1e-13, atol=1e-13)
-    out = pooling.avg_pool2d_forward(x, (3, 3), (2, 2), (1, 1), (4, 5), False, None)
+    out = backend_op("avg_pool2d", backend)(x, (3, 3), (2, 2), (1, 1), (4, 5), False, None)
     torch.testing.assert_close(out, F.avg_pool2d(x, 3, 2, 1, count_include_pad=False), rtol=1e-13, atol=1e-13)
