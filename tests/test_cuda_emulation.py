@@ -202,6 +202,20 @@ def test_exp2_approx_flushes_subnormals_and_maps_minus_infinity_to_zero():
     torch.testing.assert_close(y[5:7], torch.exp2(x[5:7]), rtol=2**-21, atol=0)
 
 
+def test_random_schedule_exposes_a_missing_barrier():
+    """Warp 1 reads what warp 0 wrote without a __syncthreads between them. In thread order the race
+    goes unseen; with threads drawn at random (VKERNELS_EMULATION_SCHEDULE=random) it shows."""
+    previous = emulator.schedule()
+    try:
+        emulator.set_schedule("fifo")
+        assert torch.equal(ops.missing_barrier(), torch.arange(32, dtype=torch.int32))
+        emulator.set_schedule("random", 1)
+        assert not torch.equal(ops.missing_barrier(), torch.arange(32, dtype=torch.int32))
+        assert torch.equal(ops.barrier_rotate(2, 96, 3), (torch.arange(96) + 3) % 96 + 1000 * torch.arange(2)[:, None])
+    finally:
+        emulator.set_schedule(*previous)
+
+
 # --------------------------------------------------------------------------------------------
 # Broken kernels stop with an error naming the kernel, block and thread
 

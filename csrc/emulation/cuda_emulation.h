@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -192,6 +193,11 @@ S& static_shared_array(const char* name) {
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_shared_bytes, void (*body)(const void*),
               const void* closure);
 void set_max_dynamic_shared(const void* kernel, int bytes);
+// The order threads run in between synchronisations: "fifo" (thread order, the default) or
+// "random" (drawn per switch, seeded per launch from `seed`); VKERNELS_EMULATION_SCHEDULE and
+// VKERNELS_EMULATION_SEED set it at load.
+void set_schedule(const std::string& name, uint64_t seed);
+std::pair<std::string, uint64_t> schedule();
 
 // Device properties the host code queries, those of an H100 / H200 (sm_90, 132 SMs).
 constexpr int kComputeCapabilityMajor = 9;

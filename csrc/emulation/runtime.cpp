@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -283,8 +284,12 @@ thread_local Block* t_block = nullptr;
 
 class Block {
  public:
-  Block(const LaunchSpec& launch, std::vector<Fiber>& fibers, StackPool& stacks)
+  Block(const LaunchSpec& launch, std::vector<Fiber>& fibers, StackPool& stacks, std::optional<uint64_t> random_seed)
       : launch_(launch), fibers_(fibers), threads_(static_cast<int>(fibers.size())) {
+    if (random_seed) {
+      random_ = true;
+      random_state_ = *random_seed;
+    }
     for (int i = 0; i < threads_; ++i) {
       Fiber& f = fibers_[i];
       f.rank = i;
@@ -503,6 +508,9 @@ class Block {
     ++count_;
   }
   int pop() {
+    if (random_) {  // draw one of the runnable threads: swap it to the head
+      std::swap(ready_[head_], ready_[(head_ + next_random() % count_) % threads_]);
+    }
     const int rank = ready_[head_];
     head_ = (head_ + 1) % threads_;
     --count_;
@@ -596,6 +604,14 @@ class Block {
   int barrier_waiting_ = 0;
   std::vector<int> ready_;
   int head_ = 0, count_ = 0;
+  bool random_ = false;
+  uint64_t random_state_ = 0;
+  uint64_t next_random() {  // splitmix64
+    uint64_t z = (random_state_ += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
   std::vector<SharedArray> shared_;
   unsigned char* dynamic_ = nullptr;
   Fiber* current_ = nullptr;
@@ -741,6 +757,28 @@ void Block::execute(Collective op, unsigned mask, int first_rank) {
 std::mutex g_attributes_mutex;
 std::unordered_map<const void*, int> g_max_dynamic_shared;  // cudaFuncSetAttribute's values
 
+// VKERNELS_EMULATION_SCHEDULE=random (or set_schedule): the next thread to run is drawn at random
+// from the runnable ones instead of taken in order, seeded per launch, so a result that depends on
+// the order of threads between two synchronisations (a race on a GPU) changes from run to run.
+struct Schedule {
+  bool random;
+  uint64_t seed;
+};
+Schedule initial_schedule() {
+  const char* name = std::getenv("VKERNELS_EMULATION_SCHEDULE");
+  const char* seed = std::getenv("VKERNELS_EMULATION_SEED");
+  return {name != nullptr && std::strcmp(name, "random") == 0, seed ? std::strtoull(seed, nullptr, 10) : 0};
+}
+Schedule g_schedule = initial_schedule();  // guarded by g_attributes_mutex
+uint64_t g_launches = 0;
+
+std::optional<uint64_t> launch_seed() {
+  std::lock_guard<std::mutex> lock(g_attributes_mutex);
+  ++g_launches;
+  if (!g_schedule.random) return std::nullopt;
+  return g_schedule.seed * 0x100000001b3ull + g_launches;
+}
+
 int max_dynamic_shared(const void* kernel) {
   std::lock_guard<std::mutex> lock(g_attributes_mutex);
   const auto it = g_max_dynamic_shared.find(kernel);
@@ -753,6 +791,17 @@ Block& running_block() {
 }
 
 }  // namespace
+
+void set_schedule(const std::string& name, uint64_t seed) {
+  TORCH_CHECK(name == "fifo" || name == "random", "CUDA emulation: schedule must be 'fifo' or 'random', got ", name);
+  std::lock_guard<std::mutex> lock(g_attributes_mutex);
+  g_schedule = {name == "random", seed};
+}
+
+std::pair<std::string, uint64_t> schedule() {
+  std::lock_guard<std::mutex> lock(g_attributes_mutex);
+  return {g_schedule.random ? "random" : "fifo", g_schedule.seed};
+}
 
 void set_max_dynamic_shared(const void* kernel, int bytes) {
   std::lock_guard<std::mutex> lock(g_attributes_mutex);
@@ -782,7 +831,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_shared_b
   fibers.resize(threads);
   blockDim = block;
   gridDim = grid;
-  Block runner(launch, fibers, stacks);
+  Block runner(launch, fibers, stacks, launch_seed());
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) runner.run({x, y, z});

@@ -222,6 +222,20 @@ at::Tensor exp2_approx_op(const at::Tensor& x) {
   return y;
 }
 
+// Warp 1 reads what warp 0 writes, with no __syncthreads between: a race. In thread order warp 0
+// has written everything before warp 1 runs; drawn at random, some reads come first.
+__global__ void missing_barrier_kernel(int32_t* out) {
+  VKERNELS_SHARED(int32_t, slots, [32]);
+  if (threadIdx.x < 32) slots[threadIdx.x] = static_cast<int32_t>(threadIdx.x);
+  if (threadIdx.x >= 32) out[threadIdx.x - 32] = slots[threadIdx.x - 32];
+}
+
+at::Tensor missing_barrier() {
+  auto out = at::empty({32}, at::kInt);
+  launch_kernel(missing_barrier_kernel, 1, 64, 0, nullptr, out.mutable_data_ptr<int32_t>());
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Broken kernels: each must stop with an error (or, for the overrun, an AddressSanitizer report)
 // ---------------------------------------------------------------------------------------------
@@ -316,6 +330,7 @@ TORCH_LIBRARY(vkernels_emulation, m) {
   m.def("convert(Tensor x, bool bf16) -> (Tensor, Tensor)");
   m.def("exp2_approx(Tensor x) -> Tensor");
   m.def("fault(str kind) -> ()");
+  m.def("missing_barrier() -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vkernels_emulation, CPU, m) {
@@ -332,6 +347,7 @@ TORCH_LIBRARY_IMPL(vkernels_emulation, CPU, m) {
 TORCH_LIBRARY_IMPL(vkernels_emulation, CompositeExplicitAutograd, m) {
   m.impl("barrier_rotate", &barrier_rotate);
   m.impl("fault", &fault);
+  m.impl("missing_barrier", &missing_barrier);
 }
 
 }  // namespace vkernels
