@@ -103,20 +103,22 @@ BAD_CALLS = {
 }
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("call", BAD_CALLS.values(), ids=BAD_CALLS.keys())
-def test_bad_input_raises_torchs_error(call):
-    device = device_for("triton")
+def test_bad_input_raises_torchs_error(backend, call):
+    device = device_for(backend)
     x = torch.randn(2, 4, 6, 6, device=device)
     with pytest.raises(Exception) as theirs:
         call(F.conv2d, x)
     with pytest.raises(type(theirs.value)):
-        call(lambda *a, **k: vkernels.conv2d_relu(*a, **k, backend="triton"), x)
+        call(lambda *a, **k: vkernels.conv2d_relu(*a, **k, backend=backend), x)
 
 
-def test_residual_of_wrong_shape_raises():
-    x = torch.randn(2, 4, 6, 6, device=device_for("triton"))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_residual_of_wrong_shape_raises(backend):
+    x = torch.randn(2, 4, 6, 6, device=device_for(backend))
     with pytest.raises(RuntimeError, match="residual"):
-        vkernels.conv2d_relu(x, torch.randn(6, 4, 3, 3), residual=torch.randn(2, 6, 4, 5), backend="triton")
+        vkernels.conv2d_relu(x, torch.randn(6, 4, 3, 3), residual=torch.randn(2, 6, 4, 5), backend=backend)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -131,12 +133,13 @@ def test_opcheck(backend):
     torch.library.opcheck(op, (x.detach().contiguous(memory_format=torch.channels_last), w, None, None, [1, 1], [0, 0], [1, 1], 1, [4, 5]))
 
 
-def test_autocast_runs_the_kernel_in_the_autocast_dtype_like_torch():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_autocast_runs_the_kernel_in_the_autocast_dtype_like_torch(backend):
     """Under autocast conv2d_relu casts like F.conv2d does, so patched AMP models stay in low precision."""
-    device = device_for("triton")
+    device = device_for(backend)
     x, w, b = torch.randn(2, 4, 6, 6, device=device), torch.randn(6, 4, 3, 3, device=device), torch.randn(6, device=device)
     with torch.autocast(device.type, dtype=torch.float16):
-        ours = vkernels.conv2d_relu(x, w, b, padding=1, backend="triton")
+        ours = vkernels.conv2d_relu(x, w, b, padding=1, backend=backend)
         stock = F.relu(F.conv2d(x, w, b, padding=1))
     assert ours.dtype == stock.dtype == torch.float16
     # against float64 on the operands autocast rounds to fp16 once each, summed in float32

@@ -222,32 +222,35 @@ BAD_CALLS = {
 }
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("call", BAD_CALLS.values(), ids=BAD_CALLS.keys())
 @pytest.mark.parametrize("name", ["max_pool2d", "avg_pool2d"])
-def test_bad_input_raises_torchs_error(call, name):
-    device = device_for("triton")
+def test_bad_input_raises_torchs_error(backend, call, name):
+    device = device_for(backend)
     x = torch.randn(2, 3, 6, 6, device=device)
     with pytest.raises(Exception) as theirs:
         call(getattr(F, name), x)
     with pytest.raises(type(theirs.value)):
-        call(lambda *args: getattr(vkernels, name)(*args, backend="triton"), x)
+        call(lambda *args: getattr(vkernels, name)(*args, backend=backend), x)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("output_size", [(2, 2, 2), -1, (3, -2)])
-def test_adaptive_bad_output_size_raises(output_size):
-    x = torch.randn(2, 3, 6, 6, device=device_for("triton"))
+def test_adaptive_bad_output_size_raises(backend, output_size):
+    x = torch.randn(2, 3, 6, 6, device=device_for(backend))
     with pytest.raises(RuntimeError):
         F.adaptive_avg_pool2d(x, output_size)
     with pytest.raises(RuntimeError):
-        vkernels.adaptive_avg_pool2d(x, output_size, backend="triton")
+        vkernels.adaptive_avg_pool2d(x, output_size, backend=backend)
 
 
-def test_adaptive_bad_rank_raises():
-    x = torch.randn(6, 6, device=device_for("triton"))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_adaptive_bad_rank_raises(backend):
+    x = torch.randn(6, 6, device=device_for(backend))
     with pytest.raises(RuntimeError):
         F.adaptive_avg_pool2d(x, 2)
     with pytest.raises(RuntimeError):
-        vkernels.adaptive_avg_pool2d(x, 2, backend="triton")
+        vkernels.adaptive_avg_pool2d(x, 2, backend=backend)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

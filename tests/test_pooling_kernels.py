@@ -334,6 +334,14 @@ def test_inner_axis_wider_than_one_block(backend, layout, seed):
     run_adaptive_avg_pool2d(backend, x, (2, rng.randint(1, 5)), layout)
 
 
+@pytest.mark.cuda
+def test_cuda_adaptive_axis_past_31_bits_takes_64_bit_index_math():
+    """An adaptive axis whose products in * out pass 2^31 (50000 -> 50001) runs the CUDA kernels with
+    int64 divisions instead of 32-bit magic numbers."""
+    x = random_values((1, 2, 1, 50000), torch.float32, device_for("cuda"))
+    run_adaptive_avg_pool2d("cuda", x, (1, 50001), "contiguous")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_triton_int64_index_arithmetic(layout, monkeypatch, seed):
     """Tensors past 2**31 elements take int64 index math; force it on small ones."""
