@@ -327,10 +327,13 @@ class Block {
     dynamic_ = allocate_shared(nullptr, "dynamic shared memory", launch_.dynamic_bytes, 128);
 
     t_block = this;
+    // Threads hand over to each other (switch_away); the scheduler gets control back when no
+    // thread can run, so this loop runs once unless a launch failed.
     while (count_ > 0 && !error_) {
       current_ = &fibers_[pop()];
       threadIdx = current_->index;
 #ifdef VKERNELS_EMULATION_ASAN
+      from_scheduler_ = true;
       __sanitizer_start_switch_fiber(&scheduler_fake_stack_, current_->stack, kStackBytes);
 #endif
       jump(scheduler_, current_->context);
@@ -382,8 +385,12 @@ class Block {
     if (mask & warp.exited) {
       fault(call() + " waits for lane " + std::to_string(__builtin_ctz(mask & warp.exited)) + ", which has exited");
     }
-    for (unsigned waiting = warp.waiting; waiting != 0; waiting &= waiting - 1) {
-      const Fiber& other = fibers_[f.rank - lane + __builtin_ctz(waiting)];
+    // Overlapping masks must be equal. The lanes already waiting in this mask agree among themselves
+    // (each was checked on arrival), so the first of them speaks for all; lanes outside it are checked
+    // one by one (none for full-warp collectives).
+    const unsigned inside = warp.waiting & mask;
+    for (unsigned others = (warp.waiting & ~mask) | (inside & -inside); others != 0; others &= others - 1) {
+      const Fiber& other = fibers_[f.rank - lane + __builtin_ctz(others)];
       if ((other.mask & mask) != 0 && (other.mask != mask || other.op != op)) {
         fault("lanes disagree: lane " + std::to_string(lane) + " calls " + call() + ", lane " +
               std::to_string(other.rank % 32) + " waits in " + collective_name(other.op) + " (mask " +
@@ -466,7 +473,13 @@ class Block {
   [[noreturn]] static void fiber_main() {
     Block& block = *t_block;
 #ifdef VKERNELS_EMULATION_ASAN
-    __sanitizer_finish_switch_fiber(nullptr, &block.scheduler_stack_, &block.scheduler_stack_size_);
+    const void* from_stack = nullptr;
+    size_t from_size = 0;
+    __sanitizer_finish_switch_fiber(nullptr, &from_stack, &from_size);
+    if (block.from_scheduler_) {  // the host thread's own stack, where the last thread returns to
+      block.scheduler_stack_ = from_stack;
+      block.scheduler_stack_size_ = from_size;
+    }
 #endif
     try {
       block.launch_.body(block.launch_.closure);
@@ -485,19 +498,34 @@ class Block {
     land(f, f.copies.size());  // copies still in flight land when they land: at the latest, now
     f.state = State::kExited;
     warps_[f.rank / 32].exited |= 1u << (f.rank % 32);
-#ifdef VKERNELS_EMULATION_ASAN
-    __sanitizer_start_switch_fiber(nullptr, scheduler_stack_, scheduler_stack_size_);  // this stack is done
-#endif
-    jump(f.context, scheduler_);
+    switch_away(f, true);
     __builtin_unreachable();
   }
 
-  void yield() {
-    Fiber& f = current();
+  void yield() { switch_away(current(), false); }
+
+  // Leaves thread f (blocked, or finished for good) for the next runnable thread, or for the
+  // scheduler when none is left or the launch failed: threads hand over to each other directly.
+  void switch_away(Fiber& f, bool finished) {
+    Context* target = &scheduler_;
 #ifdef VKERNELS_EMULATION_ASAN
-    __sanitizer_start_switch_fiber(&f.fake_stack, scheduler_stack_, scheduler_stack_size_);
+    const void* stack = scheduler_stack_;
+    size_t stack_size = scheduler_stack_size_;
 #endif
-    jump(f.context, scheduler_);
+    if (count_ > 0 && !error_) {
+      current_ = &fibers_[pop()];
+      threadIdx = current_->index;
+      target = &current_->context;
+#ifdef VKERNELS_EMULATION_ASAN
+      stack = current_->stack;
+      stack_size = kStackBytes;
+#endif
+    }
+#ifdef VKERNELS_EMULATION_ASAN
+    from_scheduler_ = false;
+    __sanitizer_start_switch_fiber(finished ? nullptr : &f.fake_stack, stack, stack_size);
+#endif
+    jump(f.context, *target);
 #ifdef VKERNELS_EMULATION_ASAN
     __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
 #endif
@@ -619,6 +647,7 @@ class Block {
   std::exception_ptr error_;
 #ifdef VKERNELS_EMULATION_ASAN
   void* scheduler_fake_stack_ = nullptr;
+  bool from_scheduler_ = false;
   const void* scheduler_stack_ = nullptr;
   size_t scheduler_stack_size_ = 0;
 #endif
