@@ -757,14 +757,16 @@ void Block::execute(Collective op, unsigned mask, int first_rank) {
           c[g + 8][2 * t + e] = bits_float(w[8 + e]);
         }
       }
-      // fp16 and bf16 products are exact in double; the sum is rounded once, to float
+      // fp16 and bf16 products are exact in double; each sum runs over k in order (a row of 8 sums
+      // at a time, which vectorises) and is rounded once, to float
       float d[16][8];
       for (int m = 0; m < 16; ++m) {
-        for (int n = 0; n < 8; ++n) {
-          double sum = c[m][n];
-          for (int k = 0; k < 16; ++k) sum += a[m][k] * b[k][n];
-          d[m][n] = static_cast<float>(sum);
+        double sum[8];
+        for (int n = 0; n < 8; ++n) sum[n] = c[m][n];
+        for (int k = 0; k < 16; ++k) {
+          for (int n = 0; n < 8; ++n) sum[n] += a[m][k] * b[k][n];
         }
+        for (int n = 0; n < 8; ++n) d[m][n] = static_cast<float>(sum[n]);
       }
       for (int lane = 0; lane < 32; ++lane) {
         uint32_t* w = lanes[lane]->word;
