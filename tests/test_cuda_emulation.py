@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.cuda  # the emulator behind the cuda backend: runs where the CUDA tests run without a GPU
 emulator = pytest.importorskip("vkernels._C_emu", reason="vkernels._C_emu is not built (VKERNELS_EMULATION=0?)")
 ops = torch.ops.vkernels_emulation
 
@@ -202,22 +203,29 @@ def test_exp2_approx_flushes_subnormals_and_maps_minus_infinity_to_zero():
     torch.testing.assert_close(y[5:7], torch.exp2(x[5:7]), rtol=2**-21, atol=0)
 
 
-def test_random_schedule_exposes_a_missing_barrier():
+# --------------------------------------------------------------------------------------------
+# Races and broken kernels: errors naming the kernel, block and thread
+
+
+@pytest.fixture
+def thread_order():
+    """Threads in thread order, whatever VKERNELS_EMULATION_SCHEDULE says: which error a broken kernel
+    meets first (two lane groups disagreeing, or one waiting for the other's exited lanes) depends on it."""
+    previous = emulator.schedule()
+    emulator.set_schedule("fifo")
+    yield
+    emulator.set_schedule(*previous)
+
+
+def test_random_schedule_exposes_a_missing_barrier(thread_order):
     """Warp 1 reads what warp 0 wrote without a __syncthreads between them. In thread order the race
     goes unseen; with threads drawn at random (VKERNELS_EMULATION_SCHEDULE=random) it shows."""
-    previous = emulator.schedule()
-    try:
-        emulator.set_schedule("fifo")
-        assert torch.equal(ops.missing_barrier(), torch.arange(32, dtype=torch.int32))
-        emulator.set_schedule("random", 1)
-        assert not torch.equal(ops.missing_barrier(), torch.arange(32, dtype=torch.int32))
-        assert torch.equal(ops.barrier_rotate(2, 96, 3), (torch.arange(96) + 3) % 96 + 1000 * torch.arange(2)[:, None])
-    finally:
-        emulator.set_schedule(*previous)
+    assert torch.equal(ops.missing_barrier(), torch.arange(32, dtype=torch.int32))
+    emulator.set_schedule("random", 1)
+    assert not torch.equal(ops.missing_barrier(), torch.arange(32, dtype=torch.int32))
+    assert torch.equal(ops.barrier_rotate(2, 96, 3), (torch.arange(96) + 3) % 96 + 1000 * torch.arange(2)[:, None])
 
 
-# --------------------------------------------------------------------------------------------
-# Broken kernels stop with an error naming the kernel, block and thread
 
 
 FAULTS = {
@@ -234,7 +242,7 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("kind", FAULTS)
-def test_broken_kernel_stops_with_an_error_not_a_hang(kind):
+def test_broken_kernel_stops_with_an_error_not_a_hang(kind, thread_order):
     with pytest.raises(RuntimeError, match=FAULTS[kind]):
         ops.fault(kind)
     # the emulator is usable again after an error
