@@ -110,6 +110,13 @@ def check_memory_format(tensor: torch.Tensor, channels_last: bool, what: str):
     assert tensor.is_contiguous(memory_format=shapes.memory_format(channels_last)), f"{what}: wrong memory format"
 
 
+def check_grad_input(grad_input, grad_output, ref, x_ref, channels_last: bool, what: str):
+    """A kernel's grad_input against the float64 reference's gradient of the same grad_output."""
+    ref.backward(grad_output.double())
+    check_close(grad_input, x_ref.grad, grad_output.dtype, what + " grad_input")
+    check_memory_format(grad_input, channels_last, what + " grad_input")
+
+
 def torch_indices(argmax: torch.Tensor, window: dict, width: int) -> torch.Tensor:
     """Window offsets i * kw + j as torch's flat input indices ih * W + iw."""
     (_, kw), (sh, sw), (ph, pw), (dh, dw) = (window[key] for key in WINDOW_KEYS)
@@ -144,9 +151,7 @@ def run_max_pool2d(backend: str, x: torch.Tensor, window: dict, ceil_mode: bool,
     grad_output = with_layout(random_values(out.shape, x.dtype, x.device), grad_layout)
     grad_input = backend_op("max_pool2d_backward", backend)(grad_output, argmax, x.shape[2:], **window,
                                                             channels_last=channels_last)
-    ref.backward(grad_output.double())
-    check_close(grad_input, x_ref.grad, x.dtype, what + " grad_input")
-    check_memory_format(grad_input, channels_last, what + " grad_input")
+    check_grad_input(grad_input, grad_output, ref, x_ref, channels_last, what)
 
 
 @pytest.mark.parametrize("backend, dtype", backends_and_dtypes())
@@ -202,9 +207,7 @@ def run_avg_pool2d(backend, x, window, ceil_mode, count_include_pad, divisor_ove
         grad_output, x.shape[2:], **window, count_include_pad=count_include_pad,
         divisor_override=divisor_override, channels_last=channels_last,
     )
-    ref.backward(grad_output.double())
-    check_close(grad_input, x_ref.grad, x.dtype, what + " grad_input")
-    check_memory_format(grad_input, channels_last, what + " grad_input")
+    check_grad_input(grad_input, grad_output, ref, x_ref, channels_last, what)
 
 
 @pytest.mark.parametrize("backend, dtype", backends_and_dtypes())
@@ -236,9 +239,7 @@ def run_adaptive_avg_pool2d(backend, x, output_size, grad_layout):
 
     grad_output = with_layout(random_values(out.shape, x.dtype, x.device), grad_layout)
     grad_input = backend_op("adaptive_avg_pool2d_backward", backend)(grad_output, x.shape[2:], channels_last)
-    ref.backward(grad_output.double())
-    check_close(grad_input, x_ref.grad, x.dtype, what + " grad_input")
-    check_memory_format(grad_input, channels_last, what + " grad_input")
+    check_grad_input(grad_input, grad_output, ref, x_ref, channels_last, what)
 
 
 @pytest.mark.parametrize("backend, dtype", backends_and_dtypes())
