@@ -29,13 +29,13 @@ def dtypes_for(backend: str) -> tuple[torch.dtype, ...]:
     return ALL_DTYPES if backend == "cuda" else DTYPES
 
 
-def backends_and_dtypes(dtypes: tuple[torch.dtype, ...] = ALL_DTYPES) -> list:
-    """(backend, dtype) parameters: each kernel backend with each of ``dtypes`` it is tested in here."""
+def backends_and_dtypes(dtypes: tuple[torch.dtype, ...] = ALL_DTYPES, backends=("triton", "cuda")) -> list:
+    """(backend, dtype) parameters: each of ``backends`` with each of ``dtypes`` it is tested in here."""
     return [
         pytest.param(param.values[0], dtype, id=f"{param.id}-{str(dtype).removeprefix('torch.')}", marks=param.marks)
         for param in KERNEL_BACKENDS
         for dtype in dtypes
-        if dtype in dtypes_for(param.values[0])
+        if param.values[0] in backends and dtype in dtypes_for(param.values[0])
     ]
 
 
