@@ -117,13 +117,14 @@ def test_forced_backend_that_cannot_serve_lists_every_reason():
 
 def test_auto_never_selects_the_emulated_cuda_backend(monkeypatch):
     """Emulated CUDA kernels are evidence of correctness, not speed: even verified, auto passes them by."""
+    fake_sm90_with_both_kernel_backends(monkeypatch)
     monkeypatch.setattr(dispatch, "CUDA_EMULATED", True)
-    monkeypatch.setattr(dispatch, "VERIFIED", {"max_pool2d": frozenset({"cuda"})})
-    monkeypatch.setattr(dispatch, "PREFERENCE", {"max_pool2d": ("cuda",)})
-    monkeypatch.setitem(dispatch._STATUS, "cuda", dispatch.BackendStatus(True, "test"))
-    monkeypatch.setattr(dispatch, "has_cuda_kernel", lambda op: True)
-    for device in ("cpu", "cuda"):
-        assert dispatch.choose(None, torch.device(device), torch.float16, POOLING_DTYPES, op="max_pool2d") == "torch"
+    monkeypatch.setattr(dispatch, "CUDA_KERNEL_DEVICE", "cpu")
+    monkeypatch.setattr(dispatch, "_VERIFICATION", Verification(
+        {("max_pool2d", "9.0", torch.float16): frozenset({"cuda"})},
+        {("max_pool2d", "9.0", torch.float16, "all"): ("cuda", "torch")}))
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        assert dispatch.choose(None, device, torch.float16, POOLING_DTYPES, op="max_pool2d") == "torch"
 
 
 @pytest.mark.skipif(not dispatch.CUDA_EMULATED, reason="runs where the CUDA kernels are emulated (no GPU)")

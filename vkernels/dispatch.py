@@ -1,14 +1,15 @@
 """Which implementation runs an op: availability, verification, and the choice for each call.
 
-Three backends implement every op family: ``triton`` (vkernels/triton_kernels), ``cuda`` (CUDA C++ in
-``vkernels._C``) and ``torch`` (stock PyTorch: the oracle and the CPU fallback). With
-``VKERNELS_CUDA_EMULATE=1`` set before import, ``cuda`` runs the same CUDA C++ on CPU tensors through
-the emulator build ``vkernels._C_emu`` (csrc/emulation), as ``TRITON_INTERPRET=1`` does for Triton,
-and ``auto`` never picks it. A call's backend is its ``backend=`` argument, else the innermost :func:`use_backend`, else ``"auto"``. ``auto`` takes
-the first backend of the op's measured preference order (for the input's GPU architecture, dtype and
-shape class) that has passed its tests on a GPU of that architecture, with the same kernel sources,
-and can serve the input; stock PyTorch otherwise. Both come from vkernels/verified.json (see
-:mod:`vkernels.verified`), written by ``python -m vkernels.verify`` from a GPU run.
+Three backends implement every op family: ``triton`` (vkernels/triton_kernels), ``cuda`` (CUDA C++
+in ``vkernels._C``) and ``torch`` (stock PyTorch: the oracle and the CPU fallback). With
+``VKERNELS_CUDA_EMULATE=1`` set before import, ``cuda`` runs the same CUDA C++ on CPU tensors
+through the emulator build ``vkernels._C_emu`` (csrc/emulation), as ``TRITON_INTERPRET=1`` does for
+Triton, and ``auto`` never picks it. A call's backend is its ``backend=`` argument, else the
+innermost :func:`use_backend`, else ``"auto"``. ``auto`` takes the first backend of the op's
+measured preference order (for the input's GPU architecture, dtype and shape class) that has passed
+its tests on a GPU of that architecture, with the same kernel sources, and can serve the input;
+stock PyTorch otherwise. Both come from vkernels/verified.json (see :mod:`vkernels.verified`),
+written by ``python -m vkernels.verify`` from a GPU run.
 """
 from __future__ import annotations
 
