@@ -49,6 +49,9 @@
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+// Shared memory is per block, which a declaration in a fiber's frame cannot be: runtime.cuh's forms
+// say which array a block needs.
+#define __shared__ static_assert(false, "declare shared memory with VKERNELS_SHARED / VKERNELS_DYNAMIC_SHARED (runtime.cuh)");
 
 struct uint3 {
   unsigned x, y, z;
@@ -109,12 +112,13 @@ inline double max(double a, double b) { return std::fmax(a, b); }
 namespace vkernels::emulation {
 
 // Where a barrier or collective was called: named in error messages, and two __syncthreads are the
-// same barrier only at the same site. The parameters' defaults are the caller's file and line.
+// same barrier only at the same site. VKERNELS_EMULATION_CALLER declares parameters whose defaults
+// are the caller's file and line.
 struct Site {
   const char* file;
   int line;
 };
-#define VKERNELS_EMULATION_SITE const char *file = __builtin_FILE(), int line = __builtin_LINE()
+#define VKERNELS_EMULATION_CALLER const char *file = __builtin_FILE(), int line = __builtin_LINE()
 
 enum class Collective : uint8_t {
   kSyncwarp,
@@ -157,7 +161,7 @@ void cp_async_wait_all();
 
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: a warp collective over all 32 lanes.
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool trans,
-                        VKERNELS_EMULATION_SITE) {
+                        VKERNELS_EMULATION_CALLER) {
   LaneData data{};
   data.word[0] = address;
   warp_collective(trans ? Collective::kLdmatrixTrans : Collective::kLdmatrix, 0xffffffffu, data, {file, line});
@@ -166,7 +170,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool trans,
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: c += a * b over the warp's fragments.
 inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool f16,
-                      VKERNELS_EMULATION_SITE) {
+                      VKERNELS_EMULATION_CALLER) {
   LaneData data{};
   for (int i = 0; i < 4; ++i) data.word[i] = a[i];
   data.word[4] = b0;
@@ -286,50 +290,50 @@ T shuffle(Collective op, unsigned mask, T value, int lane_arg, int width, Site s
 // Device functions
 // ---------------------------------------------------------------------------------------------
 
-inline void __syncthreads(VKERNELS_EMULATION_SITE) {
+inline void __syncthreads(VKERNELS_EMULATION_CALLER) {
   vkernels::emulation::sync_threads({file, line});
 }
 
-inline void __syncwarp(unsigned mask = 0xffffffffu, VKERNELS_EMULATION_SITE) {
+inline void __syncwarp(unsigned mask = 0xffffffffu, VKERNELS_EMULATION_CALLER) {
   vkernels::emulation::LaneData data{};
   vkernels::emulation::warp_collective(vkernels::emulation::Collective::kSyncwarp, mask, data, {file, line});
 }
 
 template <typename T>
 T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize,
-              VKERNELS_EMULATION_SITE) {
+              VKERNELS_EMULATION_CALLER) {
   return vkernels::emulation::shuffle(vkernels::emulation::Collective::kShuffleIndex, mask, var, src_lane, width,
                                       {file, line});
 }
 template <typename T>
 T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
-                 VKERNELS_EMULATION_SITE) {
+                 VKERNELS_EMULATION_CALLER) {
   return vkernels::emulation::shuffle(vkernels::emulation::Collective::kShuffleUp, mask, var,
                                       static_cast<int>(delta), width, {file, line});
 }
 template <typename T>
 T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
-                   VKERNELS_EMULATION_SITE) {
+                   VKERNELS_EMULATION_CALLER) {
   return vkernels::emulation::shuffle(vkernels::emulation::Collective::kShuffleDown, mask, var,
                                       static_cast<int>(delta), width, {file, line});
 }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
-                  VKERNELS_EMULATION_SITE) {
+                  VKERNELS_EMULATION_CALLER) {
   return vkernels::emulation::shuffle(vkernels::emulation::Collective::kShuffleXor, mask, var, lane_mask, width,
                                       {file, line});
 }
 
-inline unsigned __ballot_sync(unsigned mask, int predicate, VKERNELS_EMULATION_SITE) {
+inline unsigned __ballot_sync(unsigned mask, int predicate, VKERNELS_EMULATION_CALLER) {
   vkernels::emulation::LaneData data{};
   data.word[0] = predicate != 0;
   vkernels::emulation::warp_collective(vkernels::emulation::Collective::kBallot, mask, data, {file, line});
   return data.word[0];
 }
-inline int __any_sync(unsigned mask, int predicate, VKERNELS_EMULATION_SITE) {
+inline int __any_sync(unsigned mask, int predicate, VKERNELS_EMULATION_CALLER) {
   return __ballot_sync(mask, predicate, file, line) != 0;
 }
-inline int __all_sync(unsigned mask, int predicate, VKERNELS_EMULATION_SITE) {
+inline int __all_sync(unsigned mask, int predicate, VKERNELS_EMULATION_CALLER) {
   return __ballot_sync(mask, predicate, file, line) == mask;
 }
 
