@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton.language as tl
 
-from support import KERNEL_BACKENDS, backends_and_dtypes, device_for
+from support import KERNEL_BACKENDS, backends_and_dtypes, device_for, tolerance
 from vkernels import shapes
 from vkernels.ops.library import backend_op
 from vkernels.triton_kernels import pooling
@@ -26,9 +26,6 @@ from vkernels.triton_kernels import pooling
 LAYOUTS = ("contiguous", "channels_last", "sliced", "permuted")
 CASES = range(2)
 WINDOW_KEYS = ("kernel_size", "stride", "padding", "dilation")
-# elementwise |actual - expected| <= TOLERANCE * (1 + |expected|) against torch in float64: rounding of
-# the stored output
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def with_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
@@ -97,10 +94,11 @@ def random_max_pool_case(rng: random.Random, dtype: torch.dtype, layout: str, de
 
 
 def check_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, equal_nan: bool = False):
-    """Every element within tolerance of the float64 reference; NaN only where the reference has it."""
+    """Every element within tolerance of the float64 reference, |actual - expected| <= tol * (1 + |expected|)
+    (the rounding of the stored output); NaN only where the reference has it."""
     assert actual.dtype == dtype and actual.shape == expected.shape, what
     expected = expected.to(actual.device, torch.float64)
-    tol = TOLERANCE[dtype]
+    tol = tolerance(dtype)
     torch.testing.assert_close(
         actual.double(), expected, rtol=tol, atol=tol, equal_nan=equal_nan, msg=lambda m: f"{what}: {m}"
     )
