@@ -1,7 +1,8 @@
-"""Test set-up: Triton kernels run through the interpreter on CPU tensors when there is no GPU.
+"""Test set-up: without a GPU, Triton kernels run through the interpreter and the CUDA C++ kernels
+through the emulator (vkernels._C_emu), both on CPU tensors.
 
-TRITON_INTERPRET must be set before triton is first imported, so it is set here, before any test
-module imports vkernels.
+TRITON_INTERPRET and VKERNELS_CUDA_EMULATE must be set before triton and vkernels are first imported,
+so they are set here, before any test module imports vkernels.
 
 Which kernels a test verifies (read by ``python -m vkernels.verify`` from the junit XML of a GPU run):
 every call of a public function inside a test records the op, the kernel backend and the dtype that
@@ -29,6 +30,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("VKERNELS_CUDA_EMULATE", "1")
 else:  # one config per Triton kernel: see vkernels/triton_kernels/autotuning.py
     os.environ.setdefault("VKERNELS_TRITON_AUTOTUNE", "0")
 # Inductor's on-disk graph cache can replay graphs traced against an older op schema.
@@ -45,7 +47,8 @@ os.environ["VKERNELS_TEST_SEED"] = str(SESSION_SEED)  # pytest-xdist workers inh
 
 @pytest.hookimpl(tryfirst=True)  # before hypothesis' plugin reads its options
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one, never passed silently)")
+    config.addinivalue_line("markers", "cuda: runs the CUDA C++ kernels (on a GPU, else through the emulator)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one, never passed silently)")
     # Hypothesis draws its examples from the session seed too (and, seeded, keeps no example
     # database), so the printed seed replays them; --hypothesis-seed still overrides it.
     if config.getoption("hypothesis_seed", None) is None:

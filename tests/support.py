@@ -9,12 +9,13 @@ from collections.abc import Callable, Mapping
 import pytest
 import torch
 
-from vkernels import backends
+from vkernels import backends, dispatch
 
 GPU = torch.cuda.is_available()
 CPU_DTYPES = (torch.float32, torch.float16)
-# The Triton interpreter has no bf16 arithmetic: bf16 is tested on GPUs only.
-DTYPES = (*CPU_DTYPES, torch.bfloat16) if GPU else CPU_DTYPES
+ALL_DTYPES = (*CPU_DTYPES, torch.bfloat16)
+# The Triton interpreter has no bf16 arithmetic: Triton's bf16 is tested on GPUs only.
+DTYPES = ALL_DTYPES if GPU else CPU_DTYPES
 
 KERNEL_BACKENDS = [
     pytest.param("triton", id="triton"),
@@ -22,11 +23,30 @@ KERNEL_BACKENDS = [
 ]
 
 
+def dtypes_for(backend: str) -> tuple[torch.dtype, ...]:
+    """The dtypes a kernel backend is tested in here: all three on a GPU and for the CUDA kernels
+    (the emulator does real bf16), fp32 and fp16 in the Triton interpreter."""
+    return ALL_DTYPES if backend == "cuda" else DTYPES
+
+
+def backends_and_dtypes(dtypes: tuple[torch.dtype, ...] = ALL_DTYPES, backends=("triton", "cuda")) -> list:
+    """(backend, dtype) parameters: each of ``backends`` with each of ``dtypes`` it is tested in here."""
+    return [
+        pytest.param(param.values[0], dtype, id=f"{param.id}-{str(dtype).removeprefix('torch.')}", marks=param.marks)
+        for param in KERNEL_BACKENDS
+        for dtype in dtypes
+        if param.values[0] in backends and dtype in dtypes_for(param.values[0])
+    ]
+
+
 def device_for(backend: str) -> torch.device:
-    """The device a backend's kernels run on here; skips the test when the backend is unavailable."""
+    """The device a backend's kernels run on here; skips the test when the backend is unavailable.
+    The emulated CUDA kernels (VKERNELS_CUDA_EMULATE=1, set by conftest without a GPU) take CPU tensors."""
     status = backends()[backend]
     if not status.available:
         pytest.skip(f"backend {backend} unavailable: {status.reason}")
+    if backend == "cuda":
+        return torch.device(dispatch.CUDA_KERNEL_DEVICE)
     return torch.device("cuda" if GPU else "cpu")
 
 

@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 import vkernels
 import vkernels.ops.attention as attention_ops
 from support import (
-    CPU_DTYPES, DTYPES, GPU, KERNEL_BACKENDS, assert_as_accurate, device_for, relative_error, rounding_floor, tolerance,
+    CPU_DTYPES, GPU, KERNEL_BACKENDS, assert_as_accurate, backends_and_dtypes, device_for, dtypes_for, relative_error,
+    rounding_floor, tolerance,
 )
 
 
@@ -50,8 +51,7 @@ def check(backend, query, key, value, dtype, **kwargs):
         assert error < tolerance(dtype) * 2, name
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("dtype", CPU_DTYPES + ((torch.bfloat16,) if GPU else ()))
+@pytest.mark.parametrize(("backend", "dtype"), backends_and_dtypes())
 def test_vit_block_qkv_views(backend, dtype):
     """q, k, v as a ViT block makes them: unbind of a (B, L, 3, H, D) projection, read in place."""
     device = device_for(backend)
@@ -94,12 +94,13 @@ def test_fully_masked_rows_give_zeros_not_nan(backend):
     lengths=st.tuples(st.integers(1, 70), st.integers(1, 70)),
     head_dims=st.tuples(st.sampled_from([8, 16, 24, 40, 64, 72, 80, 96]), st.sampled_from([None, 8, 40])),
     mask=st.sampled_from([None, "bool", "float", "key_padding", "causal"]),
-    dtype=st.sampled_from(DTYPES),
+    data=st.data(),
 )
-def test_attention_shape_fuzz(backend, batch_heads, lengths, head_dims, mask, dtype):
+def test_attention_shape_fuzz(backend, batch_heads, lengths, head_dims, mask, data):
     """Random lengths, head dims (value's may differ), masks and causality against float64 SDPA.
     Every query row keeps key 0, so no row is fully masked (where SDPA itself gives NaN)."""
     device = device_for(backend)
+    dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
     (batch, heads), (seq_q, seq_k), (head_dim, head_dim_v) = batch_heads, lengths, head_dims
     query = torch.randn(batch, heads, seq_q, head_dim, device=device).to(dtype)
     key = torch.randn(batch, heads, seq_k, head_dim, device=device).to(dtype)
@@ -181,8 +182,9 @@ def test_learned_bias_fuzz(batch, lengths, head_dim, broadcast, mask, dtype, bia
     check("triton", query, key, value, dtype, **kwargs)
 
 
-def test_what_only_sdpa_serves_goes_to_torch_under_auto_and_is_refused_when_forced():
-    device = device_for("triton")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_what_only_sdpa_serves_goes_to_torch_under_auto_and_is_refused_when_forced(backend):
+    device = device_for(backend)
     q = torch.randn(1, 2, 4, 8, device=device)
     for kwargs, inputs in (
         ({"dropout_p": 0.5}, (q, q, q)),
@@ -190,7 +192,7 @@ def test_what_only_sdpa_serves_goes_to_torch_under_auto_and_is_refused_when_forc
     ):
         vkernels.attention(*inputs, **kwargs)  # auto: stock SDPA
         with pytest.raises(vkernels.BackendUnavailableError):
-            vkernels.attention(*inputs, **kwargs, backend="triton")
+            vkernels.attention(*inputs, **kwargs, backend=backend)
 
 
 def test_cuda_refuses_a_learned_bias_until_its_kernels_take_one():
@@ -211,17 +213,30 @@ BAD_CALLS = {
 }
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("make", BAD_CALLS.values(), ids=BAD_CALLS.keys())
-def test_bad_input_raises_a_clear_error(make):
-    args = make(torch.randn(2, 3, 4, 8, device=device_for("triton")))
+def test_bad_input_raises_a_clear_error(backend, make):
+    args = make(torch.randn(2, 3, 4, 8, device=device_for(backend)))
     with pytest.raises(RuntimeError, match="attention"):
-        vkernels.attention(*args, backend="triton")
+        vkernels.attention(*args, backend=backend)
 
 
-def test_mask_and_is_causal_together_raise_like_sdpa():
-    q = torch.randn(1, 1, 3, 8, device=device_for("triton"))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_mask_and_is_causal_together_raise_like_sdpa(backend):
+    q = torch.randn(1, 1, 3, 8, device=device_for(backend))
     with pytest.raises(RuntimeError, match="is_causal"):
-        vkernels.attention(q, q, q, torch.ones(3, 3, dtype=torch.bool), is_causal=True, backend="triton")
+        vkernels.attention(q, q, q, torch.ones(3, 3, dtype=torch.bool), is_causal=True, backend=backend)
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_take_head_dims_that_are_multiples_of_8():
+    """The CUDA kernels' limit, the same emulated as on a GPU: the public function refuses the
+    backend, and the op itself (its C++ check) raises."""
+    q = torch.randn(1, 2, 5, 12, device=device_for("cuda"))
+    with pytest.raises(vkernels.BackendUnavailableError, match="multiples of 8"):
+        vkernels.attention(q, q, q, backend="cuda")
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        torch.ops.vkernels.attention_cuda(q, q, q, None, False, 0.3)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -244,11 +259,12 @@ def test_opcheck(backend):
     assert out.transpose(-3, -2).is_contiguous()  # laid out (B, L, H, E): a ViT's (B, L, H * E) view is free
 
 
-def test_autocast_runs_the_kernel_in_the_autocast_dtype_like_sdpa():
-    device = device_for("triton")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_autocast_runs_the_kernel_in_the_autocast_dtype_like_sdpa(backend):
+    device = device_for(backend)
     q, k, v = (torch.randn(1, 2, 9, 16, device=device) for _ in range(3))
     with torch.autocast(device.type, dtype=torch.float16):
-        ours = vkernels.attention(q, k, v, backend="triton")
+        ours = vkernels.attention(q, k, v, backend=backend)
         stock = F.scaled_dot_product_attention(q, k, v)
     assert ours.dtype == stock.dtype == torch.float16
     # against float64 on the operands autocast rounds to fp16; the probabilities are rounded to fp16

@@ -1,4 +1,8 @@
 """Backend choice: availability report, auto, use_backend, forced backends that cannot serve."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -31,6 +35,8 @@ def fake_sm90_with_both_kernel_backends(monkeypatch) -> None:
     monkeypatch.setitem(dispatch._STATUS, "cuda", available)
     monkeypatch.setitem(dispatch._STATUS, "triton", available)
     monkeypatch.setattr(dispatch, "TRITON_INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "CUDA_EMULATED", False)
+    monkeypatch.setattr(dispatch, "CUDA_KERNEL_DEVICE", "cuda")
     monkeypatch.setattr(dispatch, "has_cuda_kernel", lambda op: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
 
@@ -94,19 +100,49 @@ def test_use_backend_nests_and_backend_argument_wins():
         with vkernels.use_backend("auto"):
             assert choose() == "torch"
         assert choose() == "torch"
-        with pytest.raises(vkernels.BackendUnavailableError):
-            choose("cuda")
+        with pytest.raises(vkernels.BackendUnavailableError):  # no backend's kernels take meta tensors
+            dispatch.choose("cuda", torch.device("meta"), torch.float32, POOLING_DTYPES, op="max_pool2d")
     with pytest.raises(ValueError, match="unknown vkernels backend"):
         with vkernels.use_backend("fastest"):
             pass
 
 
 def test_forced_backend_that_cannot_serve_lists_every_reason():
-    x = torch.randn(1, 2, 4, 4)
+    x = torch.randint(0, 9, (1, 2, 4, 4))  # integers: no kernel backend takes them
     with pytest.raises(vkernels.BackendUnavailableError) as error:
         vkernels.max_pool2d(x, 2, backend="cuda")
     message = str(error.value)
     assert "'cuda' cannot serve" in message and "triton:" in message and "torch:" in message
+
+
+def test_auto_never_selects_the_emulated_cuda_backend(monkeypatch):
+    """Emulated CUDA kernels are evidence of correctness, not speed: even verified, auto passes them by."""
+    fake_sm90_with_both_kernel_backends(monkeypatch)
+    monkeypatch.setattr(dispatch, "CUDA_EMULATED", True)
+    monkeypatch.setattr(dispatch, "CUDA_KERNEL_DEVICE", "cpu")
+    monkeypatch.setattr(dispatch, "_VERIFICATION", Verification(
+        {("max_pool2d", "9.0", torch.float16): frozenset({"cuda"})},
+        {("max_pool2d", "9.0", torch.float16, "all"): ("cuda", "torch")}))
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        assert dispatch.choose(None, device, torch.float16, POOLING_DTYPES, op="max_pool2d") == "torch"
+
+
+@pytest.mark.skipif(not dispatch.CUDA_EMULATED, reason="runs where the CUDA kernels are emulated (no GPU)")
+def test_emulated_cuda_backend_takes_cpu_tensors_and_says_so():
+    status = vkernels.backends()["cuda"]
+    assert status.available and "emulated" in status.reason
+    assert dispatch.choose("cuda", torch.device("cpu"), torch.float16, POOLING_DTYPES, op="max_pool2d") == "cuda"
+    with pytest.raises(vkernels.BackendUnavailableError, match="take CPU tensors"):
+        dispatch.choose("cuda", torch.device("cuda"), torch.float16, POOLING_DTYPES, op="max_pool2d")
+
+
+def test_cuda_emulation_is_off_without_the_variable():
+    """VKERNELS_CUDA_EMULATE is read at import; unset (or 0), the cuda backend is the GPU build's."""
+    env = {k: v for k, v in os.environ.items() if k != "VKERNELS_CUDA_EMULATE"}
+    code = "import vkernels; from vkernels import dispatch; print(dispatch.CUDA_EMULATED, vkernels.backends()['cuda'].reason)"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    emulated, reason = result.stdout.strip().split(" ", 1)
+    assert emulated == "False" and "emulated" not in reason
 
 
 def test_forced_backend_refuses_unsupported_dtype():

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import vkernels
 from vkernels.shapes import window_index_dtype
-from support import DTYPES, KERNEL_BACKENDS, LAYOUTS, device_for, layout, poison_allocator, relative_error, tolerance
+from support import KERNEL_BACKENDS, LAYOUTS, device_for, dtypes_for, layout, poison_allocator, relative_error, tolerance
 
 CASES = range(10)
 
@@ -86,7 +86,7 @@ def expected_memory_format(x: torch.Tensor) -> torch.memory_format:
 def test_max_pool2d_matches_torch(backend, case, seed):
     device = device_for(backend)
     rng = random.Random(seed)
-    dtype = rng.choice(DTYPES)
+    dtype = rng.choice(dtypes_for(backend))
     window = random_window(rng, dilated=True)
     x = random_input(rng, window, device, dtype)
 
@@ -106,7 +106,7 @@ def test_max_pool2d_matches_torch(backend, case, seed):
 def test_avg_pool2d_matches_torch(backend, case, seed):
     device = device_for(backend)
     rng = random.Random(seed)
-    dtype = rng.choice(DTYPES)
+    dtype = rng.choice(dtypes_for(backend))
     window = random_window(rng, dilated=False)
     window["count_include_pad"] = rng.random() < 0.5
     window["divisor_override"] = rng.choice([None, None, rng.randint(1, 20)])
@@ -125,7 +125,7 @@ def test_avg_pool2d_matches_torch(backend, case, seed):
 def test_adaptive_avg_pool2d_matches_torch(backend, case, seed):
     device = device_for(backend)
     rng = random.Random(seed)
-    dtype = rng.choice(DTYPES)
+    dtype = rng.choice(dtypes_for(backend))
     height, width = rng.randint(1, 12), rng.randint(1, 12)
     # smaller, equal and larger outputs than inputs; None keeps that input size
     output_size = rng.choice([1, (rng.randint(1, 14), rng.randint(1, 14)), (None, rng.randint(1, 5)), rng.randint(1, 6)])
@@ -222,32 +222,35 @@ BAD_CALLS = {
 }
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("call", BAD_CALLS.values(), ids=BAD_CALLS.keys())
 @pytest.mark.parametrize("name", ["max_pool2d", "avg_pool2d"])
-def test_bad_input_raises_torchs_error(call, name):
-    device = device_for("triton")
+def test_bad_input_raises_torchs_error(backend, call, name):
+    device = device_for(backend)
     x = torch.randn(2, 3, 6, 6, device=device)
     with pytest.raises(Exception) as theirs:
         call(getattr(F, name), x)
     with pytest.raises(type(theirs.value)):
-        call(lambda *args: getattr(vkernels, name)(*args, backend="triton"), x)
+        call(lambda *args: getattr(vkernels, name)(*args, backend=backend), x)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("output_size", [(2, 2, 2), -1, (3, -2)])
-def test_adaptive_bad_output_size_raises(output_size):
-    x = torch.randn(2, 3, 6, 6, device=device_for("triton"))
+def test_adaptive_bad_output_size_raises(backend, output_size):
+    x = torch.randn(2, 3, 6, 6, device=device_for(backend))
     with pytest.raises(RuntimeError):
         F.adaptive_avg_pool2d(x, output_size)
     with pytest.raises(RuntimeError):
-        vkernels.adaptive_avg_pool2d(x, output_size, backend="triton")
+        vkernels.adaptive_avg_pool2d(x, output_size, backend=backend)
 
 
-def test_adaptive_bad_rank_raises():
-    x = torch.randn(6, 6, device=device_for("triton"))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_adaptive_bad_rank_raises(backend):
+    x = torch.randn(6, 6, device=device_for(backend))
     with pytest.raises(RuntimeError):
         F.adaptive_avg_pool2d(x, 2)
     with pytest.raises(RuntimeError):
-        vkernels.adaptive_avg_pool2d(x, 2, backend="triton")
+        vkernels.adaptive_avg_pool2d(x, 2, backend=backend)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -1,18 +1,22 @@
 """Which implementation runs an op: availability, verification, and the choice for each call.
 
-Three backends implement every op family: ``triton`` (vkernels/triton_kernels), ``cuda`` (CUDA C++ in
-``vkernels._C``) and ``torch`` (stock PyTorch: the oracle and the CPU fallback). A call's backend is
-its ``backend=`` argument, else the innermost :func:`use_backend`, else ``"auto"``. ``auto`` takes
-the first backend of the op's measured preference order (for the input's GPU architecture, dtype and
-shape class) that has passed its tests on a GPU of that architecture, with the same kernel sources,
-and can serve the input; stock PyTorch otherwise. Both come from vkernels/verified.json (see
-:mod:`vkernels.verified`), written by ``python -m vkernels.verify`` from a GPU run.
+Three backends implement every op family: ``triton`` (vkernels/triton_kernels), ``cuda`` (CUDA C++
+in ``vkernels._C``) and ``torch`` (stock PyTorch: the oracle and the CPU fallback). With
+``VKERNELS_CUDA_EMULATE=1`` set before import, ``cuda`` runs the same CUDA C++ on CPU tensors
+through the emulator build ``vkernels._C_emu`` (csrc/emulation), as ``TRITON_INTERPRET=1`` does for
+Triton, and ``auto`` never picks it. A call's backend is its ``backend=`` argument, else the
+innermost :func:`use_backend`, else ``"auto"``. ``auto`` takes the first backend of the op's
+measured preference order (for the input's GPU architecture, dtype and shape class) that has passed
+its tests on a GPU of that architecture, with the same kernel sources, and can serve the input;
+stock PyTorch otherwise. Both come from vkernels/verified.json (see :mod:`vkernels.verified`),
+written by ``python -m vkernels.verify`` from a GPU run.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import json
+import os
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
@@ -21,6 +25,11 @@ import torch
 from vkernels import sources, verified
 # TRITON_INTERPRET=1: Triton kernels run on CPU tensors with numpy, which has no bf16 arithmetic.
 from vkernels.triton_kernels.autotuning import INTERPRETED as TRITON_INTERPRETED
+
+# VKERNELS_CUDA_EMULATE=1: the cuda backend's ops take CPU tensors, run by vkernels._C_emu.
+CUDA_EMULATED = os.environ.get("VKERNELS_CUDA_EMULATE", "0") == "1"
+# Where the cuda backend's kernels are registered, and the device of the tensors they take.
+CUDA_KERNEL_DEVICE = "cpu" if CUDA_EMULATED else "cuda"
 
 KERNEL_BACKENDS = ("triton", "cuda")
 BACKENDS = (*KERNEL_BACKENDS, "torch")
@@ -46,6 +55,14 @@ def _triton_status() -> BackendStatus:
 
 
 def _cuda_status() -> BackendStatus:
+    if CUDA_EMULATED:
+        try:
+            emulator = importlib.import_module("vkernels._C_emu")  # importing registers the emulated kernels
+        except ImportError as error:
+            return BackendStatus(False, f"VKERNELS_CUDA_EMULATE=1 but vkernels._C_emu is not built ({error}); reinstall")
+        sanitized = ", AddressSanitizer build" if emulator.sanitized else ""
+        return BackendStatus(True, f"CUDA C++ kernels emulated on CPU tensors (VKERNELS_CUDA_EMULATE=1, "
+                                   f"vkernels._C_emu{sanitized}): evidence of correctness, never timing")
     try:
         importlib.import_module("vkernels._C")  # importing registers the CUDA kernels
     except ImportError as error:
@@ -106,9 +123,12 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown vkernels backend {name!r}; expected one of {(*BACKENDS, 'auto')}")
 
 
+# Registrations are fixed once the extension is loaded: under torch.compile the answer is a constant
+# (dynamo cannot trace the dispatcher query itself, which returns a bool).
+@torch.compiler.assume_constant_result
 def has_cuda_kernel(op: str) -> bool:
-    """Whether vkernels._C registered a CUDA kernel for ``vkernels::<op>_cuda``."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"vkernels::{op}_cuda", "CUDA")
+    """Whether vkernels._C (or, emulated, vkernels._C_emu) registered a kernel for ``vkernels::<op>_cuda``."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"vkernels::{op}_cuda", CUDA_KERNEL_DEVICE.upper())
 
 
 def _unfit_reason(backend: str, op: str, device: torch.device, dtype: torch.dtype, dtypes: tuple[torch.dtype, ...]) -> str | None:
@@ -122,7 +142,9 @@ def _unfit_reason(backend: str, op: str, device: torch.device, dtype: torch.dtyp
         return f"vkernels._C has no CUDA kernel for {op} yet"
     if dtype not in dtypes:
         return f"dtype {dtype} is not one of {[str(d).removeprefix('torch.') for d in dtypes]}"
-    if backend == "cuda" and device.type != "cuda":
+    if backend == "cuda" and device.type != CUDA_KERNEL_DEVICE:
+        if CUDA_EMULATED:
+            return f"the emulated CUDA kernels (VKERNELS_CUDA_EMULATE=1) take CPU tensors, got a {device.type} tensor"
         return f"CUDA kernels need CUDA tensors, got a {device.type} tensor"
     if backend == "triton":
         if TRITON_INTERPRETED and device.type != "cpu":

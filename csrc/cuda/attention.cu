@@ -61,6 +61,7 @@
 #include <type_traits>
 
 #include "mma.cuh"
+#include "runtime.cuh"
 
 namespace vkernels {
 namespace {
@@ -136,13 +137,6 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
     memcpy(&bits, &pair, sizeof(bits));
   }
   return bits;
-}
-
-// 2^x on the SFU; ex2.approx(-inf) = +0, which the masking relies on.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // The A fragment of the k-chunk made of two adjacent C tiles (columns 16c..16c+15), as T.
@@ -302,7 +296,7 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
   constexpr int kLd = Tiles::kLd, kThreads = Tiles::kThreads;
   constexpr int kScoreTiles = kBlockN / 8, kOutTiles = HD / 8;
 
-  extern __shared__ __align__(128) unsigned char shared[];
+  VKERNELS_DYNAMIC_SHARED(shared);
   T* const q_tile = reinterpret_cast<T*>(shared);
   T* const k_tiles = q_tile + kBlockM * kLd;
   T* const v_tiles = k_tiles + 2 * kBlockN * kLd;
@@ -405,7 +399,7 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
         // A row with nothing visible yet keeps max -inf; exponentiate against 0 so that every
         // exp2 below is exp2(-inf) = 0 instead of NaN.
         const float base = tile_max == -INFINITY ? 0.0f : tile_max;
-        const float rescale = fast_exp2(row_max[mi][half] - base);
+        const float rescale = exp2_approx(row_max[mi][half] - base);
         row_max[mi][half] = tile_max;
         float sum = 0.0f;
 #pragma unroll
@@ -413,7 +407,7 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float& s = acc_s[mi][nj][2 * half + e];
-            s = fast_exp2(s - base);
+            s = exp2_approx(s - base);
             sum += s;
           }
         }
@@ -507,7 +501,7 @@ __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
   constexpr int kLd = Tiles::kLd, kThreads = Tiles::kThreads;
   constexpr int kScoreTiles = kBlockM / 8, kSliceTiles = kSliceDim / 8;
 
-  extern __shared__ __align__(128) unsigned char shared[];
+  VKERNELS_DYNAMIC_SHARED(shared);
   T* const k_tile = reinterpret_cast<T*>(shared);
   T* const v_tile = k_tile + kBlockN * kLd;
   T* const q_tiles = v_tile + kBlockN * kLd;
@@ -630,7 +624,7 @@ __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
         for (int half = 0; half < 2; ++half) {
           const int key = key_first + group + 8 * half;
           const float s = logit2<T, kHasMask>(acc_s[qj][2 * half + e], m0 + col, key, edge, p, args.mask, mask_head);
-          const float prob = fast_exp2(s - lse2);
+          const float prob = exp2_approx(s - lse2);
           acc_s[qj][2 * half + e] = prob;
           acc_dp[qj][2 * half + e] = prob * (acc_dp[qj][2 * half + e] - row_delta);
         }
@@ -683,7 +677,7 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
   constexpr int kLd = Tiles::kLd, kThreads = Tiles::kThreads;
   constexpr int kScoreTiles = kBlockN / 8, kOutTiles = HD / 8;
 
-  extern __shared__ __align__(128) unsigned char shared[];
+  VKERNELS_DYNAMIC_SHARED(shared);
   T* const q_tile = reinterpret_cast<T*>(shared);
   T* const grad_out_tile = q_tile + kBlockM * kLd;
   T* const k_tiles = grad_out_tile + kBlockM * kLd;
@@ -795,7 +789,7 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
         const int row = row_first + group + 8 * half;
         const int col = n0 + nj * 8 + 2 * quad_lane + (r & 1);
         const float s = logit2<T, kHasMask>(acc_s[nj][r], row, col, edge, p, args.mask, mask_head);
-        const float prob = fast_exp2(s - lse2[half]);
+        const float prob = exp2_approx(s - lse2[half]);
         acc_dp[nj][r] = prob * (acc_dp[nj][r] - row_delta[half]);
       }
     }
@@ -873,7 +867,7 @@ __device__ __forceinline__ float exact_logit2(float dot, int row, int col, const
 }
 
 __global__ void __launch_bounds__(32 * kExactWarps) attention_forward_exact_kernel(const ForwardArgs args) {
-  __shared__ float q_rows[kExactWarps][kMaxHeadDim];
+  VKERNELS_SHARED(float, q_rows, [kExactWarps][kMaxHeadDim]);
   const Problem& p = args.p;
   const int num_m_blocks = ceil_div(p.len_q, kExactWarps);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -917,8 +911,8 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_forward_exact_kern
 }
 
 __global__ void __launch_bounds__(32 * kExactWarps) attention_backward_query_exact_kernel(const BackwardArgs args) {
-  __shared__ float q_rows[kExactWarps][kMaxHeadDim];
-  __shared__ float grad_out_rows[kExactWarps][kMaxHeadDim];
+  VKERNELS_SHARED(float, q_rows, [kExactWarps][kMaxHeadDim]);
+  VKERNELS_SHARED(float, grad_out_rows, [kExactWarps][kMaxHeadDim]);
   const Problem& p = args.p;
   const int num_m_blocks = ceil_div(p.len_q, kExactWarps);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -959,8 +953,8 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_backward_query_exa
 }
 
 __global__ void __launch_bounds__(32 * kExactWarps) attention_backward_key_value_exact_kernel(const BackwardArgs args) {
-  __shared__ float k_rows[kExactWarps][kMaxHeadDim];
-  __shared__ float v_rows[kExactWarps][kMaxHeadDim];
+  VKERNELS_SHARED(float, k_rows, [kExactWarps][kMaxHeadDim]);
+  VKERNELS_SHARED(float, v_rows, [kExactWarps][kMaxHeadDim]);
   const Problem& p = args.p;
   const int num_n_blocks = ceil_div(p.len_k, kExactWarps);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -1021,7 +1015,7 @@ void launch(Kernel kernel, int64_t blocks, int threads, size_t smem_bytes, const
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
   }
-  kernel<<<static_cast<unsigned>(blocks), threads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  launch_kernel(kernel, static_cast<unsigned>(blocks), threads, smem_bytes, c10::cuda::getCurrentCUDAStream(), args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1066,7 +1060,8 @@ void check_same_device(const at::Tensor& t, const at::Tensor& query, const char*
 // Checks query/key/value/mask and fills the problem description.
 Problem check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                      const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale) {
-  TORCH_CHECK(query.is_cuda(), "attention_cuda: query must be a CUDA tensor, got one on ", query.device());
+  TORCH_CHECK(on_kernel_device(query), "attention_cuda: query must be a ", kKernelDevice, " tensor, got one on ",
+              query.device());
   check_same_device(key, query, "key");
   check_same_device(value, query, "value");
   TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4,
@@ -1247,7 +1242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vkernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(vkernels, VKERNELS_DISPATCH_KEY, m) {
   m.impl("attention_cuda", &attention_cuda);
   m.impl("attention_backward_cuda", &attention_backward_cuda);
 }

@@ -75,6 +75,7 @@
 
 #include "mma.cuh"
 #include "pool_window.cuh"
+#include "runtime.cuh"
 
 namespace vkernels {
 namespace {
@@ -671,8 +672,8 @@ __global__ void __launch_bounds__(kThreads) conv_mma_kernel(const ConvArgs args)
   constexpr int kARows = ATile::kRows, kACols = ATile::kCols, kBRows = BTile::kRows, kBCols = BTile::kCols;
   constexpr int kLdA = kACols + 8, kLdB = kBCols + 8;
   constexpr int kAChunks = ATile::kChunks, kBChunks = BTile::kChunks;
-  __shared__ alignas(16) uint16_t smem_a[2][kARows * kLdA];
-  __shared__ alignas(16) uint16_t smem_b[2][kBRows * kLdB];
+  VKERNELS_SHARED(alignas(16) uint16_t, smem_a, [2][kARows * kLdA]);
+  VKERNELS_SHARED(alignas(16) uint16_t, smem_b, [2][kBRows * kLdB]);
 
   const Block blk = Op::block(args, blockIdx.y, blockIdx.z);
   const int n_tiles = ceil_div(blk.n_size, kBlockN);
@@ -821,8 +822,8 @@ __global__ void __launch_bounds__(kThreads) conv_mma_kernel(const ConvArgs args)
 
 template <typename Op>
 __global__ void __launch_bounds__(kSimtThreads) conv_fma_kernel(const ConvArgs args) {
-  __shared__ float tile_a[kSimtK][kSimtM + 4];
-  __shared__ float tile_b[kSimtK][kSimtN + 4];
+  VKERNELS_SHARED(float, tile_a, [kSimtK][kSimtM + 4]);
+  VKERNELS_SHARED(float, tile_b, [kSimtK][kSimtN + 4]);
   const Block blk = Op::block(args, blockIdx.y, blockIdx.z);
   const int n_tiles = ceil_div(blk.n_size, kSimtN);
   const int m0 = static_cast<int>(blockIdx.x / n_tiles) * kSimtM;
@@ -873,7 +874,7 @@ __global__ void __launch_bounds__(kSimtThreads) conv_fma_kernel(const ConvArgs a
   if constexpr (Op::kPooled) {
     // windows span threads: stage the activations (the operand tiles are too small to hold them)
     constexpr int kLdTile = kSimtN + 1;
-    __shared__ float tile[kSimtM * kLdTile];
+    VKERNELS_SHARED(float, tile, [kSimtM * kLdTile]);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
@@ -968,7 +969,7 @@ __global__ void relu_mask_kernel(const T* grad, const T* out, T* masked, int64_t
 template <typename T>
 __global__ void bias_grad_partial_kernel(const T* grad, const T* relu_out, int64_t pixels, int channels,
                                          int64_t slice_pixels, float* partial) {
-  __shared__ float sums[8][33];
+  VKERNELS_SHARED(float, sums, [8][33]);
   const int c = blockIdx.x * 32 + threadIdx.x;
   const int64_t begin = blockIdx.y * slice_pixels;
   const int64_t end = begin + slice_pixels < pixels ? begin + slice_pixels : pixels;
@@ -1031,7 +1032,7 @@ __global__ void weight_grad_finish_kernel(const float* partial, int slices, Conv
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block, const Args&... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  kernel<<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  launch_kernel(kernel, grid, block, 0, c10::cuda::getCurrentCUDAStream(), args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1085,7 +1086,7 @@ void check_tensor_core_device(const at::Tensor& t, const char* op) {
 ConvArgs check_geometry(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t out_h,
                         int64_t out_w, const char* op) {
-  TORCH_CHECK(input.is_cuda(), op, ": input must be a CUDA tensor, got one on ", input.device());
+  TORCH_CHECK(on_kernel_device(input), op, ": input must be a ", kKernelDevice, " tensor, got one on ", input.device());
   check_device(weight, input, op, "weight");
   TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got shape ", input.sizes());
   TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D (Cout, Cin/groups, KH, KW), got shape ", weight.sizes());
@@ -1409,7 +1410,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> conv2
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vkernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(vkernels, VKERNELS_DISPATCH_KEY, m) {
   m.impl("conv2d_relu_cuda", &conv2d_relu_cuda);
   m.impl("conv2d_relu_backward_cuda", &conv2d_relu_backward_cuda);
   m.impl("conv2d_relu_maxpool2d_cuda", &conv2d_relu_maxpool2d_cuda);

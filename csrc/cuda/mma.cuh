@@ -1,5 +1,7 @@
 // Tensor-core and async-copy building blocks shared by the CUDA kernels (attention.cu, conv.cu):
-// element conversions, cp.async, ldmatrix and mma.sync m16n8k16 with fp32 accumulators.
+// element conversions, cp.async, ldmatrix, mma.sync m16n8k16 with fp32 accumulators and ex2.approx.
+// Each primitive is inline PTX on the GPU and a call into the emulator (csrc/emulation) in
+// vkernels._C_emu: kernels use these wrappers, never asm of their own.
 //
 // Fragment layouts relied on (PTX ISA, mma.m16n8k16 .f16/.bf16; g = lane / 4, t = lane % 4):
 //   A (16x16, row):  a0 = (g, 2t..2t+1)  a1 = (g+8, 2t..)  a2 = (g, 8+2t..)  a3 = (g+8, 8+2t..)
@@ -45,28 +47,59 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 
 // 16 bytes global -> shared, bypassing L1; src_bytes = 0 zero-fills the destination.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+#ifdef VKERNELS_EMULATION
+  emulation::cp_async(dst, src, 16, valid ? 16 : 0);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+#endif
 }
 __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool valid) {
+#ifdef VKERNELS_EMULATION
+  emulation::cp_async(dst, src, 4, valid ? 4 : 0);
+#else
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef VKERNELS_EMULATION
+  emulation::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#ifdef VKERNELS_EMULATION
+  emulation::cp_async_wait_all();
+#else
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#ifdef VKERNELS_EMULATION
+  emulation::ldmatrix_x4(r, addr, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#ifdef VKERNELS_EMULATION
+  emulation::ldmatrix_x4(r, addr, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 
 // c += a * b for one m16n8k16 tile, fp32 accumulators.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef VKERNELS_EMULATION
+  emulation::mma_16816(c, a, b0, b1, std::is_same_v<T, __half>);
+#else
   if constexpr (std::is_same_v<T, __half>) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
@@ -78,6 +111,18 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#endif
+}
+
+// 2^x on the SFU (ex2.approx.ftz: about 2 ulp, subnormals flushed to zero); ex2.approx(-inf) = +0.
+__device__ __forceinline__ float exp2_approx(float x) {
+#ifdef VKERNELS_EMULATION
+  return emulation::exp2_approx(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
 }
 
 // Lane byte offsets inside a [rows][ld] tile of 16-bit elements for ldmatrix .x4 (see the top).

@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "pool_window.cuh"
+#include "runtime.cuh"
 
 namespace vkernels {
 namespace {
@@ -414,7 +415,7 @@ const char* index_dtype_name(at::ScalarType dtype) {
 
 void check_values(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 4, op, ": expected a 4-D (N, C, H, W) ", name, ", got ", t.dim(), " dimensions");
-  TORCH_CHECK(t.is_cuda(), op, ": expected ", name, " on a CUDA device, got ", t.device());
+  TORCH_CHECK(on_kernel_device(t), op, ": expected ", name, " on a ", kKernelDevice, " device, got ", t.device());
   const auto dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
               ": expected ", name, " of dtype float16, bfloat16, float32 or float64, got ", dtype);
@@ -469,7 +470,7 @@ template <typename Kernel, typename... Args>
 void launch(Kernel kernel, int64_t threads, const Args&... args) {
   const int64_t blocks = (threads + kThreadsPerBlock - 1) / kThreadsPerBlock;
   TORCH_CHECK(blocks <= kInt32Max, "vkernels pooling: tensor too large for one launch");
-  kernel<<<static_cast<unsigned>(blocks), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  launch_kernel(kernel, static_cast<unsigned>(blocks), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream(), args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -669,7 +670,7 @@ at::Tensor adaptive_avg_pool2d_backward_cuda(const at::Tensor& grad_output, at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vkernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(vkernels, VKERNELS_DISPATCH_KEY, m) {
   m.impl("max_pool2d_cuda", &max_pool2d_cuda);
   m.impl("max_pool2d_backward_cuda", &max_pool2d_backward_cuda);
   m.impl("avg_pool2d_cuda", &avg_pool2d_cuda);

@@ -1,11 +1,14 @@
-"""The Triton conv2d + bias + residual + ReLU launchers called directly, against a float64 reference.
+"""The conv2d + bias + residual + ReLU kernels of each backend called directly (ops
+vkernels::conv2d_relu[_backward]_<backend>, no autograd), against a float64 reference.
 
 Reference: relu(F.conv2d(...) + residual) in float64 and its autograd gradients. Geometries cover 1x1
 (the pure-GEMM path, and stride 2), 3x3, the 7x7/2 stem, rectangular kernels, strides and dilations
 that leave some taps without a stride phase, torch's asymmetric padding='same' for even kernels,
 groups, depthwise and depthwise-multiplier convs, both K orders (channels per group a multiple of 16
-or not), inputs NCHW, channels_last or strided views. Without a GPU the kernels run in the Triton
-interpreter (tests/conftest.py sets TRITON_INTERPRET), so tensors stay tiny.
+or not), inputs NCHW, channels_last or strided views. Without a GPU the Triton kernels run in the
+interpreter (tests/conftest.py sets TRITON_INTERPRET), so tensors stay tiny, and the CUDA kernels in
+the emulator, in every dtype; CUDA_GEOMETRIES add their 16-byte cp.async gathers (channels per group
+a multiple of 8) with several M, N and K tiles, and weight and bias gradients split into slices.
 """
 from __future__ import annotations
 
@@ -16,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support import DTYPES, GPU, layout, poison_allocator, relative_error, tolerance
+from support import GPU, KERNEL_BACKENDS, device_for, dtypes_for, layout, poison_allocator, relative_error, tolerance
 from vkernels import shapes
+from vkernels.ops.library import backend_op
 from vkernels.triton_kernels import conv
 
-DEVICE = torch.device("cuda" if GPU else "cpu")
 ALL_GRADS = (True, True, True, True)
 
 
@@ -65,6 +68,18 @@ GEOMETRIES = {
     "odd_2x3_unpadded": Geometry(3, 3, 5, (5, 3), (2, 3), input_layout="strided", cpu_dtype=torch.float16),
 }
 
+# The CUDA kernels' 128 x 64 x 32 tensor-core tiles (fp32: 64 x 64 x 16) and their slices.
+CUDA_GEOMETRIES = {
+    "16_byte_gathers_3x2x9_tiles": Geometry(2, 32, 72, (12, 11), (3, 3), padding=(1, 1),
+                                            input_layout="channels_last", weight_layout="channels_last"),
+    "16_byte_gathers_groups_stride2": Geometry(2, 32, 32, (9, 10), (3, 3), stride=(2, 2), padding=(1, 1), groups=2,
+                                               input_layout="channels_last"),
+    "16_byte_gathers_stride2_dilation2": Geometry(1, 16, 24, (11, 9), (3, 3), stride=(2, 2), padding=(2, 2),
+                                                  dilation=(2, 2), residual=False, input_layout="channels_last"),
+    "nchw_element_gathers": Geometry(2, 12, 20, (8, 8), (3, 3), padding=(1, 1)),
+    "weight_and_bias_gradient_slices": Geometry(2, 8, 8, (64, 64), (1, 1), input_layout="channels_last"),
+}
+
 
 def random_geometry(rng: random.Random) -> Geometry:
     """A small geometry drawn from the case's seed: any kernel up to 4x4, stride 1..3, dilation 1..2."""
@@ -82,23 +97,29 @@ def random_geometry(rng: random.Random) -> Geometry:
     )
 
 
-def geometry_dtypes(geometries: dict[str, Geometry]):
-    """Each geometry in its own dtype on the CPU interpreter (time), in every dtype on a GPU."""
-    for name, geometry in geometries.items():
-        for dtype in DTYPES if GPU else (geometry.cpu_dtype,):
-            yield pytest.param(geometry, dtype, id=f"{name}-{str(dtype).removeprefix('torch.')}")
+def geometry_dtypes(geometries: dict[str, Geometry], backends=("triton", "cuda")):
+    """(backend, geometry, dtype) parameters: Triton in the geometry's own dtype on the CPU interpreter
+    (time) and in every dtype on a GPU, the CUDA kernels in every dtype."""
+    for backend in (p for p in KERNEL_BACKENDS if p.values[0] in backends):
+        name = backend.values[0]
+        for geometry_name, geometry in geometries.items():
+            dtypes = dtypes_for(name) if name == "cuda" or GPU else (geometry.cpu_dtype,)
+            for dtype in dtypes:
+                yield pytest.param(name, geometry, dtype, marks=backend.marks,
+                                   id=f"{backend.id}-{geometry_name}-{str(dtype).removeprefix('torch.')}")
 
 
-def kernel_tolerance(dtype: torch.dtype) -> float:
-    # fp32 on tensor cores rounds operands to TF32 (10-bit mantissa), as cuDNN does by default
-    return 2e-3 if dtype == torch.float32 and conv._dot_precision(dtype) == "tf32" else tolerance(dtype)
+def kernel_tolerance(backend: str, dtype: torch.dtype) -> float:
+    # Triton's fp32 on tensor cores rounds operands to TF32 (10-bit mantissa), as cuDNN does by default
+    tf32 = backend == "triton" and dtype == torch.float32 and conv._dot_precision(dtype) == "tf32"
+    return 2e-3 if tf32 else tolerance(dtype)
 
 
-def make_operands(g: Geometry, dtype: torch.dtype):
-    x = layout(torch.randn(g.batch, g.in_channels, *g.size, device=DEVICE).to(dtype), g.input_layout)
-    w = torch.randn(g.out_channels, g.in_channels // g.groups, *g.kernel, device=DEVICE)
+def make_operands(g: Geometry, dtype: torch.dtype, device: torch.device):
+    x = layout(torch.randn(g.batch, g.in_channels, *g.size, device=device).to(dtype), g.input_layout)
+    w = torch.randn(g.out_channels, g.in_channels // g.groups, *g.kernel, device=device)
     w = layout((w / (w[0].numel() ** 0.5)).to(dtype), g.weight_layout)
-    b = torch.randn(g.out_channels, device=DEVICE).to(dtype) if g.bias else None
+    b = torch.randn(g.out_channels, device=device).to(dtype) if g.bias else None
     return x, w, b
 
 
@@ -109,82 +130,94 @@ def launcher_padding(g: Geometry) -> tuple[int, int]:
     return g.padding
 
 
-def check_conv2d_relu(g: Geometry, dtype: torch.dtype, needs=ALL_GRADS):
-    x, w, b = make_operands(g, dtype)
+def check_conv2d_relu(backend: str, g: Geometry, dtype: torch.dtype, needs=ALL_GRADS):
+    device = device_for(backend)
+    x, w, b = make_operands(g, dtype, device)
     leaves = [x.double(), w.double(), None if b is None else b.double()]
     for leaf in leaves:
         if leaf is not None:
             leaf.requires_grad_()
     pre = F.conv2d(leaves[0], leaves[1], leaves[2], g.stride, g.padding, g.dilation, g.groups)
-    r = layout(torch.randn(pre.shape, device=DEVICE).to(dtype), "strided") if g.residual else None
+    r = layout(torch.randn(pre.shape, device=device).to(dtype), "strided") if g.residual else None
     leaves.append(None if r is None else r.double().requires_grad_())
     expected = torch.relu(pre if r is None else pre + leaves[3])
 
-    poison_allocator(DEVICE)
-    out = conv.conv2d_relu_forward(x, w, b, r, g.stride, launcher_padding(g), g.dilation, g.groups,
-                                   tuple(expected.shape[2:]))
+    poison_allocator(device)
+    out = backend_op("conv2d_relu", backend)(x, w, b, r, g.stride, launcher_padding(g), g.dilation, g.groups,
+                                             tuple(expected.shape[2:]))
     assert out.dtype == dtype and out.shape == expected.shape
     assert out.is_contiguous(memory_format=shapes.memory_format(shapes.is_channels_last(x)))
-    assert relative_error(out, expected) < kernel_tolerance(dtype)
+    assert relative_error(out, expected) < kernel_tolerance(backend, dtype)
 
-    grad_out = torch.randn(out.shape, device=DEVICE).to(dtype)
+    grad_out = torch.randn(out.shape, device=device).to(dtype)
     expected.backward(grad_out.double())
     # gradients are asked for only where the operand exists
     needs = tuple(need and leaf is not None for need, leaf in zip(needs, leaves))
-    poison_allocator(DEVICE)
-    grads = conv.conv2d_relu_backward(grad_out, out, x, w, g.stride, launcher_padding(g), g.dilation, g.groups, needs,
-                                       shapes.is_channels_last(x))
+    poison_allocator(device)
+    grads = backend_op("conv2d_relu_backward", backend)(grad_out, out, x, w, g.stride, launcher_padding(g), g.dilation,
+                                                        g.groups, needs, shapes.is_channels_last(x))
     for name, need, grad, leaf in zip(("input", "weight", "bias", "residual"), needs, grads, leaves):
         if not need:
             assert grad is None, name
             continue
         assert grad.shape == leaf.shape and grad.dtype == dtype, name
-        assert relative_error(grad, leaf.grad) < kernel_tolerance(dtype), name
+        assert relative_error(grad, leaf.grad) < kernel_tolerance(backend, dtype), name
     return grads
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-@pytest.mark.parametrize("geometry, dtype", geometry_dtypes(GEOMETRIES))
-def test_conv2d_relu_matches_float64_reference(geometry, dtype):
-    check_conv2d_relu(geometry, dtype)
+@pytest.mark.parametrize("backend, geometry, dtype", geometry_dtypes(GEOMETRIES))
+def test_conv2d_relu_matches_float64_reference(backend, geometry, dtype):
+    check_conv2d_relu(backend, geometry, dtype)
 
 
+@pytest.mark.parametrize("backend, geometry, dtype", geometry_dtypes(CUDA_GEOMETRIES, backends=("cuda",)))
+def test_cuda_kernel_tiles_match_float64_reference(backend, geometry, dtype):
+    check_conv2d_relu(backend, geometry, dtype)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("draw", range(2))
-def test_conv2d_relu_random_geometry(seed, draw):
+def test_conv2d_relu_random_geometry(backend, seed, draw):
     geometry = random_geometry(random.Random(seed))
-    check_conv2d_relu(geometry, geometry.cpu_dtype)
+    check_conv2d_relu(backend, geometry, geometry.cpu_dtype)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize(
     "needs",
     [(True, False, False, False), (False, False, True, False), (False, True, False, True)],
     ids=["input_only", "bias_only", "weight_and_residual"],
 )
-def test_conv2d_relu_backward_computes_only_what_is_needed(needs):
+def test_conv2d_relu_backward_computes_only_what_is_needed(backend, needs):
     # input_only: the input-gradient kernel masks grad_out itself; bias_only: the reduction kernel
     # without its GEMM; weight_and_residual: the masked grad_out written while the weight reduces
-    check_conv2d_relu(GEOMETRIES["3x5_rectangular"], torch.float32, needs)
+    check_conv2d_relu(backend, GEOMETRIES["3x5_rectangular"], torch.float32, needs)
 
 
-def test_conv2d_relu_backward_is_deterministic():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_conv2d_relu_backward_is_deterministic(backend):
     g = GEOMETRIES["groups2"]
-    x, w, _ = make_operands(g, torch.float32)
-    out = conv.conv2d_relu_forward(x, w, None, None, g.stride, g.padding, g.dilation, g.groups, (4, 4))
-    grad_out = torch.randn(out.shape, device=DEVICE)
+    x, w, _ = make_operands(g, torch.float32, device_for(backend))
+    out = backend_op("conv2d_relu", backend)(x, w, None, None, g.stride, g.padding, g.dilation, g.groups, (4, 4))
+    grad_out = torch.randn_like(out)
     first, second = (
-        conv.conv2d_relu_backward(grad_out, out, x, w, g.stride, g.padding, g.dilation, g.groups, ALL_GRADS, False)
+        backend_op("conv2d_relu_backward", backend)(grad_out, out, x, w, g.stride, g.padding, g.dilation, g.groups,
+                                                    ALL_GRADS, False)
         for _ in range(2)
     )
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def test_conv2d_relu_empty_batch():
-    x = torch.randn(0, 4, 5, 5, device=DEVICE)
-    w = torch.randn(6, 4, 3, 3, device=DEVICE)
-    out = conv.conv2d_relu_forward(x, w, None, None, (1, 1), (1, 1), (1, 1), 1, (5, 5))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_conv2d_relu_empty_batch(backend):
+    device = device_for(backend)
+    x = torch.randn(0, 4, 5, 5, device=device)
+    w = torch.randn(6, 4, 3, 3, device=device)
+    out = backend_op("conv2d_relu", backend)(x, w, None, None, (1, 1), (1, 1), (1, 1), 1, (5, 5))
     assert out.shape == (0, 6, 5, 5)
-    grad_input, grad_weight, grad_bias, _ = conv.conv2d_relu_backward(
+    grad_input, grad_weight, grad_bias, _ = backend_op("conv2d_relu_backward", backend)(
         out, out, x, w, (1, 1), (1, 1), (1, 1), 1, (True, True, True, False), False)
     assert grad_input.shape == x.shape
-    assert torch.equal(grad_weight, torch.zeros_like(w)) and torch.equal(grad_bias, torch.zeros(6, device=DEVICE))
+    assert torch.equal(grad_weight, torch.zeros_like(w)) and torch.equal(grad_bias, torch.zeros(6, device=device))
