@@ -23,6 +23,11 @@ CI_MODELS = {
     "torchvision swin_v2_t": "torchvision",  # cosine attention, logit scale, bias from an MLP
     "timm BEiT (relative position bias)": "timm",  # routed SDPA with a learned bias
     "transformers CLIPModel": "transformers",  # AttentionInterface, causal + padding masks
+    # native resolution (issue 16): packed images and windows, RoPE rotated in the kernels
+    "transformers Qwen2-VL vision tower": "transformers",  # varlen over the images, 2-D RoPE
+    "transformers Qwen2.5-VL vision tower": "transformers",  # windows in one block, whole images in the other
+    "timm DINOv3 ViT-S/16 (RoPE, 4 registers)": "timm",  # rotate-half rope, unrotated prefix tokens
+    "timm EVA-02-Ti (RoPE)": "timm",  # interleaved rope
 }
 
 
@@ -105,3 +110,28 @@ def test_routed_sdpa_with_a_learned_bias_under_compile():
     # compiled as accurate as eager against float64; the longest sum: the 16-wide projections
     assert_as_accurate(*results, rounding_floor(torch.float32, 16))
     assert results[1]["bias grad"].abs().sum() > 0
+
+
+def test_rotation_moves_into_the_kernels(monkeypatch):
+    """The patched rotary models never call their library's rotation (made to fail here), the stock
+    ones do: q and k reach the kernels unrotated, with the tables."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    import timm.models.eva
+    from transformers.models import qwen2_5_vl
+
+    device_for("triton")
+
+    def rotation_ran(*args, **kwargs):
+        raise AssertionError("the library's rotation ran")
+
+    models = [attention_coverage.ZOO_BY_NAME[name].build() for name in
+              ("timm DINOv3 ViT-S/16 (RoPE, 4 registers)", "transformers Qwen2.5-VL vision tower")]
+    patched = [vkernels.patch(copy.deepcopy(model), backend="triton") for model, _ in models]
+    monkeypatch.setattr(timm.models.eva, "apply_rot_embed_cat", rotation_ran)
+    monkeypatch.setattr(qwen2_5_vl.modeling_qwen2_5_vl, "apply_rotary_pos_emb_vision", rotation_ran)
+    with torch.no_grad():
+        for (stock, inputs), model in zip(models, patched):
+            model.eval()(**inputs)
+            with pytest.raises(AssertionError, match="rotation ran"):
+                stock.eval()(**inputs)
