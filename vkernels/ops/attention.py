@@ -20,7 +20,7 @@ rotary_dim columns broadcastable to (B0, B1, H, L, R)) rotate q and k inside the
 (total_q, Hq, D), key and value (total_k, Hkv, .) with Hq a multiple of Hkv (query head h reads
 key/value head h // (Hq / Hkv)), sequence b in rows cu_seqlens[b] to cu_seqlens[b + 1] (int32,
 contiguous; checked before any kernel runs), ``max_seqlen`` at least every sequence's length,
-rotary tables (total_q, R) or (total_q, Hq, R) (total_q == total_k). It returns out (total_q, Hq,
+rotary tables (total_q, R), or (total_q, Hq, R) with Hq == Hkv (total_q == total_k). It returns out (total_q, Hq,
 Dv) and lse (Hq, total_q) float32, both contiguous; ``varlen_attention_backward_<backend>`` returns
 dq, dk, dv, contiguous. Its CUDA ops are defined here and get their kernels in issue 16's phase 2.
 """
@@ -309,12 +309,18 @@ def attention(
     return out.view(*batch, query.shape[-2], value.shape[-1])
 
 
-def _rotated_packed(query, key, value, cos, sin, rotary_interleaved):
-    """Packed q and k rotated in PyTorch (tables (total, R) or (total, Hq, R)); per-head tables with
-    grouped key/value heads rotate a copy of k per query head, so k and v are repeated then."""
-    cos, sin = (t if t.dim() == 3 else t[:, None] for t in (cos, sin))
-    if cos.shape[1] != 1 and key.shape[1] != query.shape[1]:
+def _keys_per_table_head(query, key, value, cos):
+    """Per-head tables (total, Hq, R) with grouped key/value heads rotate k once per query head: k and
+    v repeated to Hq heads (a copy; the kernels take grouped heads with shared tables only)."""
+    if cos.dim() == 3 and cos.shape[1] != 1 and key.shape[1] != query.shape[1]:
         key, value = (t.repeat_interleave(query.shape[1] // t.shape[1], 1) for t in (key, value))
+    return key, value
+
+
+def _rotated_packed(query, key, value, cos, sin, rotary_interleaved):
+    """Packed q and k rotated in PyTorch by tables (total, R) or (total, Hq, R)."""
+    key, value = _keys_per_table_head(query, key, value, cos)
+    cos, sin = (t if t.dim() == 3 else t[:, None] for t in (cos, sin))
     query, key = (apply_rotary(t, cos, sin, rotary_interleaved) for t in (query, key))
     return query, key, value
 
@@ -380,6 +386,8 @@ def varlen_attention(
         if _learned(rotary):
             query, key, value = _rotated_packed(query, key, value, *rotary, rotary_interleaved)
             rotary = None
+        else:
+            key, value = _keys_per_table_head(query, key, value, rotary[0])
     limits = _kernel_limits(query, key, value, None, None, 0.0, rotary, packed=True)
     operands = autocast_inputs(query.device.type, query, key, value)
     head_dim = query.shape[-1]

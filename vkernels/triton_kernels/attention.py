@@ -62,6 +62,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 NO_MASK = tl.constexpr(0)
 BOOL_MASK = tl.constexpr(1)
 ADDITIVE_MASK = tl.constexpr(2)
+
+
 def _head_dim_chunks(dim: int) -> tuple[int, int]:
     """At most two power-of-two chunks covering ``dim`` (second 0 when one suffices), each >= 16,
     the smallest extent tl.dot takes on tensor cores."""
@@ -85,7 +87,8 @@ def _config_class(args) -> str:
         return "fp32" if name == "d64" else f"fp32-{name}"
     # a full (query x key) mask or bias tile costs registers: smaller key tiles ("-masks": both, as Swin's)
     full_tiles = sum(args[f"{kind}_KIND"] != NO_MASK.value and not args[f"{kind}_PER_KEY"] for kind in ("MASK", "BIAS"))
-    return name + ("", "-mask", "-masks")[full_tiles]
+    # so do the rotary tables' fp32 tiles of every q or k tile loaded
+    return name + ("", "-mask", "-masks")[full_tiles] + ("-rope" if args["ROTARY_DIM"] else "")
 
 
 def _tiled_config(block_m: int, block_n: int, **options) -> triton.Config:
@@ -107,8 +110,16 @@ def _autotuned(interpreted: tuple[int, int], table: dict[str, list[tuple[int, in
     }
 
     def configs_for_class(configs, args):
+        # a class without its own row falls back to fewer masks ("-masks", "-mask", none), then drops
+        # "-rope" (the rotary tiles cost more registers than a mask tile: keep their smaller tiles)
         name = _config_class(args)
-        return by_class.get(name) or by_class.get(name.removesuffix("s")) or by_class[name.split("-mask")[0]]
+        masked = name.removesuffix("-rope")
+        fewer_masks = dict.fromkeys((masked, masked.removesuffix("s"), masked.split("-mask")[0]))
+        for rope in dict.fromkeys((name[len(masked):], "")):
+            for candidate in fewer_masks:
+                if candidate + rope in by_class:
+                    return by_class[candidate + rope]
+        raise AssertionError(f"no autotune configs for class {name}")
 
     return autotune(
         [config for rows in by_class.values() for config in rows],
@@ -134,7 +145,10 @@ _FORWARD_CONFIGS = {
 }
 _BACKWARD_KEY_CONFIGS = {  # owns BLOCK_N keys, steps over BLOCK_M queries
     "d64": [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)],
+    # rotary: 128-key tiles spilled (bench/compile_check.py, sm_90 bf16), 64-key ones do not
+    "d64-rope": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 3)],
     "d128": [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2)],
+    "d128-rope": [(32, 64, 4, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
     "d256": [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
     "d256-mask": [(32, 32, 8, 2), (16, 32, 4, 2)],
     "fp32": [(32, 32, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)],
@@ -146,6 +160,7 @@ _BACKWARD_QUERY_CONFIGS = {  # owns BLOCK_M queries, steps over BLOCK_N keys
     "d64-masks": [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
     "d128": [(128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
     "d128-mask": [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 2)],
+    "d128-rope": [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
     "d256": [(32, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
     "d256-mask": [(32, 32, 4, 2), (128, 32, 8, 2)],
     "fp32": [(32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
@@ -724,34 +739,22 @@ def _key_grad_columns(
     COLS: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
 ):
     """dK and dV of keys [start_n, start_n + COLS) of one key/value head, summed over the kv_group
-    query heads that share it, in head order (Q, GradOut, Lse, ... point at the first; the tables
-    are per query head too). With rotary tables each head's dK is rotated back before it is added."""
+    query heads that share it, in head order (Q, GradOut, Lse, ... point at the first). The keys'
+    rotation is one for the group (per-head tables come with as many key heads as query heads), so
+    dK is rotated back once, after the sum."""
     offs_n = start_n + tl.arange(0, COLS)
+    k0, k1 = _load_rotated_chunks(K, CosK, SinK, offs_n, stride_kn, stride_kd, stride_rot_m, stride_rot_d, seq_k,
+                                  HEAD_DIM, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
     v0, v1 = _load_chunks(V, offs_n, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0, DV1)
     grad_k0, grad_k1 = _zero_chunks(COLS, D0, D1)
     grad_v0, grad_v1 = _zero_chunks(COLS, DV0, DV1)
     for _ in range(kv_group):
-        k0, k1 = _load_rotated_chunks(K, CosK, SinK, offs_n, stride_kn, stride_kd, stride_rot_m, stride_rot_d, seq_k,
-                                      HEAD_DIM, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
-        if ROTARY_DIM > 0:
-            head_k0, head_k1 = _zero_chunks(COLS, D0, D1)
-            head_k0, head_k1, grad_v0, grad_v1 = _key_grads_one_head(
-                head_k0, head_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, CosQ, SinQ,
-                offs_n, start_n, stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m,
-                stride_bias_n, stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0,
-                DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL,
-                DOT_PRECISION, COLS, BLOCK_M, TAIL_M)
-            head_k0, head_k1 = _unrotated_chunks(head_k0, head_k1, CosK, SinK, offs_n, stride_rot_m, stride_rot_d,
-                                                 seq_k, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
-            grad_k0 += head_k0
-            grad_k1 += head_k1
-        else:
-            grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_one_head(
-                grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, CosQ, SinQ,
-                offs_n, start_n, stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m,
-                stride_bias_n, stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0,
-                DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL,
-                DOT_PRECISION, COLS, BLOCK_M, TAIL_M)
+        grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_one_head(
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, CosQ, SinQ,
+            offs_n, start_n, stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m,
+            stride_bias_n, stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0,
+            DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL,
+            DOT_PRECISION, COLS, BLOCK_M, TAIL_M)
         Q += stride_q2
         GradOut += stride_g2
         Lse += stride_lse2
@@ -760,9 +763,9 @@ def _key_grad_columns(
         Bias += stride_bias2
         CosQ += stride_rot2
         SinQ += stride_rot2
-        CosK += stride_rot2
-        SinK += stride_rot2
 
+    grad_k0, grad_k1 = _unrotated_chunks(grad_k0, grad_k1, CosK, SinK, offs_n, stride_rot_m, stride_rot_d, seq_k,
+                                         D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
     _store_chunks(GradV, offs_n, stride_dvn, stride_dvd, seq_k, grad_v0, grad_v1, HEAD_DIM_V, DV0, DV1, 0, False)
     _store_chunks(GradK, offs_n, stride_dkn, stride_dkd, seq_k, grad_k0 * sm_scale, grad_k1 * sm_scale,
                   HEAD_DIM, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
@@ -1149,6 +1152,7 @@ def _launch_arguments(query, key, value, mask, bias, cos, sin, rotary_interleave
     bias, bias_strides, bias_flags = _additive_arguments(bias, "BIAS", batch, *lengths, query)
     assert bias_flags["BIAS_KIND"] != BOOL_MASK.value, "the bias is additive"
     cos, sin, rotary_strides, rotary_dim = _rotary_arguments(cos, sin, batch, query)
+    assert key.shape[2] == batch[2] or rotary_strides[2] == 0, "per-head rotary tables need a key head per query head"
     d0, d1 = _head_dim_chunks(head_dim)
     dv0, dv1 = _head_dim_chunks(head_dim_v)
     tensors = (query, key, value, mask, bias, cos, sin)
@@ -1203,8 +1207,9 @@ def varlen_attention_forward(query, key, value, cu_seqlens_q, cu_seqlens_k, max_
                              rotary_interleaved: bool = False):
     """Attention within each sequence of a packed batch: query (total_q, Hq, D), key and value
     (total_k, Hkv, .), sequence b in rows cu_seqlens[b] to cu_seqlens[b + 1] (int32, checked by the
-    caller; max_seqlen at least every sequence's length); rotary tables (total_q, R) or (total_q, Hq,
-    R). Returns (out (total_q, Hq, Dv) in query's dtype, lse (Hq, total_q) float32), contiguous."""
+    caller; max_seqlen at least every sequence's length); rotary tables (total_q, R), or (total_q, Hq,
+    R) when Hq == Hkv. Returns (out (total_q, Hq, Dv) in query's dtype, lse (Hq, total_q) float32),
+    contiguous."""
     total_q, heads = query.shape[:2]
     out = query.new_empty((total_q, heads, value.shape[-1]))
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=query.device)
