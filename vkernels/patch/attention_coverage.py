@@ -6,8 +6,9 @@ the patched model stays to the stock one.
 For every model of ``ZOO`` (small configs, random weights, built offline): ``patch(model)`` on a
 copy (every parameter perturbed first, so that none is zero), then in eval mode (a forward under no_grad) and in train mode (a forward and a backward of a
 fixed random projection of the output) the share of the attention FLOPs that vkernels ops computed,
-and the relative error against the stock model in float32: of the output in eval mode; in train
-mode, of all parameter gradients together and of the relative-position bias parameters' alone.
+and the relative errors of the patched and of the stock model in float32 against the stock model in
+float64: of the output in eval mode; in train mode, of all parameter gradients together and of the
+relative-position bias parameters' alone.
 
 Attention FLOPs are counted per dispatched op from its shapes, algorithmically (forward QK^T and PV:
 2 B H Lq Lk (E + Ev); backward twice that) whichever op computes them: vkernels' attention ops
@@ -245,9 +246,10 @@ class Coverage(NamedTuple):
     name: str
     eval_share: float  # of attention FLOPs through vkernels ops, eval-mode forward
     train_share: float  # forward and backward in train mode
-    eval_error: float  # relative error of the output against the stock model (float32)
-    grad_error: float  # of all parameter gradients together, train mode
-    bias_grad_error: float  # of the relative-position bias parameters' gradients (NaN: the model has none)
+    # relative errors against the stock model in float64, each (patched, stock) in float32:
+    eval_error: tuple[float, float]  # of the output, eval mode
+    grad_error: tuple[float, float]  # of all parameter gradients together, train mode
+    bias_grad_error: tuple[float, float]  # of the relative-position bias parameters' gradients (NaN: none)
     left: list[tuple[str, str]]  # patch's report.left: what it knew and left stock, and why
     note: str  # the zoo's note on attention that stays stock at run time
 
@@ -285,8 +287,8 @@ def perturbed(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def measure(entry: ZooModel, backend: str | None = "triton", seed: int = 0) -> tuple[Coverage, dict]:
-    """The coverage row of one model, and the float32 stock and patched results (for tests that compare
-    both to float64)."""
+    """The coverage row of one model, and the results ("stock", "patched" in float32, "float64": the
+    stock model's) that its errors compare, for tests to bound."""
     torch.manual_seed(seed)
     stock, inputs = entry.build()
     stock = perturbed(stock)
@@ -299,24 +301,28 @@ def measure(entry: ZooModel, backend: str | None = "triton", seed: int = 0) -> t
     with counters[1]:
         train_output = entry.output(patched, inputs)
         (train_output * stock_results[3]).sum().backward()
-    results = {"stock": stock_results[:3], "patched": (output, _gradients(patched), _gradients(patched, BIAS_PARAMETER))}
-    bias_error = math.nan
-    if stock_results[2].numel():
-        bias_error = _relative_error(results["patched"][2], stock_results[2])
-    row = Coverage(entry.name, counters[0].share, counters[1].share, _relative_error(output, stock_results[0]),
-                   _relative_error(results["patched"][1], stock_results[1]), bias_error, list(report.left), entry.note)
-    return row, {**results, "stock_model": stock, "inputs": inputs, "weights": stock_results[3]}
+    exact_inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    exact = run_modes(entry, copy.deepcopy(stock).double(), exact_inputs, stock_results[3].double())
+    results = {"stock": stock_results[:3], "patched": (output, _gradients(patched), _gradients(patched, BIAS_PARAMETER)),
+               "float64": exact[:3]}
+    errors = [tuple(_relative_error(results[name][i], exact[i]) if exact[i].numel() else math.nan
+                    for name in ("patched", "stock")) for i in range(3)]
+    row = Coverage(entry.name, counters[0].share, counters[1].share, *errors, list(report.left), entry.note)
+    return row, results
 
 
-def _format(value: float, percent: bool = False) -> str:
+def _format(value: float | tuple[float, float], percent: bool = False) -> str:
+    if isinstance(value, tuple):
+        return "-" if all(map(math.isnan, value)) else " / ".join(map(_format, value))
     if math.isnan(value):
         return "-"
     return f"{100 * value:.1f}%" if percent else f"{value:.1e}"
 
 
 def format_table(rows: list[Coverage], markdown: bool = False) -> str:
-    header = ["model", "vkernels share of attention FLOPs, eval", "train (fwd+bwd)", "output rel. error (eval)",
-              "param-grad rel. error (train)", "bias-table grad rel. error", "stock attention left, and why"]
+    header = ["model", "vkernels share of attention FLOPs, eval", "train (fwd+bwd)",
+              "output rel. error vs float64, eval (patched / stock float32)", "param-grad rel. error, train (same)",
+              "bias-table grad rel. error (same)", "stock attention left, and why"]
     lines = [[row.name, _format(row.eval_share, True), _format(row.train_share, True), _format(row.eval_error),
               _format(row.grad_error), _format(row.bias_grad_error),
               "; ".join([f"{path}: {why}" for path, why in row.left] + ([row.note] if row.note else [])) or "-"]
