@@ -34,9 +34,8 @@ CI_MODELS = {
 @pytest.mark.parametrize("name", CI_MODELS)
 def test_patched_zoo_model_runs_its_attention_on_vkernels(name):
     pytest.importorskip(CI_MODELS[name])
-    device_for("triton")
     entry = attention_coverage.ZOO_BY_NAME[name]
-    row, results = attention_coverage.measure(entry, "triton")
+    row, results = attention_coverage.measure(entry, "triton", device=device_for("triton"))
     assert row.eval_share == row.train_share == 1.0 and row.left == []
     # Output, all parameter gradients, bias-table gradients: against the float64 model each is within
     # 2x of stock float32's own error plus the rounding floor of the longest sum, a 4 x 64-wide MLP.
@@ -114,13 +113,14 @@ def test_rotation_moves_into_the_kernels(monkeypatch):
     import timm.models.eva
     from transformers.models import qwen2_5_vl
 
-    device_for("triton")
+    device = device_for("triton")
 
     def rotation_ran(*args, **kwargs):
         raise AssertionError("the library's rotation ran")
 
     models = [attention_coverage.ZOO_BY_NAME[name].build() for name in
               ("timm DINOv3 ViT-S/16 (RoPE, 4 registers)", "transformers Qwen2.5-VL vision tower")]
+    models = [(model.to(device), {k: v.to(device) for k, v in inputs.items()}) for model, inputs in models]
     patched = [vkernels.patch(copy.deepcopy(model), backend="triton") for model, _ in models]
     monkeypatch.setattr(timm.models.eva, "apply_rot_embed_cat", rotation_ran)
     monkeypatch.setattr(qwen2_5_vl.modeling_qwen2_5_vl, "apply_rotary_pos_emb_vision", rotation_ran)

@@ -272,7 +272,9 @@ def run_modes(entry: ZooModel, model: torch.nn.Module, inputs: dict, weights: to
         output = entry.output(model.eval(), inputs)
     model.train().zero_grad()
     train_output = entry.output(model, inputs)
-    weights = torch.randn(train_output.shape, dtype=train_output.dtype) if weights is None else weights.to(train_output.dtype)
+    if weights is None:
+        weights = torch.randn(train_output.shape, dtype=train_output.dtype, device=train_output.device)
+    weights = weights.to(train_output.dtype)
     (train_output * weights).sum().backward()
     return output, _gradients(model), _gradients(model, BIAS_PARAMETER), weights
 
@@ -286,12 +288,14 @@ def perturbed(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def measure(entry: ZooModel, backend: str | None = "triton", seed: int = 0) -> tuple[Coverage, dict]:
-    """The coverage row of one model, and the results ("stock", "patched" in float32, "float64": the
-    stock model's) that its errors compare, for tests to bound."""
+def measure(entry: ZooModel, backend: str | None = "triton", seed: int = 0,
+            device: torch.device | str = "cpu") -> tuple[Coverage, dict]:
+    """The coverage row of one model on ``device``, and the results ("stock", "patched" in float32,
+    "float64": the stock model's) that its errors compare, for tests to bound."""
     torch.manual_seed(seed)
     stock, inputs = entry.build()
-    stock = perturbed(stock)
+    stock = perturbed(stock).to(device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     patched, report = vkernels.patch(copy.deepcopy(stock), backend=backend, report=True)
     stock_results = run_modes(entry, stock, inputs)
     counters = AttentionFlops(), AttentionFlops()
@@ -344,7 +348,7 @@ def main() -> int:
     rows = []
     for entry in ZOO:
         if re.search(args.only, entry.name):
-            rows.append(measure(entry, args.backend)[0])
+            rows.append(measure(entry, args.backend, device="cuda" if torch.cuda.is_available() else "cpu")[0])
             print(f"measured {entry.name}", flush=True)
     print(format_table(rows, args.markdown))
     return 0
