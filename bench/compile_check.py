@@ -87,6 +87,38 @@ def _attention(dtype, dim=64, dim_v=None, seq_q=50, seq_k=50, mask=None, causal=
     out.float().sum().backward()
 
 
+def _rotary(dtype, dim=64, rotary="half", rotary_dim=None, bias=None):
+    """vkernels.attention with rotary tables (and a learned bias: the bias-gradient kernel rotates too)."""
+    import torch
+    import vkernels
+
+    q, k, v = (torch.randn(2, 2, 50, dim, dtype=dtype, requires_grad=True) for _ in range(3))
+    angles = torch.rand(50, rotary_dim or dim)
+    attn_bias = torch.randn(1, 2, 50, 50, requires_grad=True) if bias else None
+    out = vkernels.attention(q, k, v, attn_bias=attn_bias, rotary=(angles.cos(), angles.sin()),
+                             rotary_interleaved=rotary == "interleaved", backend="triton")
+    out.float().sum().backward()
+
+
+def _varlen(dtype, dim=64, rotary=None, causal=False, heads=4, kv_heads=2, per_head=False):
+    """vkernels.varlen_attention over three packed sequences (one empty), grouped heads."""
+    import torch
+    import vkernels
+
+    lengths = (50, 0, 77)
+    total = sum(lengths)
+    q = torch.randn(total, heads, dim, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(total, kv_heads, dim, dtype=dtype, requires_grad=True) for _ in range(2))
+    cu_seqlens = torch.tensor([0, 50, 50, total], dtype=torch.int32)
+    tables = None
+    if rotary:
+        angles = torch.rand((total, heads, dim) if per_head else (total, dim))
+        tables = (angles.cos(), angles.sin())
+    out = vkernels.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, 77, 77, is_causal=causal, rotary=tables,
+                                    rotary_interleaved=rotary == "interleaved", backend="triton")
+    out.float().sum().backward()
+
+
 def _conv(dtype, cin=16, cout=32, size=16, kernel=3, stride=1, padding=1, groups=1, bias=True, residual=False,
           channels_last=False, pool=None):
     import torch
@@ -135,6 +167,12 @@ CASES = {
     "attention d64 key bias": lambda dt: _attention(dt, 64, bias="keys"),
     **{f"attention d{d} window 49 bias": (lambda dt, d=d: _attention(dt, d, seq_q=49, seq_k=49, mask="windows",
                                                                       bias="windows")) for d in (32, 64)},
+    **{f"attention d{d} rotary {r}": (lambda dt, d=d, r=r: _rotary(dt, d, r)) for d in (64, 80) for r in ("half", "interleaved")},
+    "attention d64 rotary 32 of 64, bias": lambda dt: _rotary(dt, 64, rotary_dim=32, bias=True),
+    **{f"varlen d{d}": (lambda dt, d=d: _varlen(dt, d)) for d in (64, 80, 128)},
+    **{f"varlen d{d} rotary {r}": (lambda dt, d=d, r=r: _varlen(dt, d, r)) for d in (64, 80, 128)
+       for r in ("half", "interleaved")},
+    "varlen d80 causal rotary per head": lambda dt: _varlen(dt, 80, "half", causal=True, per_head=True),
     "conv 3x3": lambda dt: _conv(dt),
     "conv 3x3 channels_last residual": lambda dt: _conv(dt, channels_last=True, residual=True),
     "conv 3x3 stride 2": lambda dt: _conv(dt, stride=2),

@@ -23,27 +23,25 @@ CI_MODELS = {
     "torchvision swin_v2_t": "torchvision",  # cosine attention, logit scale, bias from an MLP
     "timm BEiT (relative position bias)": "timm",  # routed SDPA with a learned bias
     "transformers CLIPModel": "transformers",  # AttentionInterface, causal + padding masks
+    # native resolution (issue 16): packed images and windows, RoPE rotated in the kernels
+    "transformers Qwen2-VL vision tower": "transformers",  # varlen over the images, 2-D RoPE
+    "transformers Qwen2.5-VL vision tower": "transformers",  # windows in one block, whole images in the other
+    "timm DINOv3 ViT-S/16 (RoPE, 4 registers)": "timm",  # rotate-half rope, unrotated prefix tokens
+    "timm EVA-02-Ti (RoPE)": "timm",  # interleaved rope
 }
-
-
-def float64_results(entry, results):
-    model = copy.deepcopy(results["stock_model"]).double()
-    inputs = {k: v.double() if v.is_floating_point() else v for k, v in results["inputs"].items()}
-    return attention_coverage.run_modes(entry, model, inputs, results["weights"].double())[:3]
 
 
 @pytest.mark.parametrize("name", CI_MODELS)
 def test_patched_zoo_model_runs_its_attention_on_vkernels(name):
     pytest.importorskip(CI_MODELS[name])
-    device_for("triton")
     entry = attention_coverage.ZOO_BY_NAME[name]
-    row, results = attention_coverage.measure(entry, "triton")
+    row, results = attention_coverage.measure(entry, "triton", device=device_for("triton"))
     assert row.eval_share == row.train_share == 1.0 and row.left == []
     # Output, all parameter gradients, bias-table gradients: against the float64 model each is within
     # 2x of stock float32's own error plus the rounding floor of the longest sum, a 4 x 64-wide MLP.
     # Measured over the whole zoo, seeds 0 and 1: patched float32 / stock float32 error ratios
     # 0.86-1.10, errors 1e-7-2e-6; in CI's four, up to 1.6 (1.0e-6 against 6.4e-7) at seed 71271.
-    triples = zip(results["patched"], results["stock"], float64_results(entry, results))
+    triples = zip(results["patched"], results["stock"], results["float64"])
     kept = {str(i): triple for i, triple in enumerate(triples) if triple[2].numel()}
     assert_as_accurate(*({i: triple[k] for i, triple in kept.items()} for k in range(3)), rounding_floor(torch.float32, 256))
 
@@ -105,3 +103,29 @@ def test_routed_sdpa_with_a_learned_bias_under_compile():
     # compiled as accurate as eager against float64; the longest sum: the 16-wide projections
     assert_as_accurate(*results, rounding_floor(torch.float32, 16))
     assert results[1]["bias grad"].abs().sum() > 0
+
+
+def test_rotation_moves_into_the_kernels(monkeypatch):
+    """The patched rotary models never call their library's rotation (made to fail here), the stock
+    ones do: q and k reach the kernels unrotated, with the tables."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    import timm.models.eva
+    from transformers.models import qwen2_5_vl
+
+    device = device_for("triton")
+
+    def rotation_ran(*args, **kwargs):
+        raise AssertionError("the library's rotation ran")
+
+    models = [attention_coverage.ZOO_BY_NAME[name].build() for name in
+              ("timm DINOv3 ViT-S/16 (RoPE, 4 registers)", "transformers Qwen2.5-VL vision tower")]
+    models = [(model.to(device), {k: v.to(device) for k, v in inputs.items()}) for model, inputs in models]
+    patched = [vkernels.patch(copy.deepcopy(model), backend="triton") for model, _ in models]
+    monkeypatch.setattr(timm.models.eva, "apply_rot_embed_cat", rotation_ran)
+    monkeypatch.setattr(qwen2_5_vl.modeling_qwen2_5_vl, "apply_rotary_pos_emb_vision", rotation_ran)
+    with torch.no_grad():
+        for (stock, inputs), model in zip(models, patched):
+            model.eval()(**inputs)
+            with pytest.raises(AssertionError, match="rotation ran"):
+                stock.eval()(**inputs)

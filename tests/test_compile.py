@@ -26,7 +26,17 @@ def attention_block(x, backend):
     return vkernels.attention(tokens, tokens, tokens, is_causal=True, backend=backend)
 
 
-@pytest.mark.parametrize("block", [pools, conv_block, attention_block])
+def packed_attention_block(x, backend):
+    """Two images of 10 and 25 tokens packed, 2-D RoPE in the kernels (max_seqlen given: no host sync)."""
+    tokens = x.flatten(1).view(35, 2, 4).repeat(1, 1, 4)  # (tokens, heads, 16)
+    cu_seqlens = torch.tensor([0, 10, 35], dtype=torch.int32, device=x.device)
+    rows = torch.arange(35, device=x.device)
+    cos, sin = vkernels.rotary_tables(torch.stack([rows // 5, rows % 5], -1), 16)
+    return vkernels.varlen_attention(tokens, tokens, tokens, cu_seqlens, cu_seqlens, 25, 25, rotary=(cos, sin),
+                                     backend=backend)
+
+
+@pytest.mark.parametrize("block", [pools, conv_block, attention_block, packed_attention_block])
 def test_under_compile_fullgraph(block):
     device = device_for("triton")
     torch._dynamo.reset()

@@ -177,6 +177,126 @@ def attention_batch_shape(
     return tuple(batch)
 
 
+def attention_rotary_tables(
+    rotary, query: torch.Tensor, key: torch.Tensor, name: str = "attention"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary=(cos, sin)`` of ``vkernels.attention`` as views that broadcast against query (..., L,
+    E) and key: (L, R) shared, (B, L, R) per batch entry and shared by the heads (Hugging Face's
+    position embeddings) when query has 4 or more dims, else any shape broadcastable to (*batch dims,
+    L, R). R (rotary_dim) even and at most E; query and key of the same length L."""
+    cos, sin = _rotary_pair(rotary, query, name)
+    rows, rotary_dim = cos.shape[-2:] if cos.dim() >= 2 else (None, None)
+    if query.shape[-2] != key.shape[-2]:
+        raise ValueError(f"{name}: rotary embeddings need query and key of one length (the tables' rows are "
+                         f"their positions), got {query.shape[-2]} and {key.shape[-2]}")
+    if cos.dim() < 2 or rows != query.shape[-2]:
+        raise ValueError(f"{name}: rotary tables of shape {tuple(cos.shape)} do not have the query's "
+                         f"{query.shape[-2]} rows (positions) before their rotary_dim columns")
+    _check_rotary_dim(rotary_dim, query.shape[-1], name)
+    if query.dim() >= 4 and cos.dim() == query.dim() - 1:  # (B, L, R): per batch entry, shared by the heads
+        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
+    try:
+        torch.broadcast_shapes(cos.shape[:-2], query.shape[:-2])
+    except RuntimeError as error:
+        raise ValueError(f"{name}: rotary tables of shape {tuple(cos.shape)} do not broadcast against the query's "
+                         f"batch dims {tuple(query.shape[:-2])}") from error
+    if cos.dim() > max(query.dim(), 2):
+        raise ValueError(f"{name}: rotary tables of shape {tuple(cos.shape)} have more dims than the query")
+    return cos, sin
+
+
+def packed_rotary_tables(rotary, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary=(cos, sin)`` of ``vkernels.varlen_attention``: (total, R) shared by the heads or
+    (total, Hq, R) per query head, one row per token of query and of key (the same count), R even and
+    at most the head dim."""
+    cos, sin = _rotary_pair(rotary, query, "varlen_attention")
+    if query.shape[0] != key.shape[0]:
+        raise ValueError("varlen_attention: rotary embeddings need as many key tokens as query tokens (the "
+                         f"tables' rows are their positions), got {query.shape[0]} and {key.shape[0]}")
+    if cos.dim() not in (2, 3) or cos.shape[0] != query.shape[0] or (cos.dim() == 3 and cos.shape[1] != query.shape[1]):
+        raise ValueError(f"varlen_attention: rotary tables must be (total, rotary_dim) or (total, heads, rotary_dim) = "
+                         f"({query.shape[0]}, [{query.shape[1]},] R), got {tuple(cos.shape)}")
+    _check_rotary_dim(cos.shape[-1], query.shape[-1], "varlen_attention")
+    return cos, sin
+
+
+def _rotary_pair(rotary, query: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(rotary, (tuple, list)) and len(rotary) == 2 and all(isinstance(t, torch.Tensor) for t in rotary)):
+        raise ValueError(f"{name}: rotary must be a pair of tensors (cos, sin), got {type(rotary).__name__}")
+    cos, sin = rotary
+    if cos.shape != sin.shape:
+        raise ValueError(f"{name}: rotary cos and sin differ in shape: {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if not (cos.is_floating_point() and sin.is_floating_point()):
+        raise ValueError(f"{name}: rotary tables must be floating point, got {cos.dtype} and {sin.dtype}")
+    if cos.device != query.device or sin.device != query.device:
+        raise ValueError(f"{name}: rotary tables are on {cos.device} and {sin.device}, query on {query.device}")
+    return cos, sin
+
+
+def _check_rotary_dim(rotary_dim: int, head_dim: int, name: str) -> None:
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"{name}: rotary_dim (the tables' last dim) must be even and in 2..{head_dim} (the head dim), "
+                         f"got {rotary_dim}")
+
+
+def check_packed_attention_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                  cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> None:
+    """The checks of ``varlen_attention``'s inputs that need no values of cu_seqlens: query (total_q,
+    Hq, D), key (total_k, Hkv, D), value (total_k, Hkv, Dv), one dtype and device, Hq a multiple of Hkv;
+    cu_seqlens 1-D int32 or int64 on that device, of one length."""
+    if not query.dim() == key.dim() == value.dim() == 3:
+        raise RuntimeError("varlen_attention: expected query, key and value of 3 dims (total, heads, head_dim), got "
+                           f"shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise RuntimeError(f"varlen_attention: query, key and value must share a dtype, got {query.dtype}, {key.dtype}, "
+                           f"{value.dtype}")
+    if not query.device == key.device == value.device:
+        raise RuntimeError(f"varlen_attention: query, key and value must be on one device, got {query.device}, "
+                           f"{key.device}, {value.device}")
+    if query.shape[-1] != key.shape[-1]:
+        raise RuntimeError(f"varlen_attention: query and key head dims differ: {query.shape[-1]} and {key.shape[-1]}")
+    if key.shape[:2] != value.shape[:2]:
+        raise RuntimeError(f"varlen_attention: key {tuple(key.shape)} and value {tuple(value.shape)} differ in tokens or heads")
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
+        raise RuntimeError(f"varlen_attention: query heads ({query.shape[1]}) must be a multiple of key/value heads "
+                           f"({key.shape[1]})")
+    for name, cu_seqlens in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"varlen_attention: {name} must be an int32 or int64 tensor, got "
+                             f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0:
+            raise ValueError(f"varlen_attention: {name} must be 1-D with batch + 1 >= 1 entries, got shape "
+                             f"{tuple(cu_seqlens.shape)}")
+        if cu_seqlens.device != query.device:
+            raise ValueError(f"varlen_attention: {name} is on {cu_seqlens.device}, query on {query.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"varlen_attention: cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+
+
+def packed_sequence_bounds(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int,
+                           max_seqlen_q: int | None = None, max_seqlen_k: int | None = None) -> tuple[list[int], list[int]]:
+    """The values of cu_seqlens_q and cu_seqlens_k (one copy to the host), after checking that each
+    starts at 0, never decreases and ends at its total, and that no sequence is longer than its
+    max_seqlen (None: not checked). Raises ValueError saying which."""
+    bounds = torch.cat([cu_seqlens_q.to(torch.int64), cu_seqlens_k.to(torch.int64)]).tolist()
+    bounds_q, bounds_k = bounds[:cu_seqlens_q.numel()], bounds[cu_seqlens_q.numel():]
+    for name, values, total, longest in (("cu_seqlens_q", bounds_q, total_q, max_seqlen_q),
+                                         ("cu_seqlens_k", bounds_k, total_k, max_seqlen_k)):
+        if values[0] != 0:
+            raise ValueError(f"varlen_attention: {name} must start at 0, got {values[0]}")
+        lengths = [end - start for start, end in zip(values, values[1:])]
+        if any(length < 0 for length in lengths):
+            raise ValueError(f"varlen_attention: {name} decreases (at entry {[l < 0 for l in lengths].index(True) + 1}): "
+                             f"{values}")
+        if values[-1] != total:
+            raise ValueError(f"varlen_attention: {name} must end at the total token count {total}, got {values[-1]}")
+        if longest is not None and lengths and max(lengths) > longest:
+            raise ValueError(f"varlen_attention: max_seqlen_{name[-1]} = {longest} is smaller than a sequence of "
+                             f"{max(lengths)} tokens")
+    return bounds_q, bounds_k
+
+
 def fold_attention_batch(
     batch: tuple[int, ...], tensors: Sequence[torch.Tensor | None]
 ) -> tuple[tuple[int, int, int], list[torch.Tensor | None]]:

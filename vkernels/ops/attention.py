@@ -12,7 +12,17 @@ windows of an image batch (Swin: B0 images, B1 windows) index a per-window mask 
 without copies. ``attn_mask`` (bool, True = attend, or additive float) and ``attn_bias`` (additive
 float) broadcast to (B0, B1, H, Lq, Lk) through size-1 dims and are added in one pass;
 ``grad_attn_bias`` has attn_bias's own shape. The output is laid out (B0, B1, Lq, H, Ev) in memory
-(``vkernels.shapes.empty_attention_output``).
+(``vkernels.shapes.empty_attention_output``). ``rotary_cos`` / ``rotary_sin`` (None, or tables of
+rotary_dim columns broadcastable to (B0, B1, H, L, R)) rotate q and k inside the kernels
+(``vkernels.rotary``'s convention; ``rotary_interleaved`` picks the layout); Lq == Lk then.
+
+``vkernels::varlen_attention_<backend>`` attends within each sequence of a packed batch: query
+(total_q, Hq, D), key and value (total_k, Hkv, .) with Hq a multiple of Hkv (query head h reads
+key/value head h // (Hq / Hkv)), sequence b in rows cu_seqlens[b] to cu_seqlens[b + 1] (int32,
+contiguous; checked before any kernel runs), ``max_seqlen`` at least every sequence's length,
+rotary tables (total_q, R), or (total_q, Hq, R) with Hq == Hkv (total_q == total_k). It returns out (total_q, Hq,
+Dv) and lse (Hq, total_q) float32, both contiguous; ``varlen_attention_backward_<backend>`` returns
+dq, dk, dv, contiguous. Its CUDA ops are defined here and get their kernels in issue 16's phase 2.
 """
 from __future__ import annotations
 
@@ -23,22 +33,46 @@ import torch.nn.functional as F
 
 from vkernels import dispatch
 from vkernels.ops.library import autocast_inputs, backend_op, define_backend_ops
-from vkernels.shapes import attention_batch_shape, attention_shape_class, empty_attention_output, fold_attention_batch
+from vkernels.rotary import apply_rotary
+from vkernels.shapes import (attention_batch_shape, attention_rotary_tables, attention_shape_class,
+                             empty_attention_output, fold_attention_batch, check_packed_attention_inputs,
+                             packed_rotary_tables, packed_sequence_bounds)
 from vkernels.triton_kernels import attention as triton_attention
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
+ROTARY_ARGUMENTS = "Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=False"
 SCHEMAS = {
     "attention": "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? attn_bias, bool is_causal, "
-    "float scale) -> (Tensor, Tensor)",
+    f"float scale, {ROTARY_ARGUMENTS}) -> (Tensor, Tensor)",
     "attention_backward": "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
-    "Tensor? attn_mask, Tensor? attn_bias, bool is_causal, float scale, bool bias_requires_grad) "
+    f"Tensor? attn_mask, Tensor? attn_bias, bool is_causal, float scale, bool bias_requires_grad, {ROTARY_ARGUMENTS}) "
     "-> (Tensor, Tensor, Tensor, Tensor?)",
+    "varlen_attention": "(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    f"int max_seqlen_q, int max_seqlen_k, bool is_causal, float scale, {ROTARY_ARGUMENTS}) -> (Tensor, Tensor)",
+    "varlen_attention_backward": "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
+    "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool is_causal, float scale, "
+    f"{ROTARY_ARGUMENTS}) -> (Tensor, Tensor, Tensor)",
 }
+VARLEN_OPS = ("varlen_attention", "varlen_attention_backward")
+
+
+def _checked_varlen_forward(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                            rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
+    """The Triton varlen forward after packed_sequence_bounds' checks of cu_seqlens' values: here, in
+    the op, so that they run under torch.compile too (the op is opaque to it)."""
+    packed_sequence_bounds(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0], max_seqlen_q, max_seqlen_k)
+    return triton_attention.varlen_attention_forward(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                     max_seqlen_k, is_causal, scale, rotary_cos, rotary_sin,
+                                                     rotary_interleaved)
+
+
 TRITON_LAUNCHERS = {
     "attention": triton_attention.attention_forward,
     "attention_backward": triton_attention.attention_backward,
+    "varlen_attention": _checked_varlen_forward,
+    "varlen_attention_backward": triton_attention.varlen_attention_backward,
 }
 # csrc/cuda/attention.cu still implements the schemas from before attn_bias (issue 13's phase 2
 # ports it to SCHEMAS and deletes these): (B, H) batches, a (B, H, Lq, Lk) mask view, a contiguous
@@ -50,34 +84,71 @@ CUDA_SCHEMAS_BEFORE_BIAS = {
 }
 
 
-def _attention_fake(query, key, value, attn_mask, attn_bias, is_causal, scale):
+def _attention_fake(query, key, value, attn_mask, attn_bias, is_causal, scale, rotary_cos=None, rotary_sin=None,
+                    rotary_interleaved=False):
     lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
     return empty_attention_output(query, value.shape[-1]), lse
 
 
 def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, attn_bias, is_causal, scale,
-                             bias_requires_grad):
+                             bias_requires_grad, rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
     grad_bias = attn_bias.new_empty(attn_bias.shape) if bias_requires_grad else None
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_bias
 
 
+def _varlen_attention_fake(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                           rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
+    out = query.new_empty((*query.shape[:2], value.shape[-1]))
+    return out, query.new_empty((query.shape[1], query.shape[0]), dtype=torch.float32)
+
+
+def _varlen_attention_backward_fake(grad_out, query, key, value, out, lse, *args, **kwargs):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+FAKES = {"attention": _attention_fake, "attention_backward": _attention_backward_fake,
+         "varlen_attention": _varlen_attention_fake, "varlen_attention_backward": _varlen_attention_backward_fake}
+
+
 def _save_for_backward(ctx, inputs, output):
-    query, key, value, attn_mask, attn_bias, is_causal, scale = inputs
-    ctx.save_for_backward(query, key, value, output[0], output[1], attn_mask, attn_bias)
-    ctx.is_causal, ctx.scale = is_causal, scale
+    query, key, value, attn_mask, attn_bias, is_causal, scale, rotary_cos, rotary_sin, rotary_interleaved = inputs
+    ctx.save_for_backward(query, key, value, output[0], output[1], attn_mask, attn_bias, rotary_cos, rotary_sin)
+    ctx.is_causal, ctx.scale, ctx.rotary_interleaved = is_causal, scale, rotary_interleaved
 
 
 def _register_autograd(backend: str) -> None:
     backward_op = backend_op("attention_backward", backend)
 
     def backward(ctx, grad_out, _grad_lse):
-        query, key, value, out, lse, attn_mask, attn_bias = ctx.saved_tensors
+        query, key, value, out, lse, attn_mask, attn_bias, rotary_cos, rotary_sin = ctx.saved_tensors
         bias_requires_grad = attn_bias is not None and ctx.needs_input_grad[4]
         *grads, grad_bias = backward_op(grad_out, query, key, value, out, lse, attn_mask, attn_bias, ctx.is_causal,
-                                        ctx.scale, bias_requires_grad)
-        return *grads, None, grad_bias, None, None
+                                        ctx.scale, bias_requires_grad, rotary_cos, rotary_sin, ctx.rotary_interleaved)
+        # no gradient for the rotary tables: the public functions rotate learned ones before the op
+        return *grads, None, grad_bias, None, None, None, None, None
 
     torch.library.register_autograd(f"vkernels::attention_{backend}", backward, setup_context=_save_for_backward)
+
+
+def _save_varlen_for_backward(ctx, inputs, output):
+    (query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, rotary_cos,
+     rotary_sin, rotary_interleaved) = inputs
+    ctx.save_for_backward(query, key, value, output[0], output[1], cu_seqlens_q, cu_seqlens_k, rotary_cos, rotary_sin)
+    ctx.arguments = (max_seqlen_q, max_seqlen_k, is_causal, scale)
+    ctx.rotary_interleaved = rotary_interleaved
+
+
+def _register_varlen_autograd(backend: str) -> None:
+    backward_op = backend_op("varlen_attention_backward", backend)
+
+    def backward(ctx, grad_out, _grad_lse):
+        query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k, rotary_cos, rotary_sin = ctx.saved_tensors
+        grads = backward_op(grad_out, query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.arguments,
+                            rotary_cos, rotary_sin, ctx.rotary_interleaved)
+        return *grads, None, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(f"vkernels::varlen_attention_{backend}", backward,
+                                    setup_context=_save_varlen_for_backward)
 
 
 def _cuda_fake_before_bias(query, key, value, attn_mask, is_causal, scale):
@@ -102,16 +173,19 @@ def _cuda_backward_before_bias(ctx, grad_out, _grad_lse):
     return *grads, None, None, None
 
 
-define_backend_ops(SCHEMAS, {"attention": _attention_fake, "attention_backward": _attention_backward_fake},
-                   TRITON_LAUNCHERS, backends=("triton",))
+define_backend_ops(SCHEMAS, FAKES, TRITON_LAUNCHERS, backends=("triton",))
 _register_autograd("triton")
+_register_varlen_autograd("triton")
+# the CUDA varlen ops: defined (schema, fake, autograd) for csrc/cuda/attention.cu to implement
+define_backend_ops({name: SCHEMAS[name] for name in VARLEN_OPS}, FAKES, {}, backends=("cuda",))
+_register_varlen_autograd("cuda")
 define_backend_ops(CUDA_SCHEMAS_BEFORE_BIAS, {"attention": _cuda_fake_before_bias,
                                               "attention_backward": _cuda_backward_fake_before_bias}, {}, backends=("cuda",))
 torch.library.register_autograd("vkernels::attention_cuda", _cuda_backward_before_bias,
                                 setup_context=_cuda_save_before_bias)
 
 
-def _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p) -> dict[str, str]:
+def _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p, rotary=None, packed=False) -> dict[str, str]:
     """Why each kernel backend cannot serve this call, for the inputs that only stock SDPA takes."""
     head_dim, value_dim = query.shape[-1], value.shape[-1]
     shared = None
@@ -125,6 +199,12 @@ def _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p) -> dict[s
         shared = f"attn_bias of dtype {attn_bias.dtype}: the kernels take float32 or the query's dtype"
     if shared is not None:
         return {backend: shared for backend in dispatch.KERNEL_BACKENDS}
+    if packed:
+        return {"cuda": "the CUDA kernels take no packed variable-length batches before issue 16's phase 2 "
+                        "(csrc/cuda/attention.cu): use backend='triton' or 'torch'"}
+    if rotary is not None:
+        return {"cuda": "the CUDA kernels apply no rotary embedding before issue 16's phase 2: use backend='triton' "
+                        "or 'torch'"}
     if attn_bias is not None:
         return {"cuda": "the CUDA kernels take no learned bias (an attn_mask that requires grad, or attn_bias) "
                         "before issue 13's phase 2: use backend='triton' or 'torch'"}
@@ -140,6 +220,12 @@ def _sdpa_mask(attn_mask: torch.Tensor | None, attn_bias: torch.Tensor | None) -
     if attn_mask.dtype == torch.bool:
         return attn_bias.masked_fill(~attn_mask, float("-inf"))
     return attn_mask + attn_bias
+
+
+def _learned(rotary) -> bool:
+    """Tables that require grad (RoPE-Mixed's learned frequencies): the kernels give them no gradient,
+    so the public functions rotate q and k in PyTorch first and call the kernels without them."""
+    return rotary is not None and torch.is_grad_enabled() and any(t.requires_grad for t in rotary)
 
 
 def _cuda_attention(q, k, v, mask, is_causal, scale):
@@ -162,6 +248,8 @@ def attention(
     scale: float | None = None,
     *,
     attn_bias: torch.Tensor | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rotary_interleaved: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention``, flash-style.
@@ -177,6 +265,13 @@ def attention(
     as in SDPA: query i attends key j iff j <= i, also when Lq != Lk. ``scale`` defaults to
     1/sqrt(E). With four or more dims the result is laid out (..., Lq, H, Ev) in memory (H the dim
     before Lq), as FlashAttention's: ``out.transpose(-3, -2)`` is contiguous.
+    ``rotary=(cos, sin)`` (not in SDPA): rotary embeddings applied to q and k inside the kernels, in
+    fp32, forward and backward; the result is that of rotating first (``vkernels.rotary``) and
+    attending after. Tables have rotary_dim columns (even, <= E; later columns pass unrotated) and
+    one row per position (Lq == Lk): (L, R), (B, L, R) per batch entry (Hugging Face's position
+    embeddings), or any shape of query's rank broadcastable to (..., L, R), per head included.
+    ``rotary_interleaved`` picks the GPT-J pairs layout over rotate-half. Tables that require grad
+    are applied in PyTorch before the kernels (which give them no gradient).
     Unlike SDPA's math path, a query row whose keys are all masked gives zeros (and zero gradients)
     in the kernels, never NaN. ``dropout_p > 0`` runs on stock PyTorch under ``auto`` and is refused
     by a forced kernel backend.
@@ -186,20 +281,127 @@ def attention(
     if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad and torch.is_grad_enabled():
         # learned: the bias input, the one the kernels give a gradient
         attn_mask, attn_bias = None, attn_mask if attn_bias is None else attn_bias + attn_mask
-    limits = _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p)
+    if rotary is not None:
+        attention_batch_shape(query, key, value, attn_mask, attn_bias)  # ranks, dtypes, devices first
+        rotary = attention_rotary_tables(rotary, query, key)
+        if _learned(rotary):
+            query, key = (apply_rotary(t, *rotary, rotary_interleaved) for t in (query, key))
+            rotary = None
+    limits = _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p, rotary)
     operands = autocast_inputs(query.device.type, query, key, value)
     chosen = dispatch.choose(backend, query.device, operands[0].dtype, DTYPES, limits, op="attention",
                              shape_class=attention_shape_class(query.shape, key.shape))
     if chosen == "torch":  # SDPA checks its own arguments and applies autocast itself
+        if rotary is not None:
+            query, key = (apply_rotary(t, *rotary, rotary_interleaved) for t in (query, key))
         mask = _sdpa_mask(attn_mask, attn_bias)
         return F.scaled_dot_product_attention(query, key, value, mask, dropout_p, is_causal, scale=scale)
     query, key, value = operands
     batch = attention_batch_shape(query, key, value, attn_mask, attn_bias)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    levels, (q, k, v, mask, bias) = fold_attention_batch(batch, (query, key, value, attn_mask, attn_bias))
+    levels, (q, k, v, mask, bias, cos, sin) = fold_attention_batch(
+        batch, (query, key, value, attn_mask, attn_bias, *(rotary or (None, None))))
     q, k, v = (t.expand(*levels, *t.shape[-2:]) for t in (q, k, v))
     if chosen == "cuda":
         out = _cuda_attention(q, k, v, mask, is_causal, scale)
     else:
-        out, _ = backend_op("attention", chosen)(q, k, v, mask, bias, is_causal, scale)
+        out, _ = backend_op("attention", chosen)(q, k, v, mask, bias, is_causal, scale, cos, sin, rotary_interleaved)
     return out.view(*batch, query.shape[-2], value.shape[-1])
+
+
+def _keys_per_table_head(query, key, value, cos):
+    """Per-head tables (total, Hq, R) with grouped key/value heads rotate k once per query head: k and
+    v repeated to Hq heads (a copy; the kernels take grouped heads with shared tables only)."""
+    if cos.dim() == 3 and cos.shape[1] != 1 and key.shape[1] != query.shape[1]:
+        key, value = (t.repeat_interleave(query.shape[1] // t.shape[1], 1) for t in (key, value))
+    return key, value
+
+
+def _rotated_packed(query, key, value, cos, sin, rotary_interleaved):
+    """Packed q and k rotated in PyTorch by tables (total, R) or (total, Hq, R)."""
+    key, value = _keys_per_table_head(query, key, value, cos)
+    cos, sin = (t if t.dim() == 3 else t[:, None] for t in (cos, sin))
+    query, key = (apply_rotary(t, cos, sin, rotary_interleaved) for t in (query, key))
+    return query, key, value
+
+
+def _packed_sdpa(query, key, value, bounds_q, bounds_k, is_causal, scale):
+    """Stock PyTorch for varlen_attention (what HF's vision towers run without FlashAttention-2): one
+    SDPA call per sequence; a sequence without keys gives zeros, as in the kernels."""
+    outs = []
+    for q_start, q_end, k_start, k_end in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:]):
+        q, k, v = (t.transpose(0, 1) for t in (query[q_start:q_end], key[k_start:k_end], value[k_start:k_end]))
+        if k_end == k_start:
+            outs.append(query.new_zeros((q_end - q_start, query.shape[1], value.shape[-1])))
+            continue
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
+                                             enable_gqa=q.shape[0] != k.shape[0])
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs) if outs else query.new_empty((0, query.shape[1], value.shape[-1]))
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rotary_interleaved: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention within each sequence of a packed batch (FlashAttention's ``flash_attn_varlen_func``):
+    images of different sizes as one token sequence, no attention across a boundary.
+
+    query (total_q, Hq, D), key (total_k, Hkv, D), value (total_k, Hkv, Dv), any strides; Hq a
+    multiple of Hkv (grouped-query heads: query head h reads key/value head h // (Hq / Hkv)).
+    ``cu_seqlens_q`` / ``cu_seqlens_k``: int32 (or int64) cumulative boundaries [0, n1, n1 + n2, ...,
+    total], one length (batch + 1); sequences may be empty or one token long. ``max_seqlen_q`` /
+    ``max_seqlen_k``: at least the longest sequence (None: read from cu_seqlens, a device-to-host
+    copy; pass them under torch.compile). ``is_causal`` is aligned top-left within each sequence, as
+    SDPA aligns it; ``scale`` defaults to 1/sqrt(D). ``rotary=(cos, sin)``: tables (total_q, R) or
+    (total_q, Hq, R), one row per token (total_q == total_k), applied to q and k inside the kernels as
+    in :func:`attention`. Returns (total_q, Hq, Dv) in the inputs' dtype. One kernel launch serves
+    every sequence: the work is the sum of the squared lengths, not batch x longest^2. The backward is
+    deterministic. Bad boundaries (not starting at 0, decreasing, not ending at the total, longer
+    than max_seqlen) raise a ValueError before any kernel runs.
+    """
+    check_packed_attention_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k)
+    cu_seqlens_q, cu_seqlens_k = (t.to(torch.int32).contiguous() for t in (cu_seqlens_q, cu_seqlens_k))
+    if max_seqlen_q is None or max_seqlen_k is None:
+        bounds_q, bounds_k = packed_sequence_bounds(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0])
+        longest = [max([end - start for start, end in zip(b, b[1:])], default=0) for b in (bounds_q, bounds_k)]
+        max_seqlen_q = longest[0] if max_seqlen_q is None else max_seqlen_q
+        max_seqlen_k = longest[1] if max_seqlen_k is None else max_seqlen_k
+    for name, longest in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(longest, bool) or not isinstance(longest, (int, torch.SymInt)) or longest < 0:
+            raise ValueError(f"varlen_attention: {name} must be a non-negative int, got {longest!r}")
+    if rotary is not None:
+        rotary = packed_rotary_tables(rotary, query, key)
+        if _learned(rotary):
+            query, key, value = _rotated_packed(query, key, value, *rotary, rotary_interleaved)
+            rotary = None
+        else:
+            key, value = _keys_per_table_head(query, key, value, rotary[0])
+    limits = _kernel_limits(query, key, value, None, None, 0.0, rotary, packed=True)
+    operands = autocast_inputs(query.device.type, query, key, value)
+    head_dim = query.shape[-1]
+    chosen = dispatch.choose(backend, query.device, operands[0].dtype, DTYPES, limits, op="varlen_attention",
+                             shape_class=attention_shape_class((max_seqlen_q, head_dim), (max_seqlen_k, head_dim)))
+    query, key, value = operands
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if chosen == "torch":
+        bounds = packed_sequence_bounds(cu_seqlens_q, cu_seqlens_k, query.shape[0], key.shape[0], max_seqlen_q,
+                                        max_seqlen_k)
+        if rotary is not None:
+            query, key, value = _rotated_packed(query, key, value, *rotary, rotary_interleaved)
+        return _packed_sdpa(query, key, value, *bounds, is_causal, scale)
+    cos, sin = rotary or (None, None)
+    out, _ = backend_op("varlen_attention", chosen)(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                     max_seqlen_k, is_causal, scale, cos, sin, rotary_interleaved)
+    return out

@@ -13,10 +13,12 @@ The walk (this file) is written once; what is replaced is data, one file per mec
   is replaced by one that attends the windows as batch entries of ``vkernels.attention``, with the
   shift mask per window and the learned relative-position bias per head (and its gradient).
 - ``attention``: timm modules with a ``fused_attn`` path (ViT, DeiT, BEiT, EVA, DINOv2, ...): their
-  own forward runs with ``F.scaled_dot_product_attention`` routed to ``vkernels.attention``.
+  own forward runs with ``F.scaled_dot_product_attention`` routed to ``vkernels.attention``; the
+  rotary ones (EVA-02, DINOv3, naflexvit with RoPE) have their rotation done in the kernel.
 - ``transformers``: Hugging Face models switch to the ``"vkernels"`` attention implementation
   registered in transformers' ``AttentionInterface`` (``attn_implementation="vkernels"`` works
-  too, after ``vkernels.patch.transformers.register_attention()``).
+  too, after ``vkernels.patch.transformers.register_attention()``); Qwen2-VL's and Qwen2.5-VL's
+  vision attention runs one ``vkernels.varlen_attention`` per block, the 2-D RoPE in the kernel.
 - ``resnet``: torchvision ``BasicBlock`` / ``Bottleneck`` whose BatchNorms are in eval mode ->
   :class:`ResNetBlock`: conv -> BN -> ReLU is one ``conv2d_relu`` with the BN folded into the
   weights, and the last conv -> BN -> add -> ReLU uses the kernel's residual epilogue. The ResNet stem
@@ -47,6 +49,7 @@ MODULE_RULES = (
     swin.window_attention_rule,
     attention.route_timm_attention,
     transformers.transformers_attention_rule,
+    transformers.packed_vision_attention_rule,
     resnet.replace_resnet_block,
 )
 # rule(module, path_prefix, backend, report): rewires a module's children in place before the walk

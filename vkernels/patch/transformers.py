@@ -8,13 +8,19 @@
 The function mirrors transformers' sdpa one: what the kernels lack (dropout in training, grouped
 query heads, softcapping) runs transformers' own sdpa function; a T5-style ``position_bias`` is the
 kernels' ``attn_bias``, with its gradient.
+
+Qwen2-VL's and Qwen2.5-VL's vision attention reach the registry with q and k already rotated, and,
+unless the implementation's name says "flash", one call per image. Their forward is therefore
+replaced on the instance (exact classes only): the fused qkv projection's q, k, v go to one
+``varlen_attention`` call over the blocks' ``cu_seqlens`` (images; Qwen2.5-VL's windowed blocks pass
+the windows' boundaries), with the 2-D RoPE tables rotating q and k in the kernels.
 """
 from __future__ import annotations
 
 import torch
 
-from vkernels.ops.attention import attention
-from vkernels.patch.common import loaded_class
+from vkernels.ops.attention import attention, varlen_attention
+from vkernels.patch.common import loaded_class, wrap_forward, wrapped_forward
 from vkernels.patch.report import Left
 
 IMPLEMENTATIONS = {"vkernels": None, "vkernels_triton": "triton", "vkernels_cuda": "cuda", "vkernels_torch": "torch"}
@@ -69,3 +75,32 @@ def transformers_attention_rule(module, backend):
     register_attention()
     module.set_attn_implementation(name)
     return module, f"transformers {type(module).__name__}: attn_implementation {current!r} -> {name!r} (AttentionInterface)"
+
+
+# vision attention modules whose forward is qkv -> rotate q, k (position_embeddings) -> attend within
+# each cu_seqlens sequence -> proj
+PACKED_VISION_ATTENTION = (("transformers.models.qwen2_vl.modeling_qwen2_vl", "VisionAttention"),
+                           ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLVisionAttention"))
+
+
+def packed_vision_attention_forward(module, backend, hidden_states, cu_seqlens, position_embeddings=None,
+                                    max_seqlen=None, **kwargs):
+    """Qwen2-VL / Qwen2.5-VL vision attention as one varlen_attention call: hidden_states (tokens, C),
+    each cu_seqlens sequence attended alone, q and k rotated by position_embeddings in the kernels."""
+    if module.training and module.attention_dropout > 0:  # the kernels have no dropout
+        return type(module).forward(module, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+    tokens = hidden_states.shape[0]
+    query, key, value = module.qkv(hidden_states).view(tokens, 3, module.num_heads, -1).unbind(1)
+    out = varlen_attention(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=module.scaling,
+                           rotary=position_embeddings, backend=backend)
+    return module.proj(out.view(tokens, -1))
+
+
+def packed_vision_attention_rule(module, backend):
+    if not any(type(module) is loaded_class(*where) for where in PACKED_VISION_ATTENTION):
+        return None
+    if wrapped_forward(module) is not None:
+        return None  # patched before
+    wrap_forward(module, packed_vision_attention_forward, backend)
+    return module, (f"transformers {type(module).__name__}: one vkernels.varlen_attention over cu_seqlens, "
+                    "2-D RoPE in the kernel")

@@ -1,32 +1,52 @@
 """Flash attention in Triton: a forward with online softmax and a deterministic backward, with the
-gradient of a learned additive bias.
+gradient of a learned additive bias, packed variable-length batches, grouped key/value heads and
+rotary embeddings applied inside the kernels.
 
-Shapes: query (B0, B1, B2, Lq, D), key (B0, B1, B2, Lk, D), value (B0, B1, B2, Lk, Dv) (4-D inputs
-are taken as B0 = 1), read through any strides: three batch levels so that windows of an image batch
-(Swin: B0 images, B1 windows, B2 heads) index a per-window mask and a per-head bias without copies.
-``mask`` is None or broadcastable to (B0, B1, B2, Lq, Lk), bool (True = attend) or additive float;
-``bias`` is None or an additive float broadcastable the same way, added with the mask in the same
-pass; both are read through stride-0 views where they broadcast. ``is_causal`` is top-left aligned
-as in torch SDPA: query i attends key j iff j <= i, whatever Lq and Lk are.
+Shapes: query (B0, B1, B2, Lq, D), key (B0, B1, B2 / G, Lk, D), value (B0, B1, B2 / G, Lk, Dv) (4-D
+inputs are taken as B0 = 1), read through any strides: three batch levels so that windows of an image
+batch (Swin: B0 images, B1 windows, B2 heads) index a per-window mask and a per-head bias without
+copies. G = kv_group query heads share a key/value head (head h reads key head h // G). ``mask`` is
+None or broadcastable to (B0, B1, B2, Lq, Lk), bool (True = attend) or additive float; ``bias`` is
+None or an additive float broadcastable the same way, added with the mask in the same pass; both are
+read through stride-0 views where they broadcast. ``is_causal`` is top-left aligned as in torch SDPA:
+query i attends key j iff j <= i, whatever Lq and Lk are.
+
+Packed batches (varlen): query (total_q, Hq, D), key and value (total_k, Hkv, ·) hold B sequences
+back to back, sequence b in rows cu_seqlens[b] to cu_seqlens[b + 1] (int32); the kernels see them as
+B1 = B entries of stride 0 whose programs find their rows and lengths in cu_seqlens, so one launch
+serves every sequence and a program past its sequence's end returns at once: the work is
+sum(n_b^2), not B * max(n_b)^2. No attention crosses a sequence boundary; causality is per sequence.
+
+Rotary embeddings: q and k are rotated as they are loaded, in fp32, by tables cos and sin of
+ROTARY_DIM columns (<= D, even; columns past it pass unrotated) indexed by the same row (token) as
+q or k: x * cos + rotate(x) * sin, where rotate(x) is (-x2, x1) for the halves x1, x2 of the rotary
+columns (``rotate_half``, GPT-NeoX / Hugging Face / timm) or (-x1, x0, -x3, x2, ...) for interleaved
+pairs (GPT-J / Meta); the rotated values are rounded to the input dtype before the matmuls, as the
+models round them. The backward rotates dq and dk back (the rotation's transpose) before it writes
+them. The kernels keep their own head-dim order (_rotary_columns) in which each rotary pair is two
+neighbouring columns, so both layouts rotate in registers; q and k are permuted alike, which leaves
+q . k as it is. Tables broadcast like masks (one per token, or per head, or per batch entry).
 
 lse convention: ``lse[b, i]`` is the natural-log log-sum-exp over keys of the scaled, masked logits
 ``scale * q_i . k_j + mask_ij + bias_ij`` (torch's ``logsumexp``), in float32. A row whose every key
 is masked gets out = 0 and lse = +inf, so that exp(s - lse) = 0 and the backward gives it zero
 gradients. Internally the kernels work in base 2 (scores carry a factor log2(e), softmax uses exp2).
 The output is laid out (B0, B1, Lq, B2, Dv) in memory, as FlashAttention's: a (B, H, L, D) result
-transposed to (B, L, H * D), as every ViT does next, is a view.
+transposed to (B, L, H * D), as every ViT does next, is a view. Packed: out (total_q, Hq, Dv) and
+lse (Hq, total_q), both contiguous.
 
 Tiling follows FlashAttention-2: a forward program owns BLOCK_M query rows and streams key blocks;
-the backward computes delta = rowsum(dO * O), then one kernel owns a key block and loops over query
-blocks for dK, dV, and another owns a query block and loops over key blocks for dQ. The bias
-gradient dS = P * (dP - delta) is summed over the batch entries, rows and columns the bias broadcasts
-over by a fourth kernel: a program owns one tile of the bias for a fixed chunk of those entries and
-recomputes S and dP for each (two of the backward's seven matmuls again), summing in entry order;
-the chunks' partial sums are then added in chunk order (_bias_grad_chunks). Every output element is
-written by one program in a fixed order: no atomics, bitwise deterministic. Sequences rarely fill
-their last block (ViT lengths: 50, 197, 257, 577): the loops cross it in quarter-block steps and
-the program owning it takes a quarter-size tile when the rest fits one (_tiled_config). Those
-small tiles run on mma.sync (wgmma needs 64 rows), and each kernel compiles both tile sizes.
+the backward computes delta = rowsum(dO * O), then one kernel owns a key block of one key/value head
+and loops over the G query heads sharing it (in head order) and their query blocks for dK, dV, and
+another owns a query block and loops over key blocks for dQ. The bias gradient dS = P * (dP - delta)
+is summed over the batch entries, rows and columns the bias broadcasts over by a fourth kernel: a
+program owns one tile of the bias for a fixed chunk of those entries and recomputes S and dP for
+each (two of the backward's seven matmuls again), summing in entry order; the chunks' partial sums
+are then added in chunk order (_bias_grad_chunks). Every output element is written by one program in
+a fixed order: no atomics, bitwise deterministic. Sequences rarely fill their last block (ViT
+lengths: 50, 197, 257, 577): the loops cross it in quarter-block steps and the program owning it
+takes a quarter-size tile when the rest fits one (_tiled_config). Those small tiles run on mma.sync
+(wgmma needs 64 rows), and each kernel compiles both tile sizes.
 
 Head dims are split into at most two power-of-two chunks (80 = 64 + 16, 40 = 32 + 16) that are
 loaded and multiplied separately, so 80 costs 80 (not 128) columns of matmul work.
@@ -67,7 +87,8 @@ def _config_class(args) -> str:
         return "fp32" if name == "d64" else f"fp32-{name}"
     # a full (query x key) mask or bias tile costs registers: smaller key tiles ("-masks": both, as Swin's)
     full_tiles = sum(args[f"{kind}_KIND"] != NO_MASK.value and not args[f"{kind}_PER_KEY"] for kind in ("MASK", "BIAS"))
-    return name + ("", "-mask", "-masks")[full_tiles]
+    # so do the rotary tables' fp32 tiles of every q or k tile loaded
+    return name + ("", "-mask", "-masks")[full_tiles] + ("-rope" if args["ROTARY_DIM"] else "")
 
 
 def _tiled_config(block_m: int, block_n: int, **options) -> triton.Config:
@@ -89,13 +110,21 @@ def _autotuned(interpreted: tuple[int, int], table: dict[str, list[tuple[int, in
     }
 
     def configs_for_class(configs, args):
+        # a class without its own row falls back to fewer masks ("-masks", "-mask", none), then drops
+        # "-rope" (the rotary tiles cost more registers than a mask tile: keep their smaller tiles)
         name = _config_class(args)
-        return by_class.get(name) or by_class.get(name.removesuffix("s")) or by_class[name.split("-mask")[0]]
+        masked = name.removesuffix("-rope")
+        fewer_masks = dict.fromkeys((masked, masked.removesuffix("s"), masked.split("-mask")[0]))
+        for rope in dict.fromkeys((name[len(masked):], "")):
+            for candidate in fewer_masks:
+                if candidate + rope in by_class:
+                    return by_class[candidate + rope]
+        raise AssertionError(f"no autotune configs for class {name}")
 
     return autotune(
         [config for rows in by_class.values() for config in rows],
         key=["seq_q", "seq_k", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "MASK_PER_KEY", "BIAS_KIND", "BIAS_PER_KEY",
-             "IS_CAUSAL", *extra_key],
+             "ROTARY_DIM", "IS_CAUSAL", *extra_key],
         sizes=("seq_q", "seq_k"),
         prune=configs_for_class,
     )
@@ -107,6 +136,8 @@ _FORWARD_CONFIGS = {
     "d64-masks": [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
     "d128": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3)],
     "d128-mask": [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2)],
+    # rotary at D128: 128-key tiles spill and overflow shared memory (bench/compile_check.py, sm_90 bf16)
+    "d128-rope": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)],
     "d256": [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
     "d256-mask": [(64, 32, 8, 2), (32, 32, 4, 2)],
     "fp32": [(32, 32, 4, 2), (32, 64, 8, 2), (32, 16, 4, 2), (32, 32, 8, 2)],
@@ -116,7 +147,12 @@ _FORWARD_CONFIGS = {
 }
 _BACKWARD_KEY_CONFIGS = {  # owns BLOCK_N keys, steps over BLOCK_M queries
     "d64": [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)],
+    # rotary: every config tried spills (the fp32 rotary tiles of each query block on top of the dK, dV
+    # accumulators; bench/compile_check.py, sm_90 bf16, bytes per thread): these spill least, 32 / 60 /
+    # 140 at D64 and, below, 520 / 1080 / 1564 at D80 and 328 / 548 / 116 at D128; 4 warps spill more
+    "d64-rope": [(32, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
     "d128": [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2)],
+    "d128-rope": [(16, 64, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
     "d256": [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
     "d256-mask": [(32, 32, 8, 2), (16, 32, 4, 2)],
     "fp32": [(32, 32, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)],
@@ -128,6 +164,8 @@ _BACKWARD_QUERY_CONFIGS = {  # owns BLOCK_M queries, steps over BLOCK_N keys
     "d64-masks": [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
     "d128": [(128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
     "d128-mask": [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 2)],
+    # rotary: spills (bytes per thread) 0 / 360 / 192 at D128, 32 / 0 / 0 at D80 (compile_check, sm_90 bf16)
+    "d128-rope": [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
     "d256": [(32, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
     "d256-mask": [(32, 32, 4, 2), (128, 32, 8, 2)],
     "fp32": [(32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
@@ -143,7 +181,6 @@ _BIAS_GRAD_CONFIGS = {  # owns a BLOCK_M x BLOCK_N bias tile, recomputes S and d
     "fp32-d128": [(32, 16, 8, 2), (16, 16, 4, 2)],
     "fp32-d256": [(16, 16, 4, 2), (32, 16, 8, 2)],
 }
-
 # ---------------------------------------------------------------------------------------------
 # Tile helpers
 
@@ -181,11 +218,15 @@ def _load_chunks(base, rows, stride_row, stride_col, num_rows,
 
 @triton.jit
 def _store_chunks(base, rows, stride_row, stride_col, num_rows, tile0, tile1,
-                  DIM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
-    """Writes the head-dim chunks tile0 (columns [0, C0)) and, when C1 > 0, tile1 ([C0, C0 + C1))."""
-    _store_tile(base, rows, tl.arange(0, C0), stride_row, stride_col, num_rows, DIM, tile0, C0 > DIM)
+                  DIM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+                  ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Writes the head-dim chunks tile0 (columns [0, C0)) and, when C1 > 0, tile1 ([C0, C0 + C1)), in
+    the kernels' column order for rotary q and k (ROTARY_DIM 0: memory order)."""
+    cols0 = _rotary_columns(tl.arange(0, C0), ROTARY_DIM, INTERLEAVED)
+    _store_tile(base, rows, cols0, stride_row, stride_col, num_rows, DIM, tile0, C0 > DIM)
     if C1 > 0:
-        _store_tile(base, rows, C0 + tl.arange(0, C1), stride_row, stride_col, num_rows, DIM, tile1, C0 + C1 > DIM)
+        cols1 = _rotary_columns(C0 + tl.arange(0, C1), ROTARY_DIM, INTERLEAVED)
+        _store_tile(base, rows, cols1, stride_row, stride_col, num_rows, DIM, tile1, C0 + C1 > DIM)
 
 
 @triton.jit
@@ -196,6 +237,102 @@ def _zero_chunks(ROWS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
     if C1 > 0:
         zeros1 = tl.zeros([ROWS, C1], tl.float32)
     return zeros0, zeros1
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings: q and k in the kernels' column order, where rotary pairs are neighbours
+
+
+@triton.jit
+def _rotary_columns(cols, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The memory columns of q and k behind the kernels' columns `cols`. Kernel columns 2i and 2i + 1
+    are a rotary pair: memory columns 2i and 2i + 1 (interleaved layout), or i and i + ROTARY_DIM / 2
+    (rotate-half layout); columns past ROTARY_DIM stay where they are."""
+    if ROTARY_DIM == 0 or INTERLEAVED:
+        return cols
+    return tl.where(cols < ROTARY_DIM, cols // 2 + (cols % 2) * (ROTARY_DIM // 2), cols)
+
+
+@triton.jit
+def _pairs(tile):
+    """(first, second) members of the rotary pairs of a tile: its even and odd kernel columns."""
+    return tl.split(tl.reshape(tile, (tile.shape[0], tile.shape[1] // 2, 2)))
+
+
+@triton.jit
+def _joined(first, second):
+    """The tile whose even and odd columns are `first` and `second` (the inverse of _pairs)."""
+    pairs = tl.join(first, second)
+    return tl.reshape(pairs, (pairs.shape[0], pairs.shape[1] * 2))
+
+
+@triton.jit
+def _rotary_tables(Cos, Sin, rows, cols, stride_rot_m, stride_rot_d, num_rows,
+                   ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """cos and sin at rows x kernel columns in fp32, each as (first, second) pair members; 1 and 0 past
+    ROTARY_DIM and num_rows, where the rotation keeps a column as it is."""
+    offsets = rows[:, None] * stride_rot_m + _rotary_columns(cols, ROTARY_DIM, INTERLEAVED)[None, :] * stride_rot_d
+    in_table = (rows[:, None] < num_rows) & (cols[None, :] < ROTARY_DIM)
+    cos_first, cos_second = _pairs(tl.load(Cos + offsets, mask=in_table, other=1.0).to(tl.float32))
+    sin_first, sin_second = _pairs(tl.load(Sin + offsets, mask=in_table, other=0.0).to(tl.float32))
+    return cos_first, cos_second, sin_first, sin_second
+
+
+@triton.jit
+def _load_rotated_tile(base, Cos, Sin, rows, cols, stride_row, stride_col, stride_rot_m, stride_rot_d, num_rows,
+                       num_cols, CHECK_COLS: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """A rows x cols tile of q or k (kernel columns), rotated by the table rows `rows` in fp32 and
+    rounded back to its dtype: (x0 cos0 - x1 sin0, x1 cos1 + x0 sin1) for each pair (x0, x1)."""
+    tile = _load_tile(base, rows, _rotary_columns(cols, ROTARY_DIM, INTERLEAVED), stride_row, stride_col, num_rows,
+                      num_cols, CHECK_COLS)
+    if ROTARY_DIM > 0:
+        cos0, cos1, sin0, sin1 = _rotary_tables(Cos, Sin, rows, cols, stride_rot_m, stride_rot_d, num_rows,
+                                                ROTARY_DIM, INTERLEAVED)
+        x0, x1 = _pairs(tile.to(tl.float32))
+        tile = _joined(x0 * cos0 - x1 * sin0, x1 * cos1 + x0 * sin1).to(tile.dtype)
+    return tile
+
+
+@triton.jit
+def _load_rotated_chunks(base, Cos, Sin, rows, stride_row, stride_col, stride_rot_m, stride_rot_d, num_rows,
+                         DIM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+                         ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """_load_chunks for q or k: the chunks rotated (ROTARY_DIM 0: as they are)."""
+    chunk0 = _load_rotated_tile(base, Cos, Sin, rows, tl.arange(0, C0), stride_row, stride_col, stride_rot_m,
+                                stride_rot_d, num_rows, DIM, C0 > DIM, ROTARY_DIM, INTERLEAVED)
+    chunk1 = chunk0
+    if C1 > 0:
+        chunk1 = _load_rotated_tile(base, Cos, Sin, rows, C0 + tl.arange(0, C1), stride_row, stride_col, stride_rot_m,
+                                    stride_rot_d, num_rows, DIM, C0 + C1 > DIM, ROTARY_DIM, INTERLEAVED)
+    return chunk0, chunk1
+
+
+@triton.jit
+def _unrotated_tile(grad, Cos, Sin, rows, cols, stride_rot_m, stride_rot_d, num_rows,
+                    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The gradient (fp32) of unrotated q or k from that of the rotated one, by the rotation's
+    transpose: (g0 cos0 + g1 sin1, g1 cos1 - g0 sin0) for each pair (g0, g1)."""
+    cos0, cos1, sin0, sin1 = _rotary_tables(Cos, Sin, rows, cols, stride_rot_m, stride_rot_d, num_rows,
+                                            ROTARY_DIM, INTERLEAVED)
+    grad0, grad1 = _pairs(grad)
+    return _joined(grad0 * cos0 + grad1 * sin1, grad1 * cos1 - grad0 * sin0)
+
+
+@triton.jit
+def _unrotated_chunks(grad0, grad1, Cos, Sin, rows, stride_rot_m, stride_rot_d, num_rows,
+                      C0: tl.constexpr, C1: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """_unrotated_tile of both head-dim chunks (ROTARY_DIM 0: as they are)."""
+    if ROTARY_DIM > 0:
+        grad0 = _unrotated_tile(grad0, Cos, Sin, rows, tl.arange(0, C0), stride_rot_m, stride_rot_d, num_rows,
+                                ROTARY_DIM, INTERLEAVED)
+        if C1 > 0:
+            grad1 = _unrotated_tile(grad1, Cos, Sin, rows, C0 + tl.arange(0, C1), stride_rot_m, stride_rot_d,
+                                    num_rows, ROTARY_DIM, INTERLEAVED)
+    return grad0, grad1
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks, block ranges and programs
 
 
 @triton.jit
@@ -312,6 +449,17 @@ def _at_batch(base, i0, i1, i2, stride0, stride1, stride2):
 
 
 @triton.jit
+def _sequence(CuSeqlens, index, length, VARLEN: tl.constexpr):
+    """(first row, length) of batch entry `index`'s rows: with VARLEN sequence `index` of a packed
+    batch, rows cu_seqlens[index] to cu_seqlens[index + 1]; else rows 0 to `length` of its own entry."""
+    first = 0
+    if VARLEN:
+        first = tl.load(CuSeqlens + index).to(tl.int64)
+        length = (tl.load(CuSeqlens + index + 1) - first).to(tl.int32)
+    return first, length
+
+
+@triton.jit
 def _row_statistics(Lse, Delta, offs_m, seq_q):
     """lse (base 2) and delta of query rows offs_m. Rows past seq_q get lse = +inf, so that their
     probabilities are 0 without a length mask."""
@@ -334,21 +482,22 @@ def _softmax_backward(scores, grad_p, lse, delta):
 
 @triton.jit
 def _forward_key_block(
-    acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, Bias, offs_m, start_n,
+    acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, Bias, CosK, SinK, offs_m, start_n,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-    seq_q, seq_k, qk_scale,
+    stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The online-softmax update of (acc0, acc1, m_i, l_i) with keys [start_n, start_n + BLOCK_N);
     MASKED applies the key-length and causal masks."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k0 = _load_tile(K, offs_n, tl.arange(0, D0), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
+    k0, k1 = _load_rotated_chunks(K, CosK, SinK, offs_n, stride_kn, stride_kd, stride_rot_m, stride_rot_d, seq_k,
+                                  HEAD_DIM, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
     s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
     if D1 > 0:
-        k1 = _load_tile(K, offs_n, D0 + tl.arange(0, D1), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 + D1 > HEAD_DIM)
         s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
     s = _apply_masks(s * qk_scale, Mask, Bias, offs_m, offs_n, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
                      seq_q, seq_k, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, False)
@@ -375,18 +524,19 @@ def _forward_key_block(
 
 @triton.jit
 def _forward_query_rows(
-    Q, K, V, Mask, Bias, Out, Lse, start_m,
+    Q, K, V, Mask, Bias, CosQ, SinQ, CosK, SinK, Out, Lse, start_m,
     stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    stride_bias_m, stride_bias_n, stride_om, stride_od, seq_q, seq_k, qk_scale,
+    stride_bias_m, stride_bias_n, stride_rot_m, stride_rot_d, stride_om, stride_od, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
 ):
     """Out and lse of query rows [start_m, start_m + ROWS) of one batch entry."""
     offs_m = start_m + tl.arange(0, ROWS)
-    q0, q1 = _load_chunks(Q, offs_m, stride_qm, stride_qd, seq_q, HEAD_DIM, D0, D1)
+    q0, q1 = _load_rotated_chunks(Q, CosQ, SinQ, offs_m, stride_qm, stride_qd, stride_rot_m, stride_rot_d, seq_q,
+                                  HEAD_DIM, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
 
     # Running row max (base-2 scores), row sum of exp2(score - max), unnormalised output.
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -396,19 +546,21 @@ def _forward_query_rows(
     lo, hi = _key_blocks(False, start_m, seq_k, IS_CAUSAL, ROWS, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         acc0, acc1, m_i, l_i = _forward_key_block(
-            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, Bias, offs_m, start_n,
+            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, Bias, CosK, SinK, offs_m, start_n,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, False, BLOCK_N)
+            stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL, DOT_PRECISION,
+            False, BLOCK_N)
     # the causal diagonal in whole blocks; without it only the partial last block is left: tail steps
     MASKED_STEP: tl.constexpr = BLOCK_N if IS_CAUSAL else TAIL_N
     lo, hi = _key_blocks(True, start_m, seq_k, IS_CAUSAL, ROWS, BLOCK_N)
     for start_n in range(lo, hi, MASKED_STEP):
         acc0, acc1, m_i, l_i = _forward_key_block(
-            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, Bias, offs_m, start_n,
+            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, Bias, CosK, SinK, offs_m, start_n,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, True, MASKED_STEP)
+            stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL, DOT_PRECISION,
+            True, MASKED_STEP)
 
     attended = l_i > 0.0  # False only for rows whose every key is masked
     l_safe = tl.where(attended, l_i, 1.0)
@@ -416,50 +568,61 @@ def _forward_query_rows(
     lse = tl.where(attended, (m_i + tl.log2(l_safe)) / LOG2E, float("inf"))
     tl.store(Lse + offs_m, lse, mask=offs_m < seq_q)
     _store_chunks(Out, offs_m, stride_om, stride_od, seq_q, acc0 * inv_l[:, None], acc1 * inv_l[:, None],
-                  HEAD_DIM_V, DV0, DV1)
+                  HEAD_DIM_V, DV0, DV1, 0, False)
 
 
 @_autotuned((32, 32), _FORWARD_CONFIGS)
 @triton.jit
 def _attention_forward_kernel(
-    Q, K, V, Mask, Bias, Out, Lse,
+    Q, K, V, Mask, Bias, Cos, Sin, Out, Lse,
     stride_q0, stride_q1, stride_q2, stride_qm, stride_qd,
     stride_k0, stride_k1, stride_k2, stride_kn, stride_kd,
     stride_v0, stride_v1, stride_v2, stride_vn, stride_vd,
     stride_m0, stride_m1, stride_m2, stride_mm, stride_mn,
     stride_bias0, stride_bias1, stride_bias2, stride_bias_m, stride_bias_n,
+    stride_rot0, stride_rot1, stride_rot2, stride_rot_m, stride_rot_d,
     stride_o0, stride_o1, stride_o2, stride_om, stride_od,
-    batch1, batch2, seq_q, seq_k, qk_scale,
+    stride_lse0, stride_lse1, stride_lse2, CuSeqlensQ, CuSeqlensK,
+    batch1, batch2, kv_group, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, VARLEN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
+    """Out and lse of one block of BLOCK_M query rows (TAIL_M for a last block that fits one) of one
+    batch entry; with VARLEN, of one sequence (seq_q and seq_k are then the longest ones), a block
+    past the sequence's end doing nothing."""
     bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
     i0, i1, i2 = _batch_index(bh, batch1, batch2)
-    Q = _at_batch(Q, i0, i1, i2, stride_q0, stride_q1, stride_q2)
-    K = _at_batch(K, i0, i1, i2, stride_k0, stride_k1, stride_k2)
-    V = _at_batch(V, i0, i1, i2, stride_v0, stride_v1, stride_v2)
-    Mask = _at_batch(Mask, i0, i1, i2, stride_m0, stride_m1, stride_m2)
-    Bias = _at_batch(Bias, i0, i1, i2, stride_bias0, stride_bias1, stride_bias2)
-    Out = _at_batch(Out, i0, i1, i2, stride_o0, stride_o1, stride_o2)
-    Lse += bh.to(tl.int64) * seq_q
+    q_first, seq_q = _sequence(CuSeqlensQ, i1, seq_q, VARLEN)
+    k_first, seq_k = _sequence(CuSeqlensK, i1, seq_k, VARLEN)
     start_m = m_block * BLOCK_M
-    if seq_q - start_m <= TAIL_M:  # the last block, and its rows fit a tail-sized tile
-        _forward_query_rows(
-            Q, K, V, Mask, Bias, Out, Lse, start_m,
-            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            stride_bias_m, stride_bias_n, stride_om, stride_od, seq_q, seq_k, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY,
-            IS_CAUSAL, DOT_PRECISION, TAIL_M, BLOCK_N, TAIL_N)
-    else:
-        _forward_query_rows(
-            Q, K, V, Mask, Bias, Out, Lse, start_m,
-            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            stride_bias_m, stride_bias_n, stride_om, stride_od, seq_q, seq_k, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY,
-            IS_CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, TAIL_N)
+    if start_m < seq_q:
+        Q = _at_batch(Q, i0, i1, i2, stride_q0, stride_q1, stride_q2) + q_first * stride_qm
+        K = _at_batch(K, i0, i1, i2 // kv_group, stride_k0, stride_k1, stride_k2) + k_first * stride_kn
+        V = _at_batch(V, i0, i1, i2 // kv_group, stride_v0, stride_v1, stride_v2) + k_first * stride_vn
+        Mask = _at_batch(Mask, i0, i1, i2, stride_m0, stride_m1, stride_m2)
+        Bias = _at_batch(Bias, i0, i1, i2, stride_bias0, stride_bias1, stride_bias2)
+        rot_q = _at_batch(q_first * stride_rot_m, i0, i1, i2, stride_rot0, stride_rot1, stride_rot2)
+        rot_k = rot_q + (k_first - q_first) * stride_rot_m
+        Out = _at_batch(Out, i0, i1, i2, stride_o0, stride_o1, stride_o2) + q_first * stride_om
+        Lse = _at_batch(Lse, i0, i1, i2, stride_lse0, stride_lse1, stride_lse2) + q_first
+        if seq_q - start_m <= TAIL_M:  # the last block, and its rows fit a tail-sized tile
+            _forward_query_rows(
+                Q, K, V, Mask, Bias, Cos + rot_q, Sin + rot_q, Cos + rot_k, Sin + rot_k, Out, Lse, start_m,
+                stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                stride_bias_m, stride_bias_n, stride_rot_m, stride_rot_d, stride_om, stride_od, seq_q, seq_k, qk_scale,
+                HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY,
+                ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL, DOT_PRECISION, TAIL_M, BLOCK_N, TAIL_N)
+        else:
+            _forward_query_rows(
+                Q, K, V, Mask, Bias, Cos + rot_q, Sin + rot_q, Cos + rot_k, Sin + rot_k, Out, Lse, start_m,
+                stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                stride_bias_m, stride_bias_n, stride_rot_m, stride_rot_d, stride_om, stride_od, seq_q, seq_k, qk_scale,
+                HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY,
+                ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, TAIL_N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,29 +652,28 @@ def _attention_backward_delta_kernel(
 
 @triton.jit
 def _key_grads_query_block(
-    grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, offs_n, start_m,
+    grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, CosQ, SinQ, offs_n, start_m,
     stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-    seq_q, seq_k, qk_scale,
+    stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """dK and dV of the key block offs_n, accumulated over queries [start_m, start_m + BLOCK_M);
-    MASKED applies the causal mask. Rows past seq_q need no mask: their lse is +inf."""
+    """dK (of the rotated keys) and dV of the key block offs_n, accumulated over queries
+    [start_m, start_m + BLOCK_M); MASKED applies the causal mask. Rows past seq_q need no mask: their
+    lse is +inf."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     lse, delta = _row_statistics(Lse, Delta, offs_m, seq_q)
-    q0 = _load_tile(Q, offs_m, tl.arange(0, D0), stride_qm, stride_qd, seq_q, HEAD_DIM, D0 > HEAD_DIM)
-    grad_out0 = _load_tile(GradOut, offs_m, tl.arange(0, DV0), stride_gm, stride_gd, seq_q, HEAD_DIM_V,
-                           DV0 > HEAD_DIM_V)
+    q0, q1 = _load_rotated_chunks(Q, CosQ, SinQ, offs_m, stride_qm, stride_qd, stride_rot_m, stride_rot_d, seq_q,
+                                  HEAD_DIM, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
+    grad_out0, grad_out1 = _load_chunks(GradOut, offs_m, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0, DV1)
     s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
     grad_p_t = tl.dot(v0, tl.trans(grad_out0), input_precision=DOT_PRECISION)
     if D1 > 0:
-        q1 = _load_tile(Q, offs_m, D0 + tl.arange(0, D1), stride_qm, stride_qd, seq_q, HEAD_DIM, D0 + D1 > HEAD_DIM)
         s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PRECISION)
     if DV1 > 0:
-        grad_out1 = _load_tile(GradOut, offs_m, DV0 + tl.arange(0, DV1), stride_gm, stride_gd, seq_q,
-                               HEAD_DIM_V, DV0 + DV1 > HEAD_DIM_V)
         grad_p_t = tl.dot(v1, tl.trans(grad_out1), grad_p_t, input_precision=DOT_PRECISION)
     s_t = _apply_masks(s_t * qk_scale, Mask, Bias, offs_m, offs_n, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
                        seq_q, seq_k, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, True)
@@ -529,124 +691,175 @@ def _key_grads_query_block(
 
 
 @triton.jit
-def _key_grad_columns(
-    Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradK, GradV, start_n,
-    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    stride_bias_m, stride_bias_n, stride_gm, stride_gd, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
-    seq_q, seq_k, qk_scale, sm_scale,
+def _key_grads_one_head(
+    grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, CosQ, SinQ, offs_n,
+    start_n, stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
+    stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     COLS: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
 ):
-    """dK and dV of keys [start_n, start_n + COLS) of one batch entry."""
-    offs_n = start_n + tl.arange(0, COLS)
-    k0, k1 = _load_chunks(K, offs_n, stride_kn, stride_kd, seq_k, HEAD_DIM, D0, D1)
-    v0, v1 = _load_chunks(V, offs_n, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0, DV1)
-    grad_k0, grad_k1 = _zero_chunks(COLS, D0, D1)
-    grad_v0, grad_v1 = _zero_chunks(COLS, DV0, DV1)
-
-    # whole query blocks, the partial last block in tail steps, then the blocks on the causal diagonal
+    """dK and dV of keys offs_n accumulated over every query block of one query head: whole blocks, the
+    partial last block in tail steps, then the blocks on the causal diagonal."""
     lo, hi = _query_blocks(False, start_n, seq_q, IS_CAUSAL, BLOCK_M, COLS)
     whole_end = lo + (hi - lo) // BLOCK_M * BLOCK_M
     for start_m in range(lo, whole_end, BLOCK_M):
         grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
-            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, offs_n, start_m,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, DOT_PRECISION, False, BLOCK_M)
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, CosQ, SinQ,
+            offs_n, start_m, stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m,
+            stride_bias_n, stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, DOT_PRECISION, False,
+            BLOCK_M)
     for start_m in range(whole_end, hi, TAIL_M):
         grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
-            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, offs_n, start_m,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, DOT_PRECISION, False, TAIL_M)
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, CosQ, SinQ,
+            offs_n, start_m, stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m,
+            stride_bias_n, stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, DOT_PRECISION, False,
+            TAIL_M)
     lo, hi = _query_blocks(True, start_n, seq_q, IS_CAUSAL, BLOCK_M, COLS)
     for start_m in range(lo, hi, BLOCK_M):
         grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_query_block(
-            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, offs_n, start_m,
-            stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, DOT_PRECISION, True, BLOCK_M)
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, CosQ, SinQ,
+            offs_n, start_m, stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m,
+            stride_bias_n, stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, DOT_PRECISION, True,
+            BLOCK_M)
+    return grad_k0, grad_k1, grad_v0, grad_v1
 
-    _store_chunks(GradV, offs_n, stride_dvn, stride_dvd, seq_k, grad_v0, grad_v1, HEAD_DIM_V, DV0, DV1)
+
+@triton.jit
+def _key_grad_columns(
+    Q, K, V, Mask, Bias, CosQ, SinQ, CosK, SinK, GradOut, Lse, Delta, GradK, GradV, start_n, kv_group,
+    stride_q2, stride_m2, stride_bias2, stride_rot2, stride_g2, stride_lse2,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    stride_bias_m, stride_bias_n, stride_rot_m, stride_rot_d, stride_gm, stride_gd, stride_dkn, stride_dkd,
+    stride_dvn, stride_dvd, seq_q, seq_k, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COLS: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
+):
+    """dK and dV of keys [start_n, start_n + COLS) of one key/value head, summed over the kv_group
+    query heads that share it, in head order (Q, GradOut, Lse, ... point at the first). The keys'
+    rotation is one for the group (per-head tables come with as many key heads as query heads), so
+    dK is rotated back once, after the sum."""
+    offs_n = start_n + tl.arange(0, COLS)
+    k0, k1 = _load_rotated_chunks(K, CosK, SinK, offs_n, stride_kn, stride_kd, stride_rot_m, stride_rot_d, seq_k,
+                                  HEAD_DIM, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
+    v0, v1 = _load_chunks(V, offs_n, stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0, DV1)
+    grad_k0, grad_k1 = _zero_chunks(COLS, D0, D1)
+    grad_v0, grad_v1 = _zero_chunks(COLS, DV0, DV1)
+    for _ in range(kv_group):
+        grad_k0, grad_k1, grad_v0, grad_v1 = _key_grads_one_head(
+            grad_k0, grad_k1, grad_v0, grad_v1, k0, k1, v0, v1, Q, GradOut, Lse, Delta, Mask, Bias, CosQ, SinQ,
+            offs_n, start_n, stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn, stride_bias_m,
+            stride_bias_n, stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0,
+            DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL,
+            DOT_PRECISION, COLS, BLOCK_M, TAIL_M)
+        Q += stride_q2
+        GradOut += stride_g2
+        Lse += stride_lse2
+        Delta += stride_lse2
+        Mask += stride_m2
+        Bias += stride_bias2
+        CosQ += stride_rot2
+        SinQ += stride_rot2
+
+    grad_k0, grad_k1 = _unrotated_chunks(grad_k0, grad_k1, CosK, SinK, offs_n, stride_rot_m, stride_rot_d, seq_k,
+                                         D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
+    _store_chunks(GradV, offs_n, stride_dvn, stride_dvd, seq_k, grad_v0, grad_v1, HEAD_DIM_V, DV0, DV1, 0, False)
     _store_chunks(GradK, offs_n, stride_dkn, stride_dkd, seq_k, grad_k0 * sm_scale, grad_k1 * sm_scale,
-                  HEAD_DIM, D0, D1)
+                  HEAD_DIM, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
 
 
 @_autotuned((32, 32), _BACKWARD_KEY_CONFIGS)
 @triton.jit
 def _attention_backward_key_kernel(
-    Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradK, GradV,
+    Q, K, V, Mask, Bias, Cos, Sin, GradOut, Lse, Delta, GradK, GradV,
     stride_q0, stride_q1, stride_q2, stride_qm, stride_qd,
     stride_k0, stride_k1, stride_k2, stride_kn, stride_kd,
     stride_v0, stride_v1, stride_v2, stride_vn, stride_vd,
     stride_m0, stride_m1, stride_m2, stride_mm, stride_mn,
     stride_bias0, stride_bias1, stride_bias2, stride_bias_m, stride_bias_n,
+    stride_rot0, stride_rot1, stride_rot2, stride_rot_m, stride_rot_d,
     stride_g0, stride_g1, stride_g2, stride_gm, stride_gd,
     stride_dk0, stride_dk1, stride_dk2, stride_dkn, stride_dkd,
     stride_dv0, stride_dv1, stride_dv2, stride_dvn, stride_dvd,
-    batch1, batch2, seq_q, seq_k, qk_scale, sm_scale,
+    stride_lse0, stride_lse1, stride_lse2, CuSeqlensQ, CuSeqlensK,
+    batch1, batch2, kv_group, seq_q, seq_k, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, VARLEN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """dK and dV for one block of BLOCK_N keys (TAIL_N for a last block that fits one), looping over
-    query blocks. Works on transposed (keys x queries) score tiles so that dV = P^T dO and
-    dK = dS^T Q need no transposes of P, dS."""
+    """dK and dV for one block of BLOCK_N keys (TAIL_N for a last block that fits one) of one key/value
+    head, looping over the query heads that share it and their query blocks. Works on transposed (keys
+    x queries) score tiles so that dV = P^T dO and dK = dS^T Q need no transposes of P, dS."""
     bh, n_block = _program_block(tl.cdiv(seq_k, BLOCK_N), False)
-    i0, i1, i2 = _batch_index(bh, batch1, batch2)
-    Q = _at_batch(Q, i0, i1, i2, stride_q0, stride_q1, stride_q2)
-    K = _at_batch(K, i0, i1, i2, stride_k0, stride_k1, stride_k2)
-    V = _at_batch(V, i0, i1, i2, stride_v0, stride_v1, stride_v2)
-    Mask = _at_batch(Mask, i0, i1, i2, stride_m0, stride_m1, stride_m2)
-    Bias = _at_batch(Bias, i0, i1, i2, stride_bias0, stride_bias1, stride_bias2)
-    GradOut = _at_batch(GradOut, i0, i1, i2, stride_g0, stride_g1, stride_g2)
-    GradK = _at_batch(GradK, i0, i1, i2, stride_dk0, stride_dk1, stride_dk2)
-    GradV = _at_batch(GradV, i0, i1, i2, stride_dv0, stride_dv1, stride_dv2)
-    Lse += bh.to(tl.int64) * seq_q
-    Delta += bh.to(tl.int64) * seq_q
+    i0, i1, kv_head = _batch_index(bh, batch1, batch2 // kv_group)
+    q_first, seq_q = _sequence(CuSeqlensQ, i1, seq_q, VARLEN)
+    k_first, seq_k = _sequence(CuSeqlensK, i1, seq_k, VARLEN)
     start_n = n_block * BLOCK_N
-    if seq_k - start_n <= TAIL_N:
-        _key_grad_columns(
-            Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradK, GradV, start_n,
-            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            stride_bias_m, stride_bias_n, stride_gm, stride_gd, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
-            seq_q, seq_k, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, TAIL_N, BLOCK_M, TAIL_M)
-    else:
-        _key_grad_columns(
-            Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradK, GradV, start_n,
-            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            stride_bias_m, stride_bias_n, stride_gm, stride_gd, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
-            seq_q, seq_k, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, BLOCK_N, BLOCK_M, TAIL_M)
+    if start_n < seq_k:
+        i2 = kv_head * kv_group  # the first query head of the group
+        Q = _at_batch(Q, i0, i1, i2, stride_q0, stride_q1, stride_q2) + q_first * stride_qm
+        K = _at_batch(K, i0, i1, kv_head, stride_k0, stride_k1, stride_k2) + k_first * stride_kn
+        V = _at_batch(V, i0, i1, kv_head, stride_v0, stride_v1, stride_v2) + k_first * stride_vn
+        Mask = _at_batch(Mask, i0, i1, i2, stride_m0, stride_m1, stride_m2)
+        Bias = _at_batch(Bias, i0, i1, i2, stride_bias0, stride_bias1, stride_bias2)
+        rot_q = _at_batch(q_first * stride_rot_m, i0, i1, i2, stride_rot0, stride_rot1, stride_rot2)
+        rot_k = rot_q + (k_first - q_first) * stride_rot_m
+        GradOut = _at_batch(GradOut, i0, i1, i2, stride_g0, stride_g1, stride_g2) + q_first * stride_gm
+        GradK = _at_batch(GradK, i0, i1, kv_head, stride_dk0, stride_dk1, stride_dk2) + k_first * stride_dkn
+        GradV = _at_batch(GradV, i0, i1, kv_head, stride_dv0, stride_dv1, stride_dv2) + k_first * stride_dvn
+        rows = _at_batch(q_first, i0, i1, i2, stride_lse0, stride_lse1, stride_lse2)
+        if seq_k - start_n <= TAIL_N:
+            _key_grad_columns(
+                Q, K, V, Mask, Bias, Cos + rot_q, Sin + rot_q, Cos + rot_k, Sin + rot_k, GradOut, Lse + rows,
+                Delta + rows, GradK, GradV, start_n, kv_group, stride_q2, stride_m2, stride_bias2, stride_rot2,
+                stride_g2, stride_lse2, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+                stride_mn, stride_bias_m, stride_bias_n, stride_rot_m, stride_rot_d, stride_gm, stride_gd, stride_dkn,
+                stride_dkd, stride_dvn, stride_dvd, seq_q, seq_k, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0,
+                DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL,
+                DOT_PRECISION, TAIL_N, BLOCK_M, TAIL_M)
+        else:
+            _key_grad_columns(
+                Q, K, V, Mask, Bias, Cos + rot_q, Sin + rot_q, Cos + rot_k, Sin + rot_k, GradOut, Lse + rows,
+                Delta + rows, GradK, GradV, start_n, kv_group, stride_q2, stride_m2, stride_bias2, stride_rot2,
+                stride_g2, stride_lse2, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+                stride_mn, stride_bias_m, stride_bias_n, stride_rot_m, stride_rot_d, stride_gm, stride_gd, stride_dkn,
+                stride_dkd, stride_dvn, stride_dvd, seq_q, seq_k, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0,
+                DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL,
+                DOT_PRECISION, BLOCK_N, BLOCK_M, TAIL_M)
 
 
 @triton.jit
 def _score_grads(
-    q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, offs_m, offs_n,
+    q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, CosK, SinK, offs_m, offs_n,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-    seq_q, seq_k, qk_scale,
+    stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
     """dS = P * (dP - delta) of query rows offs_m against keys offs_n (the gradient of the natural
-    logits, so also of an additive bias), with the key tiles it loaded. MASKED applies the key-length
-    and causal masks (keys past seq_k must be masked: their zero-filled scores could overflow
-    exp2(s - lse))."""
-    k0 = _load_tile(K, offs_n, tl.arange(0, D0), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 > HEAD_DIM)
+    logits, so also of an additive bias), with the (rotated) key tiles it loaded. MASKED applies the
+    key-length and causal masks (keys past seq_k must be masked: their zero-filled scores could
+    overflow exp2(s - lse))."""
+    k0, k1 = _load_rotated_chunks(K, CosK, SinK, offs_n, stride_kn, stride_kd, stride_rot_m, stride_rot_d, seq_k,
+                                  HEAD_DIM, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
     v0 = _load_tile(V, offs_n, tl.arange(0, DV0), stride_vn, stride_vd, seq_k, HEAD_DIM_V, DV0 > HEAD_DIM_V)
     s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
     grad_p = tl.dot(grad_out0, tl.trans(v0), input_precision=DOT_PRECISION)
-    k1 = k0
     if D1 > 0:
-        k1 = _load_tile(K, offs_n, D0 + tl.arange(0, D1), stride_kn, stride_kd, seq_k, HEAD_DIM, D0 + D1 > HEAD_DIM)
         s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
     if DV1 > 0:
         v1 = _load_tile(V, offs_n, DV0 + tl.arange(0, DV1), stride_vn, stride_vd, seq_k, HEAD_DIM_V,
@@ -662,20 +875,22 @@ def _score_grads(
 
 @triton.jit
 def _query_grad_key_block(
-    grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, offs_m, start_n,
+    grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, CosK, SinK, offs_m, start_n,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-    seq_q, seq_k, qk_scale,
+    stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ of the query block offs_m, accumulated over keys [start_n, start_n + BLOCK_N)."""
+    """dQ (of the rotated queries) of the query block offs_m, accumulated over keys [start_n, start_n + BLOCK_N)."""
     grad_s, k0, k1 = _score_grads(
-        q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, offs_m, start_n + tl.arange(0, BLOCK_N),
+        q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, CosK, SinK, offs_m, start_n + tl.arange(0, BLOCK_N),
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-        seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-        MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, MASKED)
+        stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+        MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL, DOT_PRECISION,
+        MASKED)
     grad_q0 = tl.dot(grad_s.to(k0.dtype), k0, grad_q0, input_precision=DOT_PRECISION)
     if D1 > 0:
         grad_q1 = tl.dot(grad_s.to(k1.dtype), k1, grad_q1, input_precision=DOT_PRECISION)
@@ -684,105 +899,123 @@ def _query_grad_key_block(
 
 @triton.jit
 def _query_grad_rows(
-    Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradQ, start_m,
+    Q, K, V, Mask, Bias, CosQ, SinQ, CosK, SinK, GradOut, Lse, Delta, GradQ, start_m,
     stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-    stride_bias_m, stride_bias_n, stride_gm, stride_gd, stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale,
+    stride_bias_m, stride_bias_n, stride_rot_m, stride_rot_d, stride_gm, stride_gd, stride_dqm, stride_dqd,
+    seq_q, seq_k, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
 ):
-    """dQ of query rows [start_m, start_m + ROWS) of one batch entry, looping over keys as the forward does."""
+    """dQ of query rows [start_m, start_m + ROWS) of one batch entry, looping over keys as the forward
+    does, rotated back with the queries' tables before it is written."""
     offs_m = start_m + tl.arange(0, ROWS)
     lse, delta = _row_statistics(Lse, Delta, offs_m, seq_q)
-    q0, q1 = _load_chunks(Q, offs_m, stride_qm, stride_qd, seq_q, HEAD_DIM, D0, D1)
+    q0, q1 = _load_rotated_chunks(Q, CosQ, SinQ, offs_m, stride_qm, stride_qd, stride_rot_m, stride_rot_d, seq_q,
+                                  HEAD_DIM, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
     grad_out0, grad_out1 = _load_chunks(GradOut, offs_m, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0, DV1)
     grad_q0, grad_q1 = _zero_chunks(ROWS, D0, D1)
 
     lo, hi = _key_blocks(False, start_m, seq_k, IS_CAUSAL, ROWS, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         grad_q0, grad_q1 = _query_grad_key_block(
-            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, offs_m, start_n,
+            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, CosK, SinK, offs_m, start_n,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, False, BLOCK_N)
+            stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL, DOT_PRECISION,
+            False, BLOCK_N)
     # as in the forward: the causal diagonal in whole blocks, else the partial last block in tail steps
     MASKED_STEP: tl.constexpr = BLOCK_N if IS_CAUSAL else TAIL_N
     lo, hi = _key_blocks(True, start_m, seq_k, IS_CAUSAL, ROWS, BLOCK_N)
     for start_n in range(lo, hi, MASKED_STEP):
         grad_q0, grad_q1 = _query_grad_key_block(
-            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, offs_m, start_n,
+            grad_q0, grad_q1, q0, q1, grad_out0, grad_out1, lse, delta, K, V, Mask, Bias, CosK, SinK, offs_m, start_n,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-            seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, True, MASKED_STEP)
+            stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+            MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL, DOT_PRECISION,
+            True, MASKED_STEP)
 
+    grad_q0, grad_q1 = _unrotated_chunks(grad_q0, grad_q1, CosQ, SinQ, offs_m, stride_rot_m, stride_rot_d, seq_q,
+                                         D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
     _store_chunks(GradQ, offs_m, stride_dqm, stride_dqd, seq_q, grad_q0 * sm_scale, grad_q1 * sm_scale,
-                  HEAD_DIM, D0, D1)
+                  HEAD_DIM, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
 
 
 @_autotuned((32, 32), _BACKWARD_QUERY_CONFIGS)
 @triton.jit
 def _attention_backward_query_kernel(
-    Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradQ,
+    Q, K, V, Mask, Bias, Cos, Sin, GradOut, Lse, Delta, GradQ,
     stride_q0, stride_q1, stride_q2, stride_qm, stride_qd,
     stride_k0, stride_k1, stride_k2, stride_kn, stride_kd,
     stride_v0, stride_v1, stride_v2, stride_vn, stride_vd,
     stride_m0, stride_m1, stride_m2, stride_mm, stride_mn,
     stride_bias0, stride_bias1, stride_bias2, stride_bias_m, stride_bias_n,
+    stride_rot0, stride_rot1, stride_rot2, stride_rot_m, stride_rot_d,
     stride_g0, stride_g1, stride_g2, stride_gm, stride_gd,
     stride_dq0, stride_dq1, stride_dq2, stride_dqm, stride_dqd,
-    batch1, batch2, seq_q, seq_k, qk_scale, sm_scale,
+    stride_lse0, stride_lse1, stride_lse2, CuSeqlensQ, CuSeqlensK,
+    batch1, batch2, kv_group, seq_q, seq_k, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, VARLEN: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M queries (TAIL_M for a last block that fits one)."""
     bh, m_block = _program_block(tl.cdiv(seq_q, BLOCK_M), IS_CAUSAL)
     i0, i1, i2 = _batch_index(bh, batch1, batch2)
-    Q = _at_batch(Q, i0, i1, i2, stride_q0, stride_q1, stride_q2)
-    K = _at_batch(K, i0, i1, i2, stride_k0, stride_k1, stride_k2)
-    V = _at_batch(V, i0, i1, i2, stride_v0, stride_v1, stride_v2)
-    Mask = _at_batch(Mask, i0, i1, i2, stride_m0, stride_m1, stride_m2)
-    Bias = _at_batch(Bias, i0, i1, i2, stride_bias0, stride_bias1, stride_bias2)
-    GradOut = _at_batch(GradOut, i0, i1, i2, stride_g0, stride_g1, stride_g2)
-    GradQ = _at_batch(GradQ, i0, i1, i2, stride_dq0, stride_dq1, stride_dq2)
-    Lse += bh.to(tl.int64) * seq_q
-    Delta += bh.to(tl.int64) * seq_q
+    q_first, seq_q = _sequence(CuSeqlensQ, i1, seq_q, VARLEN)
+    k_first, seq_k = _sequence(CuSeqlensK, i1, seq_k, VARLEN)
     start_m = m_block * BLOCK_M
-    if seq_q - start_m <= TAIL_M:
-        _query_grad_rows(
-            Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradQ, start_m,
-            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            stride_bias_m, stride_bias_n, stride_gm, stride_gd, stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY,
-            IS_CAUSAL, DOT_PRECISION, TAIL_M, BLOCK_N, TAIL_N)
-    else:
-        _query_grad_rows(
-            Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradQ, start_m,
-            stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            stride_bias_m, stride_bias_n, stride_gm, stride_gd, stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale,
-            HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1, MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY,
-            IS_CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N, TAIL_N)
+    if start_m < seq_q:
+        Q = _at_batch(Q, i0, i1, i2, stride_q0, stride_q1, stride_q2) + q_first * stride_qm
+        K = _at_batch(K, i0, i1, i2 // kv_group, stride_k0, stride_k1, stride_k2) + k_first * stride_kn
+        V = _at_batch(V, i0, i1, i2 // kv_group, stride_v0, stride_v1, stride_v2) + k_first * stride_vn
+        Mask = _at_batch(Mask, i0, i1, i2, stride_m0, stride_m1, stride_m2)
+        Bias = _at_batch(Bias, i0, i1, i2, stride_bias0, stride_bias1, stride_bias2)
+        rot_q = _at_batch(q_first * stride_rot_m, i0, i1, i2, stride_rot0, stride_rot1, stride_rot2)
+        rot_k = rot_q + (k_first - q_first) * stride_rot_m
+        GradOut = _at_batch(GradOut, i0, i1, i2, stride_g0, stride_g1, stride_g2) + q_first * stride_gm
+        GradQ = _at_batch(GradQ, i0, i1, i2, stride_dq0, stride_dq1, stride_dq2) + q_first * stride_dqm
+        rows = _at_batch(q_first, i0, i1, i2, stride_lse0, stride_lse1, stride_lse2)
+        if seq_q - start_m <= TAIL_M:
+            _query_grad_rows(
+                Q, K, V, Mask, Bias, Cos + rot_q, Sin + rot_q, Cos + rot_k, Sin + rot_k, GradOut, Lse + rows,
+                Delta + rows, GradQ, start_m, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_mm, stride_mn, stride_bias_m, stride_bias_n, stride_rot_m, stride_rot_d, stride_gm, stride_gd,
+                stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+                MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL,
+                DOT_PRECISION, TAIL_M, BLOCK_N, TAIL_N)
+        else:
+            _query_grad_rows(
+                Q, K, V, Mask, Bias, Cos + rot_q, Sin + rot_q, Cos + rot_k, Sin + rot_k, GradOut, Lse + rows,
+                Delta + rows, GradQ, start_m, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_mm, stride_mn, stride_bias_m, stride_bias_n, stride_rot_m, stride_rot_d, stride_gm, stride_gd,
+                stride_dqm, stride_dqd, seq_q, seq_k, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+                MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL,
+                DOT_PRECISION, BLOCK_M, BLOCK_N, TAIL_N)
 
 
 @_autotuned((32, 32), _BIAS_GRAD_CONFIGS, extra_key=("REDUCE_ROWS", "REDUCE_COLS"))
 @triton.jit
 def _attention_bias_grad_kernel(
-    Q, K, V, Mask, Bias, GradOut, Lse, Delta, GradBias,
+    Q, K, V, Mask, Bias, Cos, Sin, GradOut, Lse, Delta, GradBias,
     stride_q0, stride_q1, stride_q2, stride_qm, stride_qd,
     stride_k0, stride_k1, stride_k2, stride_kn, stride_kd,
     stride_v0, stride_v1, stride_v2, stride_vn, stride_vd,
     stride_m0, stride_m1, stride_m2, stride_mm, stride_mn,
     stride_bias0, stride_bias1, stride_bias2, stride_bias_m, stride_bias_n,
+    stride_rot0, stride_rot1, stride_rot2, stride_rot_m, stride_rot_d,
     stride_g0, stride_g1, stride_g2, stride_gm, stride_gd,
     batch1, batch2, seq_q, seq_k, qk_scale,
     kept0, kept1, kept2, reduced1, reduced2, num_entries, chunk_size,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_KEY: tl.constexpr, BIAS_KIND: tl.constexpr, BIAS_PER_KEY: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, REDUCE_ROWS: tl.constexpr, REDUCE_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
 ):
@@ -829,19 +1062,22 @@ def _attention_bias_grad_kernel(
         v_entry = _at_batch(V, i0, i1, i2, stride_v0, stride_v1, stride_v2)
         mask_entry = _at_batch(Mask, i0, i1, i2, stride_m0, stride_m1, stride_m2)
         bias_entry = _at_batch(Bias, i0, i1, i2, stride_bias0, stride_bias1, stride_bias2)
+        rot = _at_batch(0, i0, i1, i2, stride_rot0, stride_rot1, stride_rot2)  # Lq == Lk: one table for q and k
         grad_out_entry = _at_batch(GradOut, i0, i1, i2, stride_g0, stride_g1, stride_g2)
         for start_m in range(m_lo, m_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             lse, delta = _row_statistics(Lse + bh * seq_q, Delta + bh * seq_q, offs_m, seq_q)
-            q0, q1 = _load_chunks(q_entry, offs_m, stride_qm, stride_qd, seq_q, HEAD_DIM, D0, D1)
+            q0, q1 = _load_rotated_chunks(q_entry, Cos + rot, Sin + rot, offs_m, stride_qm, stride_qd, stride_rot_m,
+                                          stride_rot_d, seq_q, HEAD_DIM, D0, D1, ROTARY_DIM, ROTARY_INTERLEAVED)
             grad_out0, grad_out1 = _load_chunks(grad_out_entry, offs_m, stride_gm, stride_gd, seq_q, HEAD_DIM_V, DV0, DV1)
             for start_n in range(n_lo, n_hi, BLOCK_N):
                 grad_s, _, _ = _score_grads(
-                    q0, q1, grad_out0, grad_out1, lse, delta, k_entry, v_entry, mask_entry, bias_entry, offs_m,
-                    start_n + tl.arange(0, BLOCK_N),
+                    q0, q1, grad_out0, grad_out1, lse, delta, k_entry, v_entry, mask_entry, bias_entry, Cos + rot,
+                    Sin + rot, offs_m, start_n + tl.arange(0, BLOCK_N),
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_bias_m, stride_bias_n,
-                    seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
-                    MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, IS_CAUSAL, DOT_PRECISION, True)
+                    stride_rot_m, stride_rot_d, seq_q, seq_k, qk_scale, HEAD_DIM, HEAD_DIM_V, D0, D1, DV0, DV1,
+                    MASK_KIND, MASK_PER_KEY, BIAS_KIND, BIAS_PER_KEY, ROTARY_DIM, ROTARY_INTERLEAVED, IS_CAUSAL,
+                    DOT_PRECISION, True)
                 acc += grad_s
 
     bias_rows = seq_q
@@ -872,6 +1108,22 @@ def _five_dims(tensor):
     return tensor if tensor is None else tensor.view((1,) * (5 - tensor.dim()) + tuple(tensor.shape))
 
 
+def _packed(tensor, sequences):
+    """A packed (total, H, X) tensor as the kernels' (1, sequences, H, total, X) view: stride 0 over
+    the sequences, whose rows the kernels find in cu_seqlens. Rotary tables (total, X) get H = 1."""
+    if tensor is None:
+        return None
+    if tensor.dim() == 2:
+        tensor = tensor[:, None]
+    heads_first = tensor.transpose(0, 1)
+    return heads_first[None, None].expand(1, sequences, *heads_first.shape)
+
+
+def _packed_rows(rows, sequences):
+    """A packed (H, total) lse or delta as the kernels' (1, sequences, H, total) view."""
+    return rows[None, None].expand(1, sequences, *rows.shape)
+
+
 def _additive_arguments(tensor, kind_name, batch, seq_q, seq_k, query):
     """(tensor, 5 strides, {KIND, PER_KEY}) of a mask or bias broadcast to (*batch, seq_q, seq_k)
     through stride-0 views; a dummy pointer, zero strides and NO_MASK when absent."""
@@ -884,45 +1136,136 @@ def _additive_arguments(tensor, kind_name, batch, seq_q, seq_k, query):
     return tensor, tensor.stride(), {f"{kind_name}_KIND": ADDITIVE_MASK.value, **flags}
 
 
-def _launch_arguments(query, key, value, mask, bias, is_causal, scale):
+def _rotary_arguments(cos, sin, batch, query):
+    """(cos, sin, their 5 strides, ROTARY_DIM) of rotary tables broadcast to (*batch, rows, R) through
+    stride-0 views; dummy pointers, zero strides and 0 when absent."""
+    if cos is None:
+        return query, query, (0,) * 5, 0
+    if cos.stride() != sin.stride():  # the kernels read both through one set of strides; tables are small
+        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = (t.expand(*batch, *t.shape[-2:]) for t in (cos, sin))
+    return cos, sin, cos.stride(), cos.shape[-1]
+
+
+def _launch_arguments(query, key, value, mask, bias, cos, sin, rotary_interleaved, is_causal, scale, lengths):
     """The pointers-and-strides prefix and the keyword arguments every attention kernel takes, from
-    5-D query, key, value and (broadcastable) mask and bias."""
-    batch, seq_q, head_dim = query.shape[:3], query.shape[3], query.shape[4]
-    seq_k, head_dim_v = key.shape[3], value.shape[4]
-    assert key.shape == (*batch, seq_k, head_dim) and value.shape == (*batch, seq_k, head_dim_v)
-    mask, mask_strides, mask_flags = _additive_arguments(mask, "MASK", batch, seq_q, seq_k, query)
-    bias, bias_strides, bias_flags = _additive_arguments(bias, "BIAS", batch, seq_q, seq_k, query)
+    5-D query (B0, B1, B2, ., D), key and value (B0, B1, B2 / kv_group, ., .), mask, bias and rotary
+    tables broadcastable to (B0, B1, B2, ., .); ``lengths`` = (seq_q, seq_k), the longest when packed."""
+    batch, head_dim, head_dim_v = query.shape[:3], query.shape[4], value.shape[4]
+    assert key.shape[:2] == value.shape[:2] == batch[:2] and batch[2] % key.shape[2] == 0
+    mask, mask_strides, mask_flags = _additive_arguments(mask, "MASK", batch, *lengths, query)
+    bias, bias_strides, bias_flags = _additive_arguments(bias, "BIAS", batch, *lengths, query)
     assert bias_flags["BIAS_KIND"] != BOOL_MASK.value, "the bias is additive"
+    cos, sin, rotary_strides, rotary_dim = _rotary_arguments(cos, sin, batch, query)
+    assert key.shape[2] == batch[2] or rotary_strides[2] == 0, "per-head rotary tables need a key head per query head"
     d0, d1 = _head_dim_chunks(head_dim)
     dv0, dv1 = _head_dim_chunks(head_dim_v)
-    tensors = (query, key, value, mask, bias)
-    strides = (*query.stride(), *key.stride(), *value.stride(), *mask_strides, *bias_strides)
+    tensors = (query, key, value, mask, bias, cos, sin)
+    strides = (*query.stride(), *key.stride(), *value.stride(), *mask_strides, *bias_strides, *rotary_strides)
     options = dict(
-        batch1=batch[1], batch2=batch[2], seq_q=seq_q, seq_k=seq_k, qk_scale=scale * LOG2E.value,
+        batch1=batch[1], batch2=batch[2], seq_q=lengths[0], seq_k=lengths[1], qk_scale=scale * LOG2E.value,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, D0=d0, D1=d1, DV0=dv0, DV1=dv1, **mask_flags, **bias_flags,
-        IS_CAUSAL=bool(is_causal), DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        ROTARY_DIM=rotary_dim, ROTARY_INTERLEAVED=bool(rotary_interleaved), IS_CAUSAL=bool(is_causal),
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
     return tensors, strides, options
 
 
-def attention_forward(query, key, value, mask, bias, is_causal: bool, scale: float):
+def _packing_arguments(query, key, lse, packed):
+    """What the forward, dK/dV and dQ kernels take beyond _launch_arguments: lse's (and delta's) batch
+    strides, the key/value head group, and cu_seqlens when ``packed`` = (cu_seqlens_q, cu_seqlens_k)."""
+    cu_seqlens = (query, query) if packed is None else packed
+    return dict(stride_lse0=lse.stride(0), stride_lse1=lse.stride(1), stride_lse2=lse.stride(2),
+                CuSeqlensQ=cu_seqlens[0], CuSeqlensK=cu_seqlens[1], kv_group=query.shape[2] // key.shape[2],
+                VARLEN=packed is not None)
+
+
+def _forward(query, key, value, mask, bias, cos, sin, rotary_interleaved, out, lse, is_causal, scale, lengths,
+             packed=None):
+    """The forward kernel over 5-D views (out like query; lse (B0, B1, B2, rows))."""
+    tensors, strides, options = _launch_arguments(query, key, value, mask, bias, cos, sin, rotary_interleaved,
+                                                  is_causal, scale, lengths)
+    entries = query.shape[0] * query.shape[1] * query.shape[2]
+    grid = lambda meta: (triton.cdiv(lengths[0], meta["BLOCK_M"]) * entries,)  # noqa: E731
+    _attention_forward_kernel[grid](*tensors, out, lse, *strides, *out.stride(),
+                                    **_packing_arguments(query, key, lse, packed), **options)
+
+
+def attention_forward(query, key, value, mask, bias, is_causal: bool, scale: float, rotary_cos=None, rotary_sin=None,
+                      rotary_interleaved: bool = False):
     """(out, lse float32 natural log, +inf for fully masked rows): out shaped (..., Lq, Dv) in query's
     dtype, laid out (..., Lq, H, Dv) (``empty_attention_output``). Inputs 4-D or 5-D; see the module
-    docstring for shapes, masks and causal alignment."""
+    docstring for shapes, masks, rotary tables and causal alignment."""
     out = empty_attention_output(query, value.shape[-1])
     lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
     if lse.numel() == 0:
         return out, lse
-    query, key, value, mask, bias, out5 = (_five_dims(t) for t in (query, key, value, mask, bias, out))
-    tensors, strides, options = _launch_arguments(query, key, value, mask, bias, is_causal, scale)
-    batch_size, seq_q = lse.numel() // query.shape[3], query.shape[3]
-    grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch_size,)  # noqa: E731
-    _attention_forward_kernel[grid](*tensors, out5, lse, *strides, *out5.stride(), **options)
+    query, key, value, mask, bias, cos, sin, out5 = (_five_dims(t) for t in (query, key, value, mask, bias, rotary_cos,
+                                                                             rotary_sin, out))
+    _forward(query, key, value, mask, bias, cos, sin, rotary_interleaved, out5, lse.view(query.shape[:4]), is_causal,
+             scale, (query.shape[3], key.shape[3]))
     return out, lse
 
 
+def varlen_attention_forward(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                             is_causal: bool, scale: float, rotary_cos=None, rotary_sin=None,
+                             rotary_interleaved: bool = False):
+    """Attention within each sequence of a packed batch: query (total_q, Hq, D), key and value
+    (total_k, Hkv, .), sequence b in rows cu_seqlens[b] to cu_seqlens[b + 1] (int32, checked by the
+    caller; max_seqlen at least every sequence's length); rotary tables (total_q, R), or (total_q, Hq,
+    R) when Hq == Hkv. Returns (out (total_q, Hq, Dv) in query's dtype, lse (Hq, total_q) float32),
+    contiguous."""
+    total_q, heads = query.shape[:2]
+    out = query.new_empty((total_q, heads, value.shape[-1]))
+    lse = torch.empty((heads, total_q), dtype=torch.float32, device=query.device)
+    sequences = cu_seqlens_q.numel() - 1
+    if total_q == 0:
+        return out, lse
+    views = (_packed(t, sequences) for t in (query, key, value, rotary_cos, rotary_sin, out))
+    query5, key5, value5, cos, sin, out5 = views
+    _forward(query5, key5, value5, None, None, cos, sin, rotary_interleaved, out5, _packed_rows(lse, sequences),
+             is_causal, scale, (max_seqlen_q, max_seqlen_k), (cu_seqlens_q, cu_seqlens_k))
+    return out, lse
+
+
+def _row_deltas(out, grad_out, delta):
+    """delta = rowsum(dO * O) of 5-D out and grad_out (B0, B1, B2, rows, Dv) into a contiguous
+    (B0 * B1 * B2, rows) float32 ``delta``."""
+    rows, block_dv = out.shape[3], triton.next_power_of_2(out.shape[4])
+    # two (rows x head dim) fp32 tiles in registers: fewer rows for wide heads (d256 spilled at 64)
+    delta_block = 16 if INTERPRETED else max(16, min(64, 8192 // block_dv))
+    _attention_backward_delta_kernel[(triton.cdiv(rows, delta_block) * out.shape[0] * out.shape[1] * out.shape[2],)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), out.shape[1], out.shape[2], rows,
+        HEAD_DIM_V=out.shape[4], BLOCK_DV=block_dv, BLOCK_M=delta_block,
+    )
+
+
+def _backward(grad_out, query, key, value, lse, delta, mask, bias, cos, sin, rotary_interleaved, grad_query, grad_key,
+              grad_value, is_causal, scale, lengths, packed=None):
+    """The dK/dV and dQ kernels over 5-D views (grads like their inputs; lse and delta (B0, B1, B2,
+    rows)); returns the (inputs, strides, options) the bias-gradient kernel takes."""
+    tensors, strides, options = _launch_arguments(query, key, value, mask, bias, cos, sin, rotary_interleaved,
+                                                  is_causal, scale, lengths)
+    inputs = (*tensors, grad_out, lse, delta)
+    input_strides = (*strides, *grad_out.stride())
+    packing = _packing_arguments(query, key, lse, packed)
+    entries = query.shape[0] * query.shape[1] * query.shape[2]
+    if lengths[1] > 0:
+        key_grid = lambda meta: (triton.cdiv(lengths[1], meta["BLOCK_N"]) * entries // packing["kv_group"],)  # noqa: E731
+        _attention_backward_key_kernel[key_grid](
+            *inputs, grad_key, grad_value, *input_strides, *grad_key.stride(), *grad_value.stride(),
+            sm_scale=scale, **packing, **options,
+        )
+    if lengths[0] > 0:
+        query_grid = lambda meta: (triton.cdiv(lengths[0], meta["BLOCK_M"]) * entries,)  # noqa: E731
+        _attention_backward_query_kernel[query_grid](
+            *inputs, grad_query, *input_strides, *grad_query.stride(), sm_scale=scale, **packing, **options,
+        )
+    return inputs, input_strides, options
+
+
 def attention_backward(grad_out, query, key, value, out, lse, mask, bias, is_causal: bool, scale: float,
-                       bias_requires_grad: bool):
+                       bias_requires_grad: bool, rotary_cos=None, rotary_sin=None, rotary_interleaved: bool = False):
     """(grad_query, grad_key, grad_value, grad_bias) shaped and typed as their inputs, from the
     forward's ``out`` and ``lse``; grad_bias is None unless ``bias_requires_grad``, and summed over
     the batch entries, rows and columns the bias broadcasts over."""
@@ -931,40 +1274,40 @@ def attention_backward(grad_out, query, key, value, out, lse, mask, bias, is_cau
     grad_value = torch.empty(value.shape, dtype=value.dtype, device=value.device)
     grad_bias = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device) if bias_requires_grad else None
     seq_q, seq_k = query.shape[-2], key.shape[-2]
-    batch_size = query.shape[:-2].numel()
-    if batch_size == 0 or (seq_q == 0 and seq_k == 0):
+    if query.shape[:-2].numel() == 0 or (seq_q == 0 and seq_k == 0):
         return grad_query, grad_key, grad_value, grad_bias
-    grad_out, query, key, value, out, mask, bias = (_five_dims(t) for t in (grad_out, query, key, value, out, mask, bias))
-    tensors, strides, options = _launch_arguments(query, key, value, mask, bias, is_causal, scale)
-    lse = lse.contiguous()
+    views = (_five_dims(t) for t in (grad_out, query, key, value, out, mask, bias, rotary_cos, rotary_sin, grad_query,
+                                     grad_key, grad_value))
+    grad_out, query, key, value, out, mask, bias, cos, sin, grad_query5, grad_key5, grad_value5 = views
+    lse = lse.contiguous().view(query.shape[:4])
     delta = torch.empty(lse.shape, dtype=torch.float32, device=query.device)
-    inputs = (*tensors, grad_out, lse, delta)
-    input_strides = (*strides, *grad_out.stride())
-
     if seq_q > 0:
-        block_dv = triton.next_power_of_2(value.shape[-1])
-        # two (rows x head dim) fp32 tiles in registers: fewer rows for wide heads (d256 spilled at 64)
-        delta_block = 16 if INTERPRETED else max(16, min(64, 8192 // block_dv))
-        _attention_backward_delta_kernel[(triton.cdiv(seq_q, delta_block) * batch_size,)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), options["batch1"], options["batch2"], seq_q,
-            HEAD_DIM_V=value.shape[-1], BLOCK_DV=block_dv, BLOCK_M=delta_block,
-        )
-    if seq_k > 0:
-        grad_key5, grad_value5 = _five_dims(grad_key), _five_dims(grad_value)
-        key_grid = lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]) * batch_size,)  # noqa: E731
-        _attention_backward_key_kernel[key_grid](
-            *inputs, grad_key5, grad_value5, *input_strides, *grad_key5.stride(), *grad_value5.stride(),
-            sm_scale=scale, **options,
-        )
-    if seq_q > 0:
-        grad_query5 = _five_dims(grad_query)
-        query_grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch_size,)  # noqa: E731
-        _attention_backward_query_kernel[query_grid](
-            *inputs, grad_query5, *input_strides, *grad_query5.stride(), sm_scale=scale, **options,
-        )
+        _row_deltas(out, grad_out, delta)
+    inputs, input_strides, options = _backward(grad_out, query, key, value, lse, delta, mask, bias, cos, sin,
+                                               rotary_interleaved, grad_query5, grad_key5, grad_value5, is_causal,
+                                               scale, (seq_q, seq_k))
     if bias_requires_grad and seq_q > 0 and seq_k > 0:
         grad_bias = _bias_grad(inputs, input_strides, options, bias.shape).to(bias.dtype).view(grad_bias.shape)
     return grad_query, grad_key, grad_value, grad_bias
+
+
+def varlen_attention_backward(grad_out, query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                              max_seqlen_k: int, is_causal: bool, scale: float, rotary_cos=None, rotary_sin=None,
+                              rotary_interleaved: bool = False):
+    """(grad_query, grad_key, grad_value) of varlen_attention_forward, contiguous, typed as their inputs."""
+    grad_query, grad_key, grad_value = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (query, key, value))
+    sequences = cu_seqlens_q.numel() - 1
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=query.device)
+    if query.shape[0] > 0:
+        _row_deltas(*(_packed(t, 1) for t in (out, grad_out)), delta)
+    lse_rows, delta_rows = (_packed_rows(t, sequences) for t in (lse.contiguous(), delta))
+    views = (_packed(t, sequences) for t in (grad_out, query, key, value, rotary_cos, rotary_sin, grad_query, grad_key,
+                                             grad_value))
+    grad_out5, query5, key5, value5, cos, sin, grad_query5, grad_key5, grad_value5 = views
+    lengths = (max_seqlen_q if query.shape[0] else 0, max_seqlen_k if key.shape[0] else 0)
+    _backward(grad_out5, query5, key5, value5, lse_rows, delta_rows, None, None, cos, sin, rotary_interleaved,
+              grad_query5, grad_key5, grad_value5, is_causal, scale, lengths, (cu_seqlens_q, cu_seqlens_k))
+    return grad_query, grad_key, grad_value
 
 
 # Programs the bias gradient aims for: a few per SM of an H100/H200 (132 SMs).

@@ -10,10 +10,18 @@ relative-position bias per head, learned, plus the shift mask per window) and BE
 models hand SDPA: one float mask, the bias plus the window mask expanded to (B·nW, H, L, L) as timm's
 fused Swin path does; ``flex`` is FlexAttention (torch.compile'd, GPU only: no CPU backward) with the
 bias and mask as captured buffers in its score_mod.
+
+Packed images (``PACKED_SHAPES``): images of different sizes as one token sequence with cu_seqlens
+and 2-D RoPE, as native-resolution encoders (Qwen2-VL, NaViT) run them, forward and forward+backward.
+The baseline is what Hugging Face's Qwen2-VL tower does without FlashAttention-2: a separate rotary
+step (fp32, rounded back) and one SDPA call per image; ``padded`` rotates, pads every image to the
+longest and runs one SDPA call with a key-padding mask; ``fa2`` is FlashAttention-2's
+``flash_attn_varlen_func`` after its own rotary kernel, where flash-attn is installed.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -21,6 +29,7 @@ import torch.nn.functional as F
 
 import vkernels
 from vkernels.bench.case import DTYPE_NAMES, Case, dtype_name, forward_backward, forward_only, tolerance, vkernels_impls
+from vkernels.rotary import apply_rotary
 from vkernels.shapes import attention_shape_class
 
 
@@ -72,6 +81,21 @@ CPU_BIAS_SHAPES = [
 ]
 
 
+class PackedShape(NamedTuple):
+    label: str
+    images: tuple[tuple[int, int], ...]  # (rows, columns) of patches per image
+    heads: int
+    head_dim: int
+    headline: bool = False
+
+
+CUDA_PACKED_SHAPES = [  # 256, 1024, 2304 and 4096 tokens
+    PackedShape("4 images 256-4096 tokens", ((16, 16), (32, 32), (48, 48), (64, 64)), 16, 80, headline=True),
+    PackedShape("4 images 256-4096 tokens", ((16, 16), (32, 32), (48, 48), (64, 64)), 16, 64),
+]
+CPU_PACKED_SHAPES = [PackedShape("tiny 3 images", ((2, 3), (3, 5), (4, 7)), 2, 16)]
+
+
 def cases(device: torch.device, max_autotune: bool) -> list[Case]:
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -80,6 +104,9 @@ def cases(device: torch.device, max_autotune: bool) -> list[Case]:
             for direction in ("fwd", "fwd+bwd")] + [
         bias_case(shape, dtype, device, direction)
         for shape in (CUDA_BIAS_SHAPES if on_gpu else CPU_BIAS_SHAPES)
+        for direction in ("fwd", "fwd+bwd")] + [
+        packed_case(shape, dtype, device, direction)
+        for shape in (CUDA_PACKED_SHAPES if on_gpu else CPU_PACKED_SHAPES)
         for direction in ("fwd", "fwd+bwd")]
 
 
@@ -114,9 +141,10 @@ def _flops(batch: int, length: int, head_dim: int, training: bool) -> float:
     return 4 * batch * length * length * head_dim * (3.5 if training else 1)
 
 
-def _case(name, direction, make_inputs, impls, skipped, flops, dtype, length, head_dim, headline=False) -> Case:
+def _case(name, direction, make_inputs, impls, skipped, flops, dtype, length, head_dim, headline=False,
+          op="attention") -> Case:
     return Case(name=name, family="attention", direction=direction, make_inputs=make_inputs, impls=impls,
-                skipped=skipped, flops=int(flops), tolerance=tolerance(dtype), op="attention", dtype=dtype_name(dtype),
+                skipped=skipped, flops=int(flops), tolerance=tolerance(dtype), op=op, dtype=dtype_name(dtype),
                 shape_class=attention_shape_class((length, head_dim), (length, head_dim)), headline=headline)
 
 
@@ -168,5 +196,76 @@ def _flex_with_bias(windows: int):
             return score + bias[h, q_idx, kv_idx] + window_mask[b % windows, q_idx, kv_idx]
 
         return compiled(query, key, value, score_mod=score_mod)
+
+    return run
+
+
+def packed_case(shape: PackedShape, dtype: torch.dtype, device: torch.device, direction: str) -> Case:
+    lengths = [rows * cols for rows, cols in shape.images]
+    total, heads, head_dim = sum(lengths), shape.heads, shape.head_dim
+    training = direction == "fwd+bwd"
+    args = ("query", "key", "value", "cu_seqlens", "cos", "sin")
+    bounds = [0, *itertools.accumulate(lengths)]
+
+    def make_inputs() -> dict[str, torch.Tensor]:
+        inputs = {name: torch.randn(total, heads, head_dim, device=device, dtype=dtype).requires_grad_(training)
+                  for name in ("query", "key", "value")}
+        inputs["grad_out"] = torch.randn(total, heads, head_dim, device=device, dtype=dtype)
+        inputs["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32, device=device)
+        positions = torch.cat([torch.cartesian_prod(torch.arange(rows), torch.arange(cols)) for rows, cols in shape.images])
+        inputs["cos"], inputs["sin"] = vkernels.rotary_tables(positions.to(device), head_dim)
+        return inputs
+
+    def per_image(query, key, value, cu_seqlens, cos, sin):  # Hugging Face's Qwen2-VL tower without FA2
+        query, key = (apply_rotary(t, cos[:, None], sin[:, None]) for t in (query, key))
+        outs = [F.scaled_dot_product_attention(*(t[start:end].transpose(0, 1) for t in (query, key, value)))
+                for start, end in zip(bounds, bounds[1:])]
+        return torch.cat([out.transpose(0, 1) for out in outs])
+
+    def padded(query, key, value, cu_seqlens, cos, sin):
+        query, key = (apply_rotary(t, cos[:, None], sin[:, None]) for t in (query, key))
+        longest = max(lengths)
+        keep = torch.arange(longest, device=device) < torch.tensor(lengths, device=device)[:, None]  # (images, longest)
+        batch = [t.new_zeros(len(lengths), longest, heads, head_dim).masked_scatter(keep[..., None, None], t)
+                 for t in (query, key, value)]
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in batch), attn_mask=keep[:, None, None])
+        return out.transpose(1, 2)[keep]
+
+    def ours(backend):
+        def run(query, key, value, cu_seqlens, cos, sin):
+            return vkernels.varlen_attention(query, key, value, cu_seqlens, cu_seqlens, max(lengths), max(lengths),
+                                             rotary=(cos, sin), backend=backend)
+        return run
+
+    wrap = functools.partial(forward_backward if training else forward_only, args=args)
+    impls, skipped = vkernels_impls("varlen_attention", ours, wrap)
+    impls["padded"] = wrap(padded)
+    fa2 = _flash_attention_2(max(lengths))
+    if isinstance(fa2, str):
+        skipped["fa2"] = fa2
+    else:
+        impls["fa2"] = wrap(fa2)
+    name = (f"varlen attention+rope {shape.label} ({'/'.join(map(str, lengths))}) H{heads} D{head_dim} "
+            f"{DTYPE_NAMES[dtype]} {direction}")
+    flops = sum(_flops(heads, length, head_dim, training) for length in lengths)
+    return _case(name, direction, make_inputs, {"pytorch": wrap(per_image), **impls}, skipped, flops, dtype,
+                 max(lengths), head_dim, shape.headline, op="varlen_attention")
+
+
+def _flash_attention_2(longest: int):
+    """FlashAttention-2's varlen attention after its own rotary kernel (the packed batch as one
+    sequence, so that each token has its own 2-D table row), or why it cannot run here."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+        from flash_attn.layers.rotary import apply_rotary_emb
+    except ImportError as error:
+        return f"flash-attn is not installed ({error})"
+    if not torch.cuda.is_available():
+        return "flash-attn needs a CUDA GPU"
+
+    def run(query, key, value, cu_seqlens, cos, sin):
+        half = cos.shape[-1] // 2  # flash-attn takes the first half of rotate-half tables
+        query, key = (apply_rotary_emb(t[None], cos[:, :half], sin[:, :half])[0] for t in (query, key))
+        return flash_attn_varlen_func(query, key, value, cu_seqlens, cu_seqlens, longest, longest)
 
     return run
