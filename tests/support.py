@@ -163,14 +163,17 @@ def train_steps(model: torch.nn.Module, backend: str, loss_fn: Callable[[torch.n
 
 
 def assert_trains_like_float64(model: torch.nn.Module, loss_fn, *, backend: str = "triton", steps: int = 3,
-                               lr: float = 0.5, loss_rtol: float = 1e-4, floor: float = tolerance(torch.float32)) -> None:
+                               lr: float = 0.5, loss_rtol: float = 1e-4, loss_atol: float = 1e-6,
+                               floor: float = tolerance(torch.float32)) -> None:
     """From the same weights, ``steps`` SGD steps on ``backend`` (float32) follow the same steps in
-    float64 on stock PyTorch: the loss at every step within ``loss_rtol`` of float64's, every final
+    float64 on stock PyTorch: the loss at every step within ``loss_rtol`` of float64's (or ``loss_atol``:
+    a loss trained to ~0 is a difference of O(10) logits, so float32 holds it to ~10·2^-24 absolute;
+    measured 1.3e-7 at a loss of 1e-6, VKERNELS_TEST_SEED=84396261 of the seed CNN), every final
     parameter as close to float64's as stock float32's (assert_as_accurate); and the loss moved.
     ``loss_fn`` casts its inputs with :func:`as_dtype_of`."""
     losses_exact, params_exact = train_steps(copy.deepcopy(model).double(), "torch", loss_fn, steps, lr)
     _, params_stock = train_steps(model, "torch", loss_fn, steps, lr)
     losses, params = train_steps(model, backend, loss_fn, steps, lr)
-    assert losses == pytest.approx(losses_exact, rel=loss_rtol)
+    assert losses == pytest.approx(losses_exact, rel=loss_rtol, abs=loss_atol)
     assert losses_exact[-1] != losses_exact[0]
     assert_as_accurate(params, params_stock, params_exact, floor)
