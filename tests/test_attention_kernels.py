@@ -6,8 +6,6 @@ stand-ins for ViT ones), the CUDA kernels through the emulator (fp32, fp16, bf16
 when there is one. CUDA_CASES add what only the CUDA kernels' tiling distinguishes: every head-dim
 class (32, 64, 128, 256 with its two dK/dV column slices), several query and key blocks (ViT's 197,
 257 and 577 tokens), causal masks with Lq != Lk, a value head dim unlike the query's, unaligned rows.
-The CUDA ops take no bias until issue 13's phase 2 (vkernels.ops.attention.CUDA_SCHEMAS_BEFORE_BIAS):
-cases with a bias run on Triton only.
 """
 from __future__ import annotations
 
@@ -152,12 +150,10 @@ CUDA_TENSOR_CORE_CASES = [pytest.param(Case(1, 1, 577, 577, 64, FP16), id="vit57
 
 def backend_cases(cases, backends=("triton", "cuda"), cuda_dtypes=dtypes_for("cuda")):
     """(backend, case) parameters: Triton in each case's own dtype where it takes it (the interpreter
-    has no bf16), the CUDA kernels in every dtype (of ``cuda_dtypes``) and without a bias."""
+    has no bf16), the CUDA kernels in every dtype (of ``cuda_dtypes``)."""
     for backend in (p for p in KERNEL_BACKENDS if p.values[0] in backends):
         name = backend.values[0]
         for case in cases:
-            if name == "cuda" and case.values[0].bias is not None:
-                continue
             dtypes = cuda_dtypes if name == "cuda" else [case.values[0].dtype]
             for dtype in (d for d in dtypes if d in dtypes_for(name)):
                 yield pytest.param(name, dataclasses.replace(case.values[0], dtype=dtype),
@@ -195,18 +191,12 @@ def test_triton_block_shapes(blocks, monkeypatch):
 
 
 def forward(backend, query, key, value, mask, bias, is_causal, scale):
-    """(out, lse) from one backend's forward op; the CUDA op's schema has no bias yet."""
-    if backend == "cuda":
-        assert bias is None
-        return backend_op("attention", backend)(query, key, value, mask, is_causal, scale)
+    """(out, lse) from one backend's forward op."""
     return backend_op("attention", backend)(query, key, value, mask, bias, is_causal, scale)
 
 
 def backward(backend, grad_out, query, key, value, out, lse, mask, bias, is_causal, scale):
     """(grad_query, grad_key, grad_value, grad_bias or None) from one backend's backward op."""
-    if backend == "cuda":
-        return *backend_op("attention_backward", backend)(grad_out, query, key, value, out, lse, mask, is_causal,
-                                                          scale), None
     return backend_op("attention_backward", backend)(grad_out, query, key, value, out, lse, mask, bias, is_causal,
                                                      scale, bias is not None)
 
