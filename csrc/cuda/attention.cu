@@ -76,6 +76,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -289,6 +290,28 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t r
     }
     dst += kRowStep * (HD + 8) * 2;
     from += kRowStep * row_stride;
+  }
+}
+
+// acc += A B^T for one warp: A is 16 rows of a [.][kLd] shared tile at a_addr (with a_lane_offset),
+// B is 8 * kTiles rows of one at b_addr (with b_lane_offset), both over head-dim columns [0, 16 * chunks)
+// (chunks <= HD / 16: the head dim rounded up to 16).
+template <typename T, int HD, int kTiles, int kLd>
+__device__ __forceinline__ void mma_rows_by_tile(float (&acc)[kTiles][4], uint32_t a_addr, uint32_t b_addr,
+                                                 int chunks) {
+#pragma unroll
+  for (int kc = 0; kc < HD / 16; ++kc) {
+    if (kc < chunks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, a_addr + kc * 16 * 2);
+#pragma unroll
+      for (int np = 0; np < kTiles / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, b_addr + (np * 16 * kLd + kc * 16) * 2);
+        mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+        mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+      }
+    }
   }
 }
 
@@ -664,34 +687,8 @@ __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
     // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys.
     float acc_s[kScoreTiles][4] = {};
     float acc_dp[kScoreTiles][4] = {};
-#pragma unroll
-    for (int kc = 0; kc < HD / 16; ++kc) {
-      if (kc < qk_chunks) {
-        uint32_t a[4];
-        ldmatrix_x4(a, k_addr + kc * 16 * 2);
-#pragma unroll
-        for (int np = 0; np < kScoreTiles / 2; ++np) {
-          uint32_t bq[4];
-          ldmatrix_x4(bq, q_addr_b + stage + (np * 16 * kLd + kc * 16) * 2);
-          mma_16816<T>(acc_s[2 * np], a, bq[0], bq[1]);
-          mma_16816<T>(acc_s[2 * np + 1], a, bq[2], bq[3]);
-        }
-      }
-    }
-#pragma unroll
-    for (int kc = 0; kc < HD / 16; ++kc) {
-      if (kc < v_chunks) {
-        uint32_t a[4];
-        ldmatrix_x4(a, v_addr + kc * 16 * 2);
-#pragma unroll
-        for (int np = 0; np < kScoreTiles / 2; ++np) {
-          uint32_t bo[4];
-          ldmatrix_x4(bo, grad_out_addr_b + stage + (np * 16 * kLd + kc * 16) * 2);
-          mma_16816<T>(acc_dp[2 * np], a, bo[0], bo[1]);
-          mma_16816<T>(acc_dp[2 * np + 1], a, bo[2], bo[3]);
-        }
-      }
-    }
+    mma_rows_by_tile<T, HD, kScoreTiles, kLd>(acc_s, k_addr, q_addr_b + stage, qk_chunks);
+    mma_rows_by_tile<T, HD, kScoreTiles, kLd>(acc_dp, v_addr, grad_out_addr_b + stage, v_chunks);
 
     // P^T = exp2(s - lse * log2 e) and dS^T = P^T (dP^T - delta), in place.
     const int m0 = m_block * kBlockM;
@@ -790,34 +787,8 @@ __device__ __forceinline__ void score_grad_tile(float (&grad_s)[kBlockN / 8][4],
 #pragma unroll
     for (int r = 0; r < 4; ++r) acc_dp[nj][r] = 0.0f;
   }
-#pragma unroll
-  for (int kc = 0; kc < HD / 16; ++kc) {
-    if (kc < qk_chunks) {
-      uint32_t a[4];
-      ldmatrix_x4(a, q_addr + kc * 16 * 2);
-#pragma unroll
-      for (int np = 0; np < kScoreTiles / 2; ++np) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, k_addr + (np * 16 * kLd + kc * 16) * 2);
-        mma_16816<T>(acc_s[2 * np], a, bk[0], bk[1]);
-        mma_16816<T>(acc_s[2 * np + 1], a, bk[2], bk[3]);
-      }
-    }
-  }
-#pragma unroll
-  for (int kc = 0; kc < HD / 16; ++kc) {
-    if (kc < v_chunks) {
-      uint32_t a[4];
-      ldmatrix_x4(a, grad_out_addr + kc * 16 * 2);
-#pragma unroll
-      for (int np = 0; np < kScoreTiles / 2; ++np) {
-        uint32_t bv[4];
-        ldmatrix_x4(bv, v_addr + (np * 16 * kLd + kc * 16) * 2);
-        mma_16816<T>(acc_dp[2 * np], a, bv[0], bv[1]);
-        mma_16816<T>(acc_dp[2 * np + 1], a, bv[2], bv[3]);
-      }
-    }
-  }
+  mma_rows_by_tile<T, HD, kScoreTiles, kLd>(acc_s, q_addr, k_addr, qk_chunks);
+  mma_rows_by_tile<T, HD, kScoreTiles, kLd>(acc_dp, grad_out_addr, v_addr, v_chunks);
 
   const bool edge = row_first + 16 > p.len_q || n0 + kBlockN > p.len_k || (p.causal && n0 + kBlockN - 1 > row_first);
 #pragma unroll
@@ -1125,15 +1096,15 @@ struct BiasGradTask {
   int group_index, chunk, tile_m, tile_n;
 };
 
-__device__ __forceinline__ BiasGradTask bias_grad_task(const BiasGradSum& sum, int64_t index, int tiles_m,
-                                                       int tiles_n) {
+// (32-bit arithmetic: the host checks that the tasks fit, and 64-bit division costs a call and spills.)
+__device__ __forceinline__ BiasGradTask bias_grad_task(const BiasGradSum& sum, int index, int tiles_m, int tiles_n) {
   BiasGradTask task;
-  task.tile_n = static_cast<int>(index % tiles_n);
+  task.tile_n = index % tiles_n;
   index /= tiles_n;
-  task.tile_m = static_cast<int>(index % tiles_m);
+  task.tile_m = index % tiles_m;
   index /= tiles_m;
-  task.group_index = static_cast<int>(index % sum.groups);
-  task.chunk = static_cast<int>(index / sum.groups);
+  task.group_index = index % sum.groups;
+  task.chunk = index / sum.groups;
   const int g = task.group_index;
   task.group = {g / (sum.kept1 * sum.kept2), (g / sum.kept2) % sum.kept1, g % sum.kept2};
   return task;
@@ -1173,8 +1144,8 @@ __global__ void __launch_bounds__(BiasGradTiles<HD>::kThreads)
 
   const Problem& p = args.p;
   const int m_blocks = ceil_div(p.len_q, kBlockM), n_blocks = ceil_div(p.len_k, kBlockN);
-  const BiasGradTask task =
-      bias_grad_task(sum, blockIdx.x, sum.reduce_rows ? 1 : m_blocks, sum.reduce_cols ? 1 : n_blocks);
+  const BiasGradTask task = bias_grad_task(sum, static_cast<int>(blockIdx.x), sum.reduce_rows ? 1 : m_blocks,
+                                           sum.reduce_cols ? 1 : n_blocks);
   const int m_begin = sum.reduce_rows ? 0 : task.tile_m, m_end = sum.reduce_rows ? m_blocks : task.tile_m + 1;
   const int n_begin = sum.reduce_cols ? 0 : task.tile_n, n_end = sum.reduce_cols ? n_blocks : task.tile_n + 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -1296,8 +1267,8 @@ __global__ void __launch_bounds__(32 * kExactWarps)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int key_blocks = ceil_div(p.len_k, 32);
   const int tiles_m = sum.reduce_rows ? 1 : p.len_q, tiles_n = sum.reduce_cols ? 1 : key_blocks;
-  const int64_t index = static_cast<int64_t>(blockIdx.x) * kExactWarps + warp;
-  if (index >= static_cast<int64_t>(sum.chunks) * sum.groups * tiles_m * tiles_n) return;
+  const int index = static_cast<int>(blockIdx.x) * kExactWarps + warp;
+  if (index >= sum.chunks * sum.groups * tiles_m * tiles_n) return;
   const BiasGradTask task = bias_grad_task(sum, index, tiles_m, tiles_n);
   const int row_begin = sum.reduce_rows ? 0 : task.tile_m, row_end = sum.reduce_rows ? p.len_q : task.tile_m + 1;
   const int block_begin = sum.reduce_cols ? 0 : task.tile_n, block_end = sum.reduce_cols ? key_blocks : task.tile_n + 1;
@@ -1557,9 +1528,18 @@ void check_same_shape(const at::Tensor& t, at::IntArrayRef shape, const char* na
 // BIAS_GRAD_PROGRAMS, so that both split the sum alike.
 constexpr int64_t kBiasGradPrograms = 1024;
 
+// (chunk_size, chunks): the batch entries a bias element sums over, split into consecutive chunks
+// summed separately and then added in chunk order; from the shapes only (bias_tiles counts the
+// bias's 64 x 64 tiles), as the Triton backend's bias_grad_chunks.
+std::pair<int64_t, int64_t> bias_grad_chunks(int64_t num_entries, int64_t bias_tiles) {
+  const int64_t wanted =
+      std::max<int64_t>(1, std::min(num_entries, kBiasGradPrograms / std::max<int64_t>(1, bias_tiles)));
+  const int64_t chunk_size = (num_entries + wanted - 1) / wanted;
+  return {chunk_size, (num_entries + chunk_size - 1) / chunk_size};
+}
+
 // dS summed over what the bias broadcasts over, in the bias's dtype: per bias entry, its batch
-// entries in chunks of consecutive ones (from the shapes only, as the Triton backend's
-// bias_grad_chunks), summed by the kernel into float32 partial sums that are then added in chunk order.
+// entries in bias_grad_chunks, summed by the kernels into float32 partial sums then added in chunk order.
 at::Tensor bias_grad(const BackwardArgs& args, const at::Tensor& bias, int64_t batch0, at::ScalarType dtype) {
   const Problem& p = args.p;
   at::Tensor bias5 = bias;
@@ -1568,10 +1548,9 @@ at::Tensor bias_grad(const BackwardArgs& args, const at::Tensor& bias, int64_t b
   const int64_t rows = bias5.size(3), cols = bias5.size(4);
   const int64_t reduced0 = batch0 / kept0, reduced1 = p.batch1 / kept1, reduced2 = p.heads / kept2;
   const int64_t groups = kept0 * kept1 * kept2, num_entries = reduced0 * reduced1 * reduced2;
-  const int64_t tiles = groups * ceil_div(static_cast<int>(rows), 64) * ceil_div(static_cast<int>(cols), 64);
-  const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(num_entries, kBiasGradPrograms / std::max<int64_t>(1, tiles)));
-  const int64_t chunk_size = (num_entries + wanted - 1) / wanted;
-  const int64_t chunks = (num_entries + chunk_size - 1) / chunk_size;
+  const int64_t bias_tiles = groups * ((rows + 63) / 64) * ((cols + 63) / 64);
+  const std::pair<int64_t, int64_t> split = bias_grad_chunks(num_entries, bias_tiles);
+  const int64_t chunk_size = split.first, chunks = split.second;
   at::Tensor partial = at::empty({chunks, groups, rows, cols}, bias.options().dtype(at::kFloat));
   const BiasGradSum sum{partial.data_ptr<float>(),
                         static_cast<int>(kept1),
@@ -1592,6 +1571,8 @@ at::Tensor bias_grad(const BackwardArgs& args, const at::Tensor& bias, int64_t b
     if constexpr (std::is_same_v<T, float>) {
       const int64_t warps = chunks * groups * (sum.reduce_rows ? 1 : p.len_q) *
                             (sum.reduce_cols ? 1 : ceil_div(p.len_k, 32));
+      TORCH_CHECK(warps <= std::numeric_limits<int32_t>::max(), "attention_backward_cuda: the bias gradient needs ",
+                  warps, " warps, more than 2**31; split the batch");
       launch(attention_bias_grad_exact_kernel, (warps + kExactWarps - 1) / kExactWarps, 32 * kExactWarps, 0, args,
              sum);
     } else {
@@ -1680,7 +1661,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
       });
     }
   });
-  if (bias_requires_grad && p.len_q > 0 && p.len_k > 0) grad_bias = bias_grad(args, *attn_bias, batch0, query.scalar_type());
+  if (bias_requires_grad && p.len_q > 0 && p.len_k > 0) {
+    grad_bias = bias_grad(args, *attn_bias, batch0, query.scalar_type());
+  }
   return {grad_q, grad_k, grad_v, grad_bias};
 }
 
