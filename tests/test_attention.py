@@ -5,10 +5,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import vkernels
-import vkernels.ops.attention as attention_ops
 from support import (
-    CPU_DTYPES, GPU, KERNEL_BACKENDS, assert_as_accurate, backends_and_dtypes, device_for, dtypes_for, relative_error,
-    rounding_floor, tolerance,
+    KERNEL_BACKENDS, assert_as_accurate, backends_and_dtypes, device_for, dtypes_for, relative_error, rounding_floor,
+    tolerance,
 )
 
 
@@ -122,37 +121,49 @@ def keep_first_key(mask: torch.Tensor) -> torch.Tensor:
     return mask.index_fill(-1, torch.tensor([0], device=mask.device), True)
 
 
-FP32, FP16 = torch.float32, torch.float16
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # name -> (query batch dims, key length, bias shape, mask shape or None, q/k/v dtype): learned float32
-# biases as models use them
+# biases as models use them. Three batch dims are the kernels' three levels (B0 images, B1 windows, H).
 BIAS_PATTERNS = {
     "relative-position (1,H,L,L)": ((3, 2), 20, (1, 2, 20, 20), None, FP16),
+    "swin: per-head bias (H,L,L) + per-window shift mask (nW,1,L,L)": ((2, 3, 2), 20, (2, 20, 20), (3, 1, 20, 20), FP16),
     "swin windows as batch: bias (nW,H,L,L) + shift mask (nW,1,L,L)": ((2, 3, 2), 20, (3, 2, 20, 20), (3, 1, 20, 20), FP32),
     "per-head (H,L,L) + key padding": ((2, 2), 25, (2, 20, 25), (2, 1, 1, 25), FP16),
     "per-key (B,1,1,Lk)": ((3, 2), 25, (3, 1, 1, 25), None, FP32),
     "per-query (Lq,1): gradient 0": ((2, 2), 25, (20, 1), None, FP16),
     "full (B,H,Lq,Lk)": ((2, 2), 25, (2, 2, 20, 25), None, FP32),
 }
-if GPU:  # bf16 arithmetic: not in the Triton interpreter
-    BIAS_PATTERNS["relative-position (1,H,L,L) bf16"] = ((3, 2), 20, (1, 2, 20, 20), None, torch.bfloat16)
 
 
-@pytest.mark.parametrize("pattern", BIAS_PATTERNS.values(), ids=BIAS_PATTERNS.keys())
-def test_learned_bias_gets_sdpas_gradient(pattern):
+def bias_cases():
+    """(backend, pattern) parameters: Triton in each pattern's own dtype (bf16 on a GPU only: the
+    interpreter has none), the CUDA kernels in fp32, fp16 and bf16."""
+    for backend in KERNEL_BACKENDS:
+        name = backend.values[0]
+        for pattern_name, pattern in BIAS_PATTERNS.items():
+            dtypes = dtypes_for(name) if name == "cuda" else (pattern[-1], BF16) if pattern[-1] == FP16 else (pattern[-1],)
+            for dtype in (d for d in dtypes if d in dtypes_for(name)):
+                yield pytest.param(name, (*pattern[:-1], dtype), marks=backend.marks,
+                                   id=f"{backend.id}-{pattern_name}-{str(dtype).removeprefix('torch.')}")
+
+
+@pytest.mark.parametrize("backend, pattern", bias_cases())
+def test_learned_bias_gets_sdpas_gradient(backend, pattern):
     """An additive attn_mask that requires grad (float32, with any q/k/v dtype, as SDPA takes it):
     its gradient, summed over what it broadcasts over, against float64 SDPA."""
-    device = device_for("triton")
+    device = device_for(backend)
     batch, key_len, bias_shape, mask_shape, dtype = pattern
     query = torch.randn(*batch, 20, 16, device=device).to(dtype)
     key, value = (torch.randn(*batch, key_len, 16, device=device).to(dtype) for _ in range(2))
     bias = torch.randn(bias_shape, device=device, requires_grad=True)
     if mask_shape is None:
-        check("triton", query, key, value, dtype, attn_mask=bias)
+        check(backend, query, key, value, dtype, attn_mask=bias)
     else:  # a second mask in the same pass: SDPA's attn_mask is their sum
         mask = keep_first_key(torch.rand(mask_shape, device=device) > 0.3)
-        check("triton", query, key, value, dtype, attn_mask=mask, attn_bias=bias)
+        check(backend, query, key, value, dtype, attn_mask=mask, attn_bias=bias)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @settings(max_examples=5, deadline=None)
 @given(
     batch=st.lists(st.integers(1, 3), min_size=1, max_size=3),
@@ -160,13 +171,14 @@ def test_learned_bias_gets_sdpas_gradient(pattern):
     head_dim=st.sampled_from([8, 16, 24]),
     broadcast=st.lists(st.booleans(), min_size=5, max_size=5),
     mask=st.sampled_from([None, "bool", "float"]),
-    dtype=st.sampled_from(CPU_DTYPES),
     bias_dtype=st.sampled_from([torch.float32, None]),
+    data=st.data(),
 )
-def test_learned_bias_fuzz(batch, lengths, head_dim, broadcast, mask, dtype, bias_dtype):
+def test_learned_bias_fuzz(backend, batch, lengths, head_dim, broadcast, mask, bias_dtype, data):
     """Random batch dims, a bias broadcast over a random subset of them and of (Lq, Lk), maybe of lower
     rank, with or without a second mask, in the query's dtype or float32."""
-    device = device_for("triton")
+    device = device_for(backend)
+    dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
     seq_q, seq_k = lengths
     scores = (*batch, seq_q, seq_k)
     bias_shape = [1 if flat else size for flat, size in zip(broadcast, scores[-5:] if len(scores) >= 5 else scores)]
@@ -179,7 +191,7 @@ def test_learned_bias_fuzz(batch, lengths, head_dim, broadcast, mask, dtype, bia
         kwargs["attn_mask"] = keep_first_key(torch.rand(scores, device=device) > 0.4)
     elif mask == "float":
         kwargs["attn_mask"] = torch.randn(scores[-3:], device=device)
-    check("triton", query, key, value, dtype, **kwargs)
+    check(backend, query, key, value, dtype, **kwargs)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -193,13 +205,6 @@ def test_what_only_sdpa_serves_goes_to_torch_under_auto_and_is_refused_when_forc
         vkernels.attention(*inputs, **kwargs)  # auto: stock SDPA
         with pytest.raises(vkernels.BackendUnavailableError):
             vkernels.attention(*inputs, **kwargs, backend=backend)
-
-
-def test_cuda_refuses_a_learned_bias_until_its_kernels_take_one():
-    """Issue 13's phase 2 brings attn_bias to csrc/cuda/attention.cu; until then CUDA says why."""
-    q = torch.randn(1, 2, 4, 8)
-    limits = attention_ops._kernel_limits(q, q, q, None, torch.zeros(4, 4), 0.0)
-    assert set(limits) == {"cuda"} and "phase 2" in limits["cuda"]
 
 
 BAD_CALLS = {
@@ -236,19 +241,14 @@ def test_cuda_kernels_take_head_dims_that_are_multiples_of_8():
     with pytest.raises(vkernels.BackendUnavailableError, match="multiples of 8"):
         vkernels.attention(q, q, q, backend="cuda")
     with pytest.raises(RuntimeError, match="multiples of 8"):
-        torch.ops.vkernels.attention_cuda(q, q, q, None, False, 0.3)
+        torch.ops.vkernels.attention_cuda(q, q, q, None, None, False, 0.3)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_opcheck(backend):
     device = device_for(backend)
     q, k, v = (torch.randn(1, 2, n, 16, device=device, requires_grad=True) for n in (5, 7, 7))
-    mask = (torch.rand(1, 1, 1, 7, device=device) > 0.2).expand(1, 2, 5, 7)
     op = getattr(torch.ops.vkernels, f"attention_{backend}").default
-    if backend == "cuda":  # its schema from before attn_bias, until issue 13's phase 2
-        torch.library.opcheck(op, (q, k, v, None, True, 0.25))
-        torch.library.opcheck(op, (q, k, v, mask, False, 0.25))
-        return
     torch.library.opcheck(op, (q, k, v, None, None, True, 0.25))
     # 5-D windows (B0 images, B1 windows, H heads): a per-window bool mask and a per-head learned bias
     q, k, v = (torch.randn(2, 2, 2, 5, 8, device=device, requires_grad=True) for _ in range(3))

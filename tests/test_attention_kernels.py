@@ -6,8 +6,6 @@ stand-ins for ViT ones), the CUDA kernels through the emulator (fp32, fp16, bf16
 when there is one. CUDA_CASES add what only the CUDA kernels' tiling distinguishes: every head-dim
 class (32, 64, 128, 256 with its two dK/dV column slices), several query and key blocks (ViT's 197,
 257 and 577 tokens), causal masks with Lq != Lk, a value head dim unlike the query's, unaligned rows.
-The CUDA ops take no bias until issue 13's phase 2 (vkernels.ops.attention.CUDA_SCHEMAS_BEFORE_BIAS):
-cases with a bias run on Triton only.
 """
 from __future__ import annotations
 
@@ -144,6 +142,14 @@ CUDA_CASES = [
     pytest.param(Case(1, 2, 97, 97, 40, FP16, mask="float", logit_scale=100.0), id="large-logits-float-mask"),
     pytest.param(Case(2, 1, 33, 1, 8, FP16, mask="causal_float32"), id="single-key-d8"),
     pytest.param(Case(1, 2, 40, 40, 24, FP16, layout="offset", is_causal=True), id="unaligned-rows-d24"),
+    # the bias gradient's tiles: 64 queries x 64 keys (32 at HD = 256); a bias of one row (column)
+    # sums its tile over every query (key) block, one of a single element over both
+    pytest.param(Case(1, 2, 150, 97, 64, FP16, mask="bool", dead_row=True, bias=(1, 2, 150, 97)),
+                 id="bias-tiles-bool-deadrow-d64"),
+    pytest.param(Case(2, 1, 70, 45, 256, FP16, mask="float", bias=(1, 1, 1, 45)), id="keybias-rows-summed-d256"),
+    pytest.param(Case(2, 1, 70, 100, 128, FP16, bias=(2, 1, 70, 1)), id="querybias-keys-summed-d128"),  # grad 0
+    pytest.param(Case(1, 2, 70, 90, 32, FP16, mask="key_padding", bias=(1, 1, 1, 1)), id="scalarbias-both-summed-d32"),
+    pytest.param(Case(1, 1, 70, 45, 40, FP16, is_causal=True, bias=(1, 1, 70, 45)), id="bias-causal-d40"),
 ]
 # fp16 and bf16 only: the fp32 kernel's warp-per-row loop has no tiles to test here, and its shuffle
 # per key makes 577 tokens cost the emulator 10 s
@@ -152,12 +158,10 @@ CUDA_TENSOR_CORE_CASES = [pytest.param(Case(1, 1, 577, 577, 64, FP16), id="vit57
 
 def backend_cases(cases, backends=("triton", "cuda"), cuda_dtypes=dtypes_for("cuda")):
     """(backend, case) parameters: Triton in each case's own dtype where it takes it (the interpreter
-    has no bf16), the CUDA kernels in every dtype (of ``cuda_dtypes``) and without a bias."""
+    has no bf16), the CUDA kernels in every dtype (of ``cuda_dtypes``)."""
     for backend in (p for p in KERNEL_BACKENDS if p.values[0] in backends):
         name = backend.values[0]
         for case in cases:
-            if name == "cuda" and case.values[0].bias is not None:
-                continue
             dtypes = cuda_dtypes if name == "cuda" else [case.values[0].dtype]
             for dtype in (d for d in dtypes if d in dtypes_for(name)):
                 yield pytest.param(name, dataclasses.replace(case.values[0], dtype=dtype),
@@ -195,18 +199,12 @@ def test_triton_block_shapes(blocks, monkeypatch):
 
 
 def forward(backend, query, key, value, mask, bias, is_causal, scale):
-    """(out, lse) from one backend's forward op; the CUDA op's schema has no bias yet."""
-    if backend == "cuda":
-        assert bias is None
-        return backend_op("attention", backend)(query, key, value, mask, is_causal, scale)
+    """(out, lse) from one backend's forward op."""
     return backend_op("attention", backend)(query, key, value, mask, bias, is_causal, scale)
 
 
 def backward(backend, grad_out, query, key, value, out, lse, mask, bias, is_causal, scale):
     """(grad_query, grad_key, grad_value, grad_bias or None) from one backend's backward op."""
-    if backend == "cuda":
-        return *backend_op("attention_backward", backend)(grad_out, query, key, value, out, lse, mask, is_causal,
-                                                          scale), None
     return backend_op("attention_backward", backend)(grad_out, query, key, value, out, lse, mask, bias, is_causal,
                                                      scale, bias is not None)
 
@@ -253,10 +251,10 @@ def check_against_reference(backend: str, case: Case):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_attention_backward_is_deterministic(backend, monkeypatch):
-    """Bit-identical reruns; Triton's bias gradient sums 6 batch entries in 3 chunks of 2 (few programs
-    wanted) and in 6 chunks of 1 (the default here), each in a fixed order (the CUDA ops take no bias)."""
-    bias = (1, 1, 20, 17) if backend == "triton" else None
-    query, key, value, mask, bias = Case(3, 2, 20, 17, 16, FP32, mask="float", bias=bias).inputs(device_for(backend))
+    """Bit-identical reruns; the bias gradient sums 6 batch entries in 6 chunks of 1 (the default
+    here) and, on Triton, in 3 chunks of 2 (few programs wanted), each in a fixed order."""
+    query, key, value, mask, bias = Case(3, 2, 20, 17, 16, FP32, mask="float", bias=(1, 1, 20, 17)).inputs(
+        device_for(backend))
     out, lse = forward(backend, query, key, value, mask, bias, False, 0.2)
     grad_out = torch.randn_like(out)
     for programs in (3, attention_kernels.BIAS_GRAD_PROGRAMS):
@@ -264,6 +262,16 @@ def test_attention_backward_is_deterministic(backend, monkeypatch):
         first = backward(backend, grad_out, query, key, value, out, lse, mask, bias, False, 0.2)
         second = backward(backend, grad_out, query, key, value, out, lse, mask, bias, False, 0.2)
         assert all(a is b is None or torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", dtypes_for("cuda"))
+def test_cuda_bias_gradient_sums_chunks_of_entries(dtype):
+    """1025 batch entries share one bias: more than the 1024 programs the sum aims for, so each adds
+    two entries (the CUDA kernels' bias_grad_chunks)."""
+    if dtype != FP32 and device_for("cuda").type != "cuda":
+        pytest.skip("1025 tensor-core blocks per kernel cost the emulator 7 s: fp16/bf16 on a GPU")
+    check_against_reference("cuda", Case(1025, 1, 1, 3, 8, dtype, bias=(1, 1, 1, 3)))
 
 
 def test_triton_bias_grad_chunks_depend_on_shapes_only():

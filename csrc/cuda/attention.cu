@@ -1,12 +1,20 @@
 // Flash attention, forward and backward, in CUDA C++. The op schemas are defined in Python
 // (vkernels/ops/attention.py); this file registers their CUDA implementations:
-//   attention_cuda(q, k, v, mask?, is_causal, scale) -> (out, lse)
-//   attention_backward_cuda(dout, q, k, v, out, lse, mask?, is_causal, scale) -> (dq, dk, dv)
-// q (B,H,Lq,D), k (B,H,Lk,D), v (B,H,Lk,Dv) with any strides but a unit last stride; the mask is
-// (B,H,Lq,Lk) with any strides (0 on broadcast dims), bool (True = attend) or additive float.
-// Causal is top-left aligned (query i sees key j iff j <= i). lse is the natural-log log-sum-exp of
-// the scaled, masked logits; a fully masked row gives out = 0 and lse = +inf, so the backward's
-// P = exp(s - lse) is 0 there. The backward is deterministic: no atomics.
+//   attention_cuda(q, k, v, mask?, bias?, is_causal, scale, rotary_cos?, rotary_sin?, rotary_interleaved)
+//       -> (out, lse)
+//   attention_backward_cuda(dout, q, k, v, out, lse, mask?, bias?, is_causal, scale, bias_requires_grad,
+//       rotary_cos?, rotary_sin?, rotary_interleaved) -> (dq, dk, dv, dbias?)
+// The rotary tables must be None until issue 16's phase 2 (the public functions refuse them first).
+// q (B0,B1,H,Lq,D), k (B0,B1,H,Lk,D), v (B0,B1,H,Lk,Dv), or 4-D (B0 = 1), read through their strides
+// (copied when the head dim's is not 1): three batch levels, so that windows of an image batch (Swin:
+// B0 images, B1 windows) index a per-window mask and a per-head bias without copies. The mask (bool, True = attend, or
+// additive float) and the bias (additive float) broadcast to (B0,B1,H,Lq,Lk) through size-1 dims,
+// read with stride 0, and are added in one pass. out is laid out (B0,B1,Lq,H,Dv) in memory, as
+// FlashAttention's (vkernels.shapes.empty_attention_output). Causal is top-left aligned (query i
+// sees key j iff j <= i). lse is the natural-log log-sum-exp of the scaled, masked logits; a fully
+// masked row gives out = 0 and lse = +inf, so the backward's P = exp(s - lse) is 0 there.
+// dbias = dS = P (dP - delta) summed over the batch entries, rows and columns the bias broadcasts
+// over, by its own kernel (bias gradient, below). The backward is deterministic: no atomics.
 //
 // fp16/bf16 run on tensor cores (mma.sync m16n8k16, fp32 accumulators in registers); fp32 runs a
 // plain-FMA kernel (a warp per query or key row) that serves as the exact reference path.
@@ -22,10 +30,17 @@
 //             dV += P^T dO and dK += dS^T Q. For HD = 256 the grid also splits dK/dV's columns into
 //             two 128-wide slices (S and dP are recomputed per slice) to bound the accumulators.
 //   dQ        block = 16 queries per warp, loops over key tiles; dQ += dS K.
+//   dbias     block = one kBlockM x kBlockN tile of the bias (16 queries per warp) and one chunk of
+//             the batch entries it sums over, which it steps through in order, recomputing S, dP
+//             and dS there (score_grad_tile, dQ's too) and adding dS in registers; a bias of one
+//             row (column) steps through every query (key) block. The chunks' fp32 partial sums
+//             are added in chunk order after the kernel; the chunks depend on shapes only
+//             (bias_grad_chunks, the Triton backend's rule), so reruns are bit-identical.
 //   delta     rowsum(dO * O) per query, a preprocess.
 // Streaming tiles (K/V in forward and dQ, Q/dO in dK/dV) are double-buffered: at the top of each
 // iteration every thread waits for its cp.async group, one __syncthreads publishes the tile and
 // proves everyone is done reading the other stage, and the next tile is issued into that stage.
+// dbias has one stage (a step mostly moves all four tiles; other resident blocks hide the copies).
 // Shared rows are padded by 16 bytes (row pitch HD + 8 elements), so the 8 row addresses of every
 // ldmatrix phase fall into distinct 16-byte bank groups. Rows past the lengths and columns past the
 // head dim are zero-filled by cp.async (src-size 0), so they add exact zeros, never NaN.
@@ -41,8 +56,11 @@
 // tiles j and j+1; B from a [k][n] tile (V for P V) with .trans and the A addressing. Two adjacent
 // C tiles of S (keys 16c..16c+15) are exactly the A fragment of P for the k-chunk c, so P never
 // leaves registers.
+#include <ATen/ExpandUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -58,7 +76,9 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <type_traits>
+#include <vector>
 
 #include "mma.cuh"
 #include "runtime.cuh"
@@ -74,43 +94,63 @@ constexpr int kMaxHeadDim = 256;
 // Arguments
 // ---------------------------------------------------------------------------------------------
 
-// A (B, H, L, dim) tensor with a unit last stride; strides in elements.
-struct Operand {
-  const void* data;
-  int64_t stride_b, stride_h, stride_row;
+// A (B0, B1, H, L, dim) tensor with a unit last stride; strides in elements (0 on broadcast levels).
+template <typename Pointer>
+struct Strided {
+  Pointer data;
+  int64_t stride0, stride1, stride2, stride_row;
 };
+using Operand = Strided<const void*>;
+using Output = Strided<void*>;
 
 enum MaskKind : int { kMaskBool = 0, kMaskSameDtype = 1, kMaskFloat = 2 };
 
+// A mask or bias broadcast to (B0, B1, H, Lq, Lk): stride 0 along the dims it broadcasts over.
 struct Mask {
-  const void* data;  // nullptr when there is no mask
-  int64_t stride_b, stride_h, stride_q, stride_k;
+  const void* data;  // nullptr when absent
+  int64_t stride0, stride1, stride2, stride_q, stride_k;
   int kind;
 };
 
+// What is added to the scaled logits: the mask (bool or additive) and the bias (additive).
+struct Masks {
+  Mask mask, bias;
+};
+
 struct Problem {
-  int heads, len_q, len_k, dim_qk, dim_v;
+  int batch1, heads, len_q, len_k, dim_qk, dim_v;  // batch1 = B1, heads = H (the batch levels but B0)
   bool causal;
   float scale, scale_log2;
 };
 
 struct ForwardArgs {
   Operand q, k, v;
-  Mask mask;
+  Masks masks;
   Problem p;
-  void* out;   // (B, H, Lq, Dv) contiguous
-  float* lse;  // (B, H, Lq)
+  Output out;  // laid out (B0, B1, Lq, H, Dv)
+  float* lse;  // (B0, B1, H, Lq) contiguous
 };
 
 struct BackwardArgs {
   Operand q, k, v, out, grad_out;
-  Mask mask;
+  Masks masks;
   Problem p;
-  const float* lse;  // (B, H, Lq) contiguous
-  float* delta;      // (B, H, Lq): rowsum(dO * O)
+  const float* lse;  // (B0, B1, H, Lq) contiguous
+  float* delta;      // (B0, B1, H, Lq): rowsum(dO * O)
   void* grad_q;      // contiguous, shapes of q, k, v
   void* grad_k;
   void* grad_v;
+};
+
+// How the bias gradient sums dS: the bias has kept0 x kept1 x kept2 batch entries ("groups"; each
+// kept_l is B_l or 1) of rows x cols; each stands for reduced_l = B_l / kept_l entries of every level,
+// num_entries in all, enumerated e = (r0 * reduced1 + r1) * reduced2 + r2 and summed in chunks of
+// chunk_size consecutive entries into partial[chunk][group][row][col] (float32, contiguous).
+struct BiasGradSum {
+  float* partial;
+  int kept1, kept2, groups, reduced1, reduced2, num_entries, chunk_size, chunks;
+  int rows, cols;                // the bias's: 1 where it is summed over the query rows or the keys
+  bool reduce_rows, reduce_cols;  // rows == 1 < Lq, cols == 1 < Lk
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -120,9 +160,38 @@ struct BackwardArgs {
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int round_up(int a, int b) { return ceil_div(a, b) * b; }
 
+// Batch entry (i0, i1, i2) of the flat index bh = (i0 * B1 + i1) * H + i2.
+struct Entry {
+  int64_t i0, i1, i2;
+};
+
+__device__ __forceinline__ Entry batch_entry(const Problem& p, int64_t bh) {
+  return {bh / (static_cast<int64_t>(p.batch1) * p.heads), (bh / p.heads) % p.batch1, bh % p.heads};
+}
+
+// Element offset of batch entry e in a tensor with strides stride0..2 (a Strided or a Mask).
+template <typename Tensor>
+__device__ __forceinline__ int64_t entry_offset(const Tensor& t, const Entry& e) {
+  return e.i0 * t.stride0 + e.i1 * t.stride1 + e.i2 * t.stride2;
+}
+
 template <typename T>
-__device__ __forceinline__ const T* head_ptr(const Operand& o, int b, int h) {
-  return static_cast<const T*>(o.data) + b * o.stride_b + h * o.stride_h;
+__device__ __forceinline__ const T* at_entry(const Operand& o, const Entry& e) {
+  return static_cast<const T*>(o.data) + entry_offset(o, e);
+}
+
+template <typename T>
+__device__ __forceinline__ T* at_entry(const Output& o, const Entry& e) {
+  return static_cast<T*>(o.data) + entry_offset(o, e);
+}
+
+// Element offsets of one batch entry into the mask and the bias.
+struct MaskOffsets {
+  int64_t mask, bias;
+};
+
+__device__ __forceinline__ MaskOffsets mask_offsets(const Masks& m, const Entry& e) {
+  return {entry_offset(m.mask, e), entry_offset(m.bias, e)};
 }
 
 // Two floats as one 32-bit register of T pairs, the lower column in the low half (mma operand order).
@@ -178,15 +247,24 @@ __device__ __forceinline__ float mask_logit2(const Mask& mask, int64_t offset) {
   return x == -INFINITY ? x : fmaxf(x * kLog2e, -FLT_MAX);
 }
 
+// What the mask and the bias add to the base-2 logit of (row = query, col = key) of the entry at `at`.
+template <typename T>
+__device__ __forceinline__ float masks_logit2(const Masks& m, const MaskOffsets& at, int row, int col) {
+  float s = 0.0f;
+  if (m.mask.data != nullptr) s += mask_logit2<T>(m.mask, at.mask + row * m.mask.stride_q + col * m.mask.stride_k);
+  if (m.bias.data != nullptr) s += mask_logit2<T>(m.bias, at.bias + row * m.bias.stride_q + col * m.bias.stride_k);
+  return s;
+}
+
 // Base-2 logit of score element (row = query, col = key) from its dot product q.k; -inf outside
 // the lengths, above the causal diagonal, or where the mask forbids. `edge` is false for tiles that
 // are known to lie inside the lengths and below the diagonal, which skips the comparisons.
-template <typename T, bool kHasMask>
-__device__ __forceinline__ float logit2(float dot, int row, int col, bool edge, const Problem& p, const Mask& mask,
-                                        int64_t mask_head) {
+template <typename T, bool kHasMasks>
+__device__ __forceinline__ float logit2(float dot, int row, int col, bool edge, const Problem& p, const Masks& masks,
+                                        const MaskOffsets& at) {
   if (edge && (row >= p.len_q || col >= p.len_k || (p.causal && col > row))) return -INFINITY;
   float s = dot * p.scale_log2;
-  if constexpr (kHasMask) s += mask_logit2<T>(mask, mask_head + row * mask.stride_q + col * mask.stride_k);
+  if constexpr (kHasMasks) s += masks_logit2<T>(masks, at, row, col);
   return s;
 }
 
@@ -215,13 +293,35 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t r
   }
 }
 
+// acc += A B^T for one warp: A is 16 rows of a [.][kLd] shared tile at a_addr (with a_lane_offset),
+// B is 8 * kTiles rows of one at b_addr (with b_lane_offset), both over head-dim columns [0, 16 * chunks)
+// (chunks <= HD / 16: the head dim rounded up to 16).
+template <typename T, int HD, int kTiles, int kLd>
+__device__ __forceinline__ void mma_rows_by_tile(float (&acc)[kTiles][4], uint32_t a_addr, uint32_t b_addr,
+                                                 int chunks) {
+#pragma unroll
+  for (int kc = 0; kc < HD / 16; ++kc) {
+    if (kc < chunks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, a_addr + kc * 16 * 2);
+#pragma unroll
+      for (int np = 0; np < kTiles / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, b_addr + (np * 16 * kLd + kc * 16) * 2);
+        mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+        mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+  }
+}
+
 // Stores a warp's 16 x (8 * kTiles) fp32 accumulator tile, times `factor`, to rows [row0, row0 + 16)
-// and columns [col0, col0 + 8 * kTiles) of a contiguous (len x dim) matrix, through the warp's own
-// 16 rows of a [.][kLd] shared tile (`stage`, which no other warp reads) so that global stores are
-// 16 bytes wide. Rows past len and columns past dim are dropped.
+// and columns [col0, col0 + 8 * kTiles) of a (len x dim) matrix with row stride row_stride (16-byte
+// aligned rows), through the warp's own 16 rows of a [.][kLd] shared tile (`stage`, which no other
+// warp reads) so that global stores are 16 bytes wide. Rows past len and columns past dim are dropped.
 template <typename T, int kTiles, int kLd>
-__device__ __forceinline__ void store_warp_tile(const float (&acc)[kTiles][4], float factor, T* stage, T* dst, int row0,
-                                                int len, int col0, int dim, int lane) {
+__device__ __forceinline__ void store_warp_tile(const float (&acc)[kTiles][4], float factor, T* stage, T* dst,
+                                                int64_t row_stride, int row0, int len, int col0, int dim, int lane) {
   const int group = lane / 4, quad_lane = lane % 4;
   __syncwarp();
 #pragma unroll
@@ -240,7 +340,7 @@ __device__ __forceinline__ void store_warp_tile(const float (&acc)[kTiles][4], f
     const int row = chunk / kChunksPerRow;
     const int col = (chunk % kChunksPerRow) * 8;
     if (row < 16 && row0 + row < len && col0 + col < dim) {
-      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(row0 + row) * dim + col0 + col) =
+      *reinterpret_cast<uint4*>(dst + (row0 + row) * row_stride + col0 + col) =
           *reinterpret_cast<const uint4*>(stage + row * kLd + col);
     }
   }
@@ -285,11 +385,22 @@ struct QueryGradTiles {
   static constexpr size_t kSmemBytes = size_t(2 * kBlockM + 4 * kBlockN) * kLd * 2;
 };
 
+template <int HD>
+struct BiasGradTiles {
+  static constexpr int kWarps = 4;
+  static constexpr int kBlockM = 16 * kWarps;          // bias rows (queries) of the block's tile, 16 per warp
+  static constexpr int kBlockN = HD == 256 ? 32 : 64;  // bias columns (keys)
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kLd = HD + 8;
+  // Q and dO tiles, then K and V tiles, one stage each.
+  static constexpr size_t kSmemBytes = size_t(2 * kBlockM + 2 * kBlockN) * kLd * 2;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Tensor-core forward
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int HD, bool kHasMask>
+template <typename T, int HD, bool kHasMasks>
 __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_kernel(const ForwardArgs args) {
   using Tiles = ForwardTiles<HD>;
   constexpr int kWarpTiles = Tiles::kWarpTiles, kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN;
@@ -305,8 +416,8 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
   const int num_m_blocks = ceil_div(p.len_q, kBlockM);
   // Last query blocks first: under causal masking they are the longest.
   const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
-  const int bh = static_cast<int>(blockIdx.x / num_m_blocks);
-  const int b = bh / p.heads, h = bh % p.heads;
+  const int64_t bh = blockIdx.x / num_m_blocks;
+  const Entry entry = batch_entry(p, bh);
   const int m0 = m_block * kBlockM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / 4, quad_lane = lane % 4;
@@ -314,10 +425,10 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
   const int qk_cols = round_up(p.dim_qk, 16), v_cols = round_up(p.dim_v, 16);
   const int qk_chunks = qk_cols / 16, v_chunks = v_cols / 16;
 
-  const T* q = head_ptr<T>(args.q, b, h);
-  const T* k = head_ptr<T>(args.k, b, h);
-  const T* v = head_ptr<T>(args.v, b, h);
-  const int64_t mask_head = kHasMask ? b * args.mask.stride_b + h * args.mask.stride_h : 0;
+  const T* q = at_entry<T>(args.q, entry);
+  const T* k = at_entry<T>(args.k, entry);
+  const T* v = at_entry<T>(args.v, entry);
+  const MaskOffsets masks_at = mask_offsets(args.masks, entry);
 
   int n_end = ceil_div(p.len_k, kBlockN);
   if (p.causal) n_end = min(n_end, ceil_div(min(m0 + kBlockM, p.len_q), kBlockN));
@@ -391,7 +502,7 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
           for (int e = 0; e < 2; ++e) {
             const int col = n0 + nj * 8 + 2 * quad_lane + e;
             float& s = acc_s[mi][nj][2 * half + e];
-            s = logit2<T, kHasMask>(s, row, col, edge, p, args.mask, mask_head);
+            s = logit2<T, kHasMasks>(s, row, col, edge, p, args.masks, masks_at);
             tile_max = fmaxf(tile_max, s);
           }
         }
@@ -445,8 +556,8 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
   // Without any key tile, the Q copies (issued by all threads) were never waited for.
   cp_async_wait_all();
   __syncthreads();
-  const int64_t row_base = static_cast<int64_t>(bh) * p.len_q;
-  T* out = static_cast<T*>(args.out) + row_base * p.dim_v;
+  const int64_t row_base = bh * p.len_q;
+  T* out = at_entry<T>(args.out, entry);
 #pragma unroll
   for (int mi = 0; mi < kWarpTiles; ++mi) {
     float inv_sum[2];
@@ -467,7 +578,7 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
       acc_o[mi][dj][3] *= inv_sum[1];
     }
     store_warp_tile<T, kOutTiles, kLd>(acc_o[mi], 1.0f, q_tile + (warp_row0 + mi * 16) * kLd, out,
-                                       m0 + warp_row0 + mi * 16, p.len_q, 0, p.dim_v, lane);
+                                       args.out.stride_row, m0 + warp_row0 + mi * 16, p.len_q, 0, p.dim_v, lane);
   }
 }
 
@@ -483,17 +594,16 @@ __global__ void __launch_bounds__(256) attention_backward_delta_kernel(const Bac
   if (row >= rows) return;
   const Problem& p = args.p;
   const int i = static_cast<int>(row % p.len_q);
-  const int bh = static_cast<int>(row / p.len_q);
-  const int b = bh / p.heads, h = bh % p.heads;
-  const T* grad_out = head_ptr<T>(args.grad_out, b, h) + i * args.grad_out.stride_row;
-  const T* out = head_ptr<T>(args.out, b, h) + i * args.out.stride_row;
+  const Entry entry = batch_entry(p, row / p.len_q);
+  const T* grad_out = at_entry<T>(args.grad_out, entry) + i * args.grad_out.stride_row;
+  const T* out = at_entry<T>(args.out, entry) + i * args.out.stride_row;
   float sum = 0.0f;
   for (int d = lane; d < p.dim_v; d += 32) sum += to_float(grad_out[d]) * to_float(out[d]);
   sum = warp_sum(sum);
   if (lane == 0) args.delta[row] = sum;
 }
 
-template <typename T, int HD, bool kHasMask>
+template <typename T, int HD, bool kHasMasks>
 __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
     attention_backward_key_value_kernel(const BackwardArgs args) {
   using Tiles = KeyValueGradTiles<HD>;
@@ -514,8 +624,8 @@ __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
   const int num_slices = ceil_div(max(p.dim_qk, p.dim_v), kSliceDim);
   const int n_block = static_cast<int>(blockIdx.x % num_n_blocks);
   const int slice = static_cast<int>(blockIdx.x / num_n_blocks) % num_slices;
-  const int bh = static_cast<int>(blockIdx.x / num_n_blocks) / num_slices;
-  const int b = bh / p.heads, h = bh % p.heads;
+  const int64_t bh = blockIdx.x / num_n_blocks / num_slices;
+  const Entry entry = batch_entry(p, bh);
   const int n0 = n_block * kBlockN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / 4, quad_lane = lane % 4;
@@ -523,14 +633,13 @@ __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
   const int qk_chunks = qk_cols / 16, v_chunks = v_cols / 16;
   const int slice_chunk0 = slice * (kSliceDim / 16);
 
-  const T* q = head_ptr<T>(args.q, b, h);
-  const T* k = head_ptr<T>(args.k, b, h);
-  const T* v = head_ptr<T>(args.v, b, h);
-  const T* grad_out = head_ptr<T>(args.grad_out, b, h);
-  const int64_t row_base_q = static_cast<int64_t>(bh) * p.len_q;
-  const float* lse = args.lse + row_base_q;
-  const float* delta = args.delta + row_base_q;
-  const int64_t mask_head = kHasMask ? b * args.mask.stride_b + h * args.mask.stride_h : 0;
+  const T* q = at_entry<T>(args.q, entry);
+  const T* k = at_entry<T>(args.k, entry);
+  const T* v = at_entry<T>(args.v, entry);
+  const T* grad_out = at_entry<T>(args.grad_out, entry);
+  const float* lse = args.lse + bh * p.len_q;
+  const float* delta = args.delta + bh * p.len_q;
+  const MaskOffsets masks_at = mask_offsets(args.masks, entry);
 
   // Queries before the block's first key see none of its keys under causal masking.
   const int m_begin = p.causal ? n0 / kBlockM : 0;
@@ -578,34 +687,8 @@ __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
     // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys.
     float acc_s[kScoreTiles][4] = {};
     float acc_dp[kScoreTiles][4] = {};
-#pragma unroll
-    for (int kc = 0; kc < HD / 16; ++kc) {
-      if (kc < qk_chunks) {
-        uint32_t a[4];
-        ldmatrix_x4(a, k_addr + kc * 16 * 2);
-#pragma unroll
-        for (int np = 0; np < kScoreTiles / 2; ++np) {
-          uint32_t bq[4];
-          ldmatrix_x4(bq, q_addr_b + stage + (np * 16 * kLd + kc * 16) * 2);
-          mma_16816<T>(acc_s[2 * np], a, bq[0], bq[1]);
-          mma_16816<T>(acc_s[2 * np + 1], a, bq[2], bq[3]);
-        }
-      }
-    }
-#pragma unroll
-    for (int kc = 0; kc < HD / 16; ++kc) {
-      if (kc < v_chunks) {
-        uint32_t a[4];
-        ldmatrix_x4(a, v_addr + kc * 16 * 2);
-#pragma unroll
-        for (int np = 0; np < kScoreTiles / 2; ++np) {
-          uint32_t bo[4];
-          ldmatrix_x4(bo, grad_out_addr_b + stage + (np * 16 * kLd + kc * 16) * 2);
-          mma_16816<T>(acc_dp[2 * np], a, bo[0], bo[1]);
-          mma_16816<T>(acc_dp[2 * np + 1], a, bo[2], bo[3]);
-        }
-      }
-    }
+    mma_rows_by_tile<T, HD, kScoreTiles, kLd>(acc_s, k_addr, q_addr_b + stage, qk_chunks);
+    mma_rows_by_tile<T, HD, kScoreTiles, kLd>(acc_dp, v_addr, grad_out_addr_b + stage, v_chunks);
 
     // P^T = exp2(s - lse * log2 e) and dS^T = P^T (dP^T - delta), in place.
     const int m0 = m_block * kBlockM;
@@ -623,7 +706,8 @@ __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int key = key_first + group + 8 * half;
-          const float s = logit2<T, kHasMask>(acc_s[qj][2 * half + e], m0 + col, key, edge, p, args.mask, mask_head);
+          const float s =
+              logit2<T, kHasMasks>(acc_s[qj][2 * half + e], m0 + col, key, edge, p, args.masks, masks_at);
           const float prob = exp2_approx(s - lse2);
           acc_s[qj][2 * half + e] = prob;
           acc_dp[qj][2 * half + e] = prob * (acc_dp[qj][2 * half + e] - row_delta);
@@ -660,16 +744,68 @@ __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
   // Without any query tile, the K/V copies (issued by all threads) were never waited for.
   cp_async_wait_all();
   __syncthreads();
-  const int64_t row_base_k = static_cast<int64_t>(bh) * p.len_k;
+  const int64_t row_base_k = bh * p.len_k;
   store_warp_tile<T, kSliceTiles, kLd>(acc_dk, p.scale, k_tile + warp * 16 * kLd,
-                                       static_cast<T*>(args.grad_k) + row_base_k * p.dim_qk, key_first, p.len_k,
-                                       slice * kSliceDim, p.dim_qk, lane);
+                                       static_cast<T*>(args.grad_k) + row_base_k * p.dim_qk, p.dim_qk, key_first,
+                                       p.len_k, slice * kSliceDim, p.dim_qk, lane);
   store_warp_tile<T, kSliceTiles, kLd>(acc_dv, 1.0f, v_tile + warp * 16 * kLd,
-                                       static_cast<T*>(args.grad_v) + row_base_k * p.dim_v, key_first, p.len_k,
-                                       slice * kSliceDim, p.dim_v, lane);
+                                       static_cast<T*>(args.grad_v) + row_base_k * p.dim_v, p.dim_v, key_first,
+                                       p.len_k, slice * kSliceDim, p.dim_v, lane);
 }
 
-template <typename T, int HD, bool kHasMask>
+// lse (base 2) and delta of this thread's rows row_first + group and row_first + group + 8 of the
+// batch entry bh. Rows past Lq get lse = +inf, hence P = 0.
+__device__ __forceinline__ void load_row_statistics(float (&lse2)[2], float (&row_delta)[2], const BackwardArgs& args,
+                                                    int64_t bh, int row_first, int group) {
+  const int64_t row_base = bh * args.p.len_q;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row_first + group + 8 * half;
+    lse2[half] = row < args.p.len_q ? args.lse[row_base + row] * kLog2e : INFINITY;
+    row_delta[half] = row < args.p.len_q ? args.delta[row_base + row] : 0.0f;
+  }
+}
+
+// dS = P (dP - delta) of a warp's 16 queries (from row_first) x kBlockN keys (from n0), in C-fragment
+// layout: S = Q K^T and dP = dO V^T from the warp's Q and dO rows (A operands at q_addr and
+// grad_out_addr, with a_lane_offset) and the block's K and V tiles (B operands at k_addr and v_addr,
+// with b_lane_offset) in [.][kLd] shared tiles; lse2 and row_delta from load_row_statistics.
+template <typename T, int HD, int kBlockN, int kLd, bool kHasMasks>
+__device__ __forceinline__ void score_grad_tile(float (&grad_s)[kBlockN / 8][4], uint32_t q_addr,
+                                                uint32_t grad_out_addr, uint32_t k_addr, uint32_t v_addr,
+                                                int row_first, int n0, const float (&lse2)[2],
+                                                const float (&row_delta)[2], const BackwardArgs& args,
+                                                const MaskOffsets& masks_at, int lane) {
+  constexpr int kScoreTiles = kBlockN / 8;
+  const Problem& p = args.p;
+  const int group = lane / 4, quad_lane = lane % 4;
+  const int qk_chunks = ceil_div(p.dim_qk, 16), v_chunks = ceil_div(p.dim_v, 16);
+  float acc_s[kScoreTiles][4] = {};
+  float(&acc_dp)[kScoreTiles][4] = grad_s;  // dS replaces dP in place
+#pragma unroll
+  for (int nj = 0; nj < kScoreTiles; ++nj) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc_dp[nj][r] = 0.0f;
+  }
+  mma_rows_by_tile<T, HD, kScoreTiles, kLd>(acc_s, q_addr, k_addr, qk_chunks);
+  mma_rows_by_tile<T, HD, kScoreTiles, kLd>(acc_dp, grad_out_addr, v_addr, v_chunks);
+
+  const bool edge = row_first + 16 > p.len_q || n0 + kBlockN > p.len_k || (p.causal && n0 + kBlockN - 1 > row_first);
+#pragma unroll
+  for (int nj = 0; nj < kScoreTiles; ++nj) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int half = r / 2;
+      const int row = row_first + group + 8 * half;
+      const int col = n0 + nj * 8 + 2 * quad_lane + (r & 1);
+      const float s = logit2<T, kHasMasks>(acc_s[nj][r], row, col, edge, p, args.masks, masks_at);
+      const float prob = exp2_approx(s - lse2[half]);
+      acc_dp[nj][r] = prob * (acc_dp[nj][r] - row_delta[half]);
+    }
+  }
+}
+
+template <typename T, int HD, bool kHasMasks>
 __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
     attention_backward_query_kernel(const BackwardArgs args) {
   using Tiles = QueryGradTiles<HD>;
@@ -686,20 +822,18 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
   const Problem& p = args.p;
   const int num_m_blocks = ceil_div(p.len_q, kBlockM);
   const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
-  const int bh = static_cast<int>(blockIdx.x / num_m_blocks);
-  const int b = bh / p.heads, h = bh % p.heads;
+  const int64_t bh = blockIdx.x / num_m_blocks;
+  const Entry entry = batch_entry(p, bh);
   const int m0 = m_block * kBlockM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int group = lane / 4, quad_lane = lane % 4;
   const int qk_cols = round_up(p.dim_qk, 16), v_cols = round_up(p.dim_v, 16);
-  const int qk_chunks = qk_cols / 16, v_chunks = v_cols / 16;
+  const int qk_chunks = qk_cols / 16;
 
-  const T* q = head_ptr<T>(args.q, b, h);
-  const T* k = head_ptr<T>(args.k, b, h);
-  const T* v = head_ptr<T>(args.v, b, h);
-  const T* grad_out = head_ptr<T>(args.grad_out, b, h);
-  const int64_t row_base = static_cast<int64_t>(bh) * p.len_q;
-  const int64_t mask_head = kHasMask ? b * args.mask.stride_b + h * args.mask.stride_h : 0;
+  const T* q = at_entry<T>(args.q, entry);
+  const T* k = at_entry<T>(args.k, entry);
+  const T* v = at_entry<T>(args.v, entry);
+  const T* grad_out = at_entry<T>(args.grad_out, entry);
+  const MaskOffsets masks_at = mask_offsets(args.masks, entry);
 
   int n_end = ceil_div(p.len_k, kBlockN);
   if (p.causal) n_end = min(n_end, ceil_div(min(m0 + kBlockM, p.len_q), kBlockN));
@@ -713,16 +847,9 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
   }
   cp_async_commit();
 
-  // Rows group and group + 8 of this warp: log-sum-exp in base 2 and delta. Rows past Lq get
-  // lse = +inf, hence P = 0.
   const int row_first = m0 + warp * 16;
   float lse2[2], row_delta[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = row_first + group + 8 * half;
-    lse2[half] = row < p.len_q ? args.lse[row_base + row] * kLog2e : INFINITY;
-    row_delta[half] = row < p.len_q ? args.delta[row_base + row] : 0.0f;
-  }
+  load_row_statistics(lse2, row_delta, args, bh, row_first, lane / 4);
 
   const uint32_t q_addr = smem_u32(q_tile) + warp * 16 * kLd * 2 + a_lane_offset<kLd>(lane);
   const uint32_t grad_out_addr = smem_u32(grad_out_tile) + warp * 16 * kLd * 2 + a_lane_offset<kLd>(lane);
@@ -746,59 +873,16 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
     }
     cp_async_commit();
 
-    // S = Q K^T and dP = dO V^T for this warp's 16 queries.
-    float acc_s[kScoreTiles][4] = {};
-    float acc_dp[kScoreTiles][4] = {};
-#pragma unroll
-    for (int kc = 0; kc < HD / 16; ++kc) {
-      if (kc < qk_chunks) {
-        uint32_t a[4];
-        ldmatrix_x4(a, q_addr + kc * 16 * 2);
-#pragma unroll
-        for (int np = 0; np < kScoreTiles / 2; ++np) {
-          uint32_t bk[4];
-          ldmatrix_x4(bk, k_addr_b + stage + (np * 16 * kLd + kc * 16) * 2);
-          mma_16816<T>(acc_s[2 * np], a, bk[0], bk[1]);
-          mma_16816<T>(acc_s[2 * np + 1], a, bk[2], bk[3]);
-        }
-      }
-    }
-#pragma unroll
-    for (int kc = 0; kc < HD / 16; ++kc) {
-      if (kc < v_chunks) {
-        uint32_t a[4];
-        ldmatrix_x4(a, grad_out_addr + kc * 16 * 2);
-#pragma unroll
-        for (int np = 0; np < kScoreTiles / 2; ++np) {
-          uint32_t bv[4];
-          ldmatrix_x4(bv, v_addr_b + stage + (np * 16 * kLd + kc * 16) * 2);
-          mma_16816<T>(acc_dp[2 * np], a, bv[0], bv[1]);
-          mma_16816<T>(acc_dp[2 * np + 1], a, bv[2], bv[3]);
-        }
-      }
-    }
-
-    // dS = P (dP - delta), in place of dP.
-    const int n0 = n_block * kBlockN;
-    const bool edge = row_first + 16 > p.len_q || n0 + kBlockN > p.len_k || (p.causal && n0 + kBlockN - 1 > row_first);
-#pragma unroll
-    for (int nj = 0; nj < kScoreTiles; ++nj) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int half = r / 2;
-        const int row = row_first + group + 8 * half;
-        const int col = n0 + nj * 8 + 2 * quad_lane + (r & 1);
-        const float s = logit2<T, kHasMask>(acc_s[nj][r], row, col, edge, p, args.mask, mask_head);
-        const float prob = exp2_approx(s - lse2[half]);
-        acc_dp[nj][r] = prob * (acc_dp[nj][r] - row_delta[half]);
-      }
-    }
+    float grad_s[kScoreTiles][4];
+    score_grad_tile<T, HD, kBlockN, kLd, kHasMasks>(grad_s, q_addr, grad_out_addr, k_addr_b + stage, v_addr_b + stage,
+                                                    row_first, n_block * kBlockN, lse2, row_delta, args, masks_at,
+                                                    lane);
 
     // dQ += dS K
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[4];
-      c_tiles_to_a<T>(a, acc_dp[2 * kk], acc_dp[2 * kk + 1]);
+      c_tiles_to_a<T>(a, grad_s[2 * kk], grad_s[2 * kk + 1]);
 #pragma unroll
       for (int dc = 0; dc < HD / 16; ++dc) {
         if (dc < qk_chunks) {
@@ -815,8 +899,8 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
   cp_async_wait_all();
   __syncthreads();
   store_warp_tile<T, kOutTiles, kLd>(acc_dq, p.scale, q_tile + warp * 16 * kLd,
-                                     static_cast<T*>(args.grad_q) + row_base * p.dim_qk, row_first, p.len_q, 0,
-                                     p.dim_qk, lane);
+                                     static_cast<T*>(args.grad_q) + bh * p.len_q * p.dim_qk, p.dim_qk, row_first,
+                                     p.len_q, 0, p.dim_qk, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -858,12 +942,20 @@ __device__ __forceinline__ void store_columns(const float (&acc)[kExactColumns],
 }
 
 // Base-2 logit of (row = query, col = key), both inside the lengths; -inf where masked.
-__device__ __forceinline__ float exact_logit2(float dot, int row, int col, const Problem& p, const Mask& mask,
-                                              int64_t mask_head) {
+__device__ __forceinline__ float exact_logit2(float dot, int row, int col, const Problem& p, const Masks& masks,
+                                              const MaskOffsets& masks_at) {
   if (p.causal && col > row) return -INFINITY;
-  float s = dot * p.scale_log2;
-  if (mask.data != nullptr) s += mask_logit2<float>(mask, mask_head + row * mask.stride_q + col * mask.stride_k);
-  return s;
+  return dot * p.scale_log2 + masks_logit2<float>(masks, masks_at, row, col);
+}
+
+// dS = P (dP - delta) of (row, key) of one batch entry, from the query's and dO's rows in shared
+// memory and the key's and value's rows k_row, v_row.
+__device__ __forceinline__ float exact_score_grad(const float* q_row, const float* grad_out_row, const float* k_row,
+                                                  const float* v_row, int row, int key, float lse2, float row_delta,
+                                                  const Problem& p, const Masks& masks, const MaskOffsets& masks_at) {
+  const float s = exact_logit2(dot_shared_global(q_row, k_row, p.dim_qk), row, key, p, masks, masks_at);
+  const float prob = exp2f(s - lse2);
+  return prob * (dot_shared_global(grad_out_row, v_row, p.dim_v) - row_delta);
 }
 
 __global__ void __launch_bounds__(32 * kExactWarps) attention_forward_exact_kernel(const ForwardArgs args) {
@@ -871,15 +963,15 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_forward_exact_kern
   const Problem& p = args.p;
   const int num_m_blocks = ceil_div(p.len_q, kExactWarps);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int bh = static_cast<int>(blockIdx.x / num_m_blocks);
+  const int64_t bh = blockIdx.x / num_m_blocks;
   const int row = static_cast<int>(blockIdx.x % num_m_blocks) * kExactWarps + warp;
   if (row >= p.len_q) return;
-  const int b = bh / p.heads, h = bh % p.heads;
-  const float* k = head_ptr<float>(args.k, b, h);
-  const float* v = head_ptr<float>(args.v, b, h);
-  const int64_t mask_head = args.mask.data ? b * args.mask.stride_b + h * args.mask.stride_h : 0;
+  const Entry entry = batch_entry(p, bh);
+  const float* k = at_entry<float>(args.k, entry);
+  const float* v = at_entry<float>(args.v, entry);
+  const MaskOffsets masks_at = mask_offsets(args.masks, entry);
   float* q_row = q_rows[warp];
-  load_row_to_shared(q_row, head_ptr<float>(args.q, b, h) + row * args.q.stride_row, p.dim_qk, lane);
+  load_row_to_shared(q_row, at_entry<float>(args.q, entry) + row * args.q.stride_row, p.dim_qk, lane);
 
   const int key_end = p.causal ? min(p.len_k, row + 1) : p.len_k;
   float acc[kExactColumns] = {};
@@ -888,8 +980,8 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_forward_exact_kern
     const int key = key0 + lane;
     float s = -INFINITY;
     if (key < key_end) {
-      s = exact_logit2(dot_shared_global(q_row, k + key * args.k.stride_row, p.dim_qk), row, key, p, args.mask,
-                       mask_head);
+      s = exact_logit2(dot_shared_global(q_row, k + key * args.k.stride_row, p.dim_qk), row, key, p, args.masks,
+                       masks_at);
     }
     const float new_max = fmaxf(row_max, warp_max(s));
     const float base = new_max == -INFINITY ? 0.0f : new_max;
@@ -904,10 +996,9 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_forward_exact_kern
       axpy_columns(acc, __shfl_sync(0xffffffffu, prob, j), v + (key0 + j) * args.v.stride_row, p.dim_v, lane);
     }
   }
-  const int64_t out_row = static_cast<int64_t>(bh) * p.len_q + row;
-  store_columns(acc, row_sum > 0.0f ? 1.0f / row_sum : 0.0f, static_cast<float*>(args.out) + out_row * p.dim_v,
-                p.dim_v, lane);
-  if (lane == 0) args.lse[out_row] = row_sum > 0.0f ? row_max * kLn2 + logf(row_sum) : INFINITY;
+  store_columns(acc, row_sum > 0.0f ? 1.0f / row_sum : 0.0f,
+                at_entry<float>(args.out, entry) + row * args.out.stride_row, p.dim_v, lane);
+  if (lane == 0) args.lse[bh * p.len_q + row] = row_sum > 0.0f ? row_max * kLn2 + logf(row_sum) : INFINITY;
 }
 
 __global__ void __launch_bounds__(32 * kExactWarps) attention_backward_query_exact_kernel(const BackwardArgs args) {
@@ -916,18 +1007,18 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_backward_query_exa
   const Problem& p = args.p;
   const int num_m_blocks = ceil_div(p.len_q, kExactWarps);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int bh = static_cast<int>(blockIdx.x / num_m_blocks);
+  const int64_t bh = blockIdx.x / num_m_blocks;
   const int row = static_cast<int>(blockIdx.x % num_m_blocks) * kExactWarps + warp;
   if (row >= p.len_q) return;
-  const int b = bh / p.heads, h = bh % p.heads;
-  const float* k = head_ptr<float>(args.k, b, h);
-  const float* v = head_ptr<float>(args.v, b, h);
-  const int64_t mask_head = args.mask.data ? b * args.mask.stride_b + h * args.mask.stride_h : 0;
-  const int64_t q_row_index = static_cast<int64_t>(bh) * p.len_q + row;
+  const Entry entry = batch_entry(p, bh);
+  const float* k = at_entry<float>(args.k, entry);
+  const float* v = at_entry<float>(args.v, entry);
+  const MaskOffsets masks_at = mask_offsets(args.masks, entry);
+  const int64_t q_row_index = bh * p.len_q + row;
   float* q_row = q_rows[warp];
   float* grad_out_row = grad_out_rows[warp];
-  load_row_to_shared(q_row, head_ptr<float>(args.q, b, h) + row * args.q.stride_row, p.dim_qk, lane);
-  load_row_to_shared(grad_out_row, head_ptr<float>(args.grad_out, b, h) + row * args.grad_out.stride_row, p.dim_v,
+  load_row_to_shared(q_row, at_entry<float>(args.q, entry) + row * args.q.stride_row, p.dim_qk, lane);
+  load_row_to_shared(grad_out_row, at_entry<float>(args.grad_out, entry) + row * args.grad_out.stride_row, p.dim_v,
                      lane);
   const float lse2 = args.lse[q_row_index] * kLog2e;
   const float row_delta = args.delta[q_row_index];
@@ -938,11 +1029,8 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_backward_query_exa
     const int key = key0 + lane;
     float grad_score = 0.0f;
     if (key < key_end) {
-      const float s = exact_logit2(dot_shared_global(q_row, k + key * args.k.stride_row, p.dim_qk), row, key, p,
-                                   args.mask, mask_head);
-      const float prob = exp2f(s - lse2);
-      const float grad_prob = dot_shared_global(grad_out_row, v + key * args.v.stride_row, p.dim_v);
-      grad_score = prob * (grad_prob - row_delta);
+      grad_score = exact_score_grad(q_row, grad_out_row, k + key * args.k.stride_row, v + key * args.v.stride_row, row,
+                                    key, lse2, row_delta, p, args.masks, masks_at);
     }
     const int count = min(32, key_end - key0);
     for (int j = 0; j < count; ++j) {
@@ -958,18 +1046,18 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_backward_key_value
   const Problem& p = args.p;
   const int num_n_blocks = ceil_div(p.len_k, kExactWarps);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int bh = static_cast<int>(blockIdx.x / num_n_blocks);
+  const int64_t bh = blockIdx.x / num_n_blocks;
   const int key = static_cast<int>(blockIdx.x % num_n_blocks) * kExactWarps + warp;
   if (key >= p.len_k) return;
-  const int b = bh / p.heads, h = bh % p.heads;
-  const float* q = head_ptr<float>(args.q, b, h);
-  const float* grad_out = head_ptr<float>(args.grad_out, b, h);
-  const int64_t row_base_q = static_cast<int64_t>(bh) * p.len_q;
-  const int64_t mask_head = args.mask.data ? b * args.mask.stride_b + h * args.mask.stride_h : 0;
+  const Entry entry = batch_entry(p, bh);
+  const float* q = at_entry<float>(args.q, entry);
+  const float* grad_out = at_entry<float>(args.grad_out, entry);
+  const int64_t row_base_q = bh * p.len_q;
+  const MaskOffsets masks_at = mask_offsets(args.masks, entry);
   float* k_row = k_rows[warp];
   float* v_row = v_rows[warp];
-  load_row_to_shared(k_row, head_ptr<float>(args.k, b, h) + key * args.k.stride_row, p.dim_qk, lane);
-  load_row_to_shared(v_row, head_ptr<float>(args.v, b, h) + key * args.v.stride_row, p.dim_v, lane);
+  load_row_to_shared(k_row, at_entry<float>(args.k, entry) + key * args.k.stride_row, p.dim_qk, lane);
+  load_row_to_shared(v_row, at_entry<float>(args.v, entry) + key * args.v.stride_row, p.dim_v, lane);
 
   const int query_begin = p.causal ? key : 0;  // causal: only queries at or after the key see it
   float acc_dk[kExactColumns] = {}, acc_dv[kExactColumns] = {};
@@ -978,7 +1066,7 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_backward_key_value
     float prob = 0.0f, grad_score = 0.0f;
     if (query < p.len_q) {
       const float s = exact_logit2(dot_shared_global(k_row, q + query * args.q.stride_row, p.dim_qk), query, key, p,
-                                   args.mask, mask_head);
+                                   args.masks, masks_at);
       prob = exp2f(s - args.lse[row_base_q + query] * kLog2e);
       const float grad_prob =
           dot_shared_global(v_row, grad_out + query * args.grad_out.stride_row, p.dim_v);
@@ -992,9 +1080,234 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_backward_key_value
       axpy_columns(acc_dk, __shfl_sync(0xffffffffu, grad_score, j), q + other * args.q.stride_row, p.dim_qk, lane);
     }
   }
-  const int64_t k_row_index = static_cast<int64_t>(bh) * p.len_k + key;
+  const int64_t k_row_index = bh * p.len_k + key;
   store_columns(acc_dk, p.scale, static_cast<float*>(args.grad_k) + k_row_index * p.dim_qk, p.dim_qk, lane);
   store_columns(acc_dv, 1.0f, static_cast<float*>(args.grad_v) + k_row_index * p.dim_v, p.dim_v, lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bias gradient: dS summed over the batch entries, rows and columns the bias broadcasts over
+// ---------------------------------------------------------------------------------------------
+
+// One block's (tensor cores) or one warp's (fp32) share of the bias gradient: bias tile
+// (tile_m, tile_n) of the bias's batch entry `group` (index group_index), summed over chunk `chunk`.
+struct BiasGradTask {
+  Entry group;
+  int group_index, chunk, tile_m, tile_n;
+};
+
+// (32-bit arithmetic: the host checks that the tasks fit, and 64-bit division costs a call and spills.)
+__device__ __forceinline__ BiasGradTask bias_grad_task(const BiasGradSum& sum, int index, int tiles_m, int tiles_n) {
+  BiasGradTask task;
+  task.tile_n = index % tiles_n;
+  index /= tiles_n;
+  task.tile_m = index % tiles_m;
+  index /= tiles_m;
+  task.group_index = index % sum.groups;
+  task.chunk = index / sum.groups;
+  const int g = task.group_index;
+  task.group = {g / (sum.kept1 * sum.kept2), (g / sum.kept2) % sum.kept1, g % sum.kept2};
+  return task;
+}
+
+// The batch entry of term e of a bias entry's sum: on every level one of the two indices is 0
+// (the bias keeps the level, or it sums over it).
+__device__ __forceinline__ Entry summed_entry(const BiasGradSum& sum, const Entry& group, int e) {
+  return {group.i0 + e / (sum.reduced1 * sum.reduced2), group.i1 + (e / sum.reduced2) % sum.reduced1,
+          group.i2 + e % sum.reduced2};
+}
+
+__device__ __forceinline__ int64_t flat_index(const Problem& p, const Entry& e) {
+  return (e.i0 * p.batch1 + e.i1) * p.heads + e.i2;
+}
+
+__device__ __forceinline__ float* partial_sum_of(const BiasGradSum& sum, const BiasGradTask& task) {
+  return sum.partial + (static_cast<int64_t>(task.chunk) * sum.groups + task.group_index) * sum.rows * sum.cols;
+}
+
+// Tensor cores: a block owns a kBlockM x kBlockN bias tile (every query block when the bias has one
+// row, every key block when it has one column) and one chunk; each warp adds dS of its 16 rows of
+// the tile in registers, entry after entry, then the tile is summed along the bias's reduced axes.
+template <typename T, int HD>
+__global__ void __launch_bounds__(BiasGradTiles<HD>::kThreads)
+    attention_bias_grad_kernel(const BackwardArgs args, const BiasGradSum sum) {
+  using Tiles = BiasGradTiles<HD>;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kWarps = Tiles::kWarps;
+  constexpr int kLd = Tiles::kLd, kThreads = Tiles::kThreads;
+  constexpr int kScoreTiles = kBlockN / 8;
+
+  VKERNELS_DYNAMIC_SHARED(shared);
+  T* const q_tile = reinterpret_cast<T*>(shared);
+  T* const grad_out_tile = q_tile + kBlockM * kLd;
+  T* const k_tile = grad_out_tile + kBlockM * kLd;
+  T* const v_tile = k_tile + kBlockN * kLd;
+
+  const Problem& p = args.p;
+  const int m_blocks = ceil_div(p.len_q, kBlockM), n_blocks = ceil_div(p.len_k, kBlockN);
+  const BiasGradTask task = bias_grad_task(sum, static_cast<int>(blockIdx.x), sum.reduce_rows ? 1 : m_blocks,
+                                           sum.reduce_cols ? 1 : n_blocks);
+  const int m_begin = sum.reduce_rows ? 0 : task.tile_m, m_end = sum.reduce_rows ? m_blocks : task.tile_m + 1;
+  const int n_begin = sum.reduce_cols ? 0 : task.tile_n, n_end = sum.reduce_cols ? n_blocks : task.tile_n + 1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = lane / 4, quad_lane = lane % 4;
+  const int qk_cols = round_up(p.dim_qk, 16), v_cols = round_up(p.dim_v, 16);
+
+  const uint32_t q_addr = smem_u32(q_tile) + warp * 16 * kLd * 2 + a_lane_offset<kLd>(lane);
+  const uint32_t grad_out_addr = smem_u32(grad_out_tile) + warp * 16 * kLd * 2 + a_lane_offset<kLd>(lane);
+  const uint32_t k_addr = smem_u32(k_tile) + b_lane_offset<kLd>(lane);
+  const uint32_t v_addr = smem_u32(v_tile) + b_lane_offset<kLd>(lane);
+
+  float acc[kScoreTiles][4] = {};
+  const int e_end = min((task.chunk + 1) * sum.chunk_size, sum.num_entries);
+  for (int e = task.chunk * sum.chunk_size; e < e_end; ++e) {
+    const Entry entry = summed_entry(sum, task.group, e);
+    const int64_t bh = flat_index(p, entry);
+    const T* q = at_entry<T>(args.q, entry);
+    const T* k = at_entry<T>(args.k, entry);
+    const T* v = at_entry<T>(args.v, entry);
+    const T* grad_out = at_entry<T>(args.grad_out, entry);
+    const MaskOffsets masks_at = mask_offsets(args.masks, entry);
+    for (int m_block = m_begin; m_block < m_end; ++m_block) {
+      const int row_first = m_block * kBlockM + warp * 16;
+      float lse2[2], row_delta[2];
+      load_row_statistics(lse2, row_delta, args, bh, row_first, group);
+      for (int n_block = n_begin; n_block < n_end; ++n_block) {
+        __syncthreads();  // every warp is done reading the previous step's tiles
+        if (n_block == n_begin) {
+          load_tile_async<kBlockM, HD, kThreads>(q_tile, q, args.q.stride_row, m_block * kBlockM, p.len_q, p.dim_qk,
+                                                 qk_cols);
+          load_tile_async<kBlockM, HD, kThreads>(grad_out_tile, grad_out, args.grad_out.stride_row, m_block * kBlockM,
+                                                 p.len_q, p.dim_v, v_cols);
+        }
+        load_tile_async<kBlockN, HD, kThreads>(k_tile, k, args.k.stride_row, n_block * kBlockN, p.len_k, p.dim_qk,
+                                               qk_cols);
+        load_tile_async<kBlockN, HD, kThreads>(v_tile, v, args.v.stride_row, n_block * kBlockN, p.len_k, p.dim_v,
+                                               v_cols);
+        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();
+
+        float grad_s[kScoreTiles][4];
+        score_grad_tile<T, HD, kBlockN, kLd, true>(grad_s, q_addr, grad_out_addr, k_addr, v_addr, row_first,
+                                                   n_block * kBlockN, lse2, row_delta, args, masks_at, lane);
+#pragma unroll
+        for (int nj = 0; nj < kScoreTiles; ++nj) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[nj][r] += grad_s[nj][r];
+        }
+      }
+    }
+  }
+
+  float* partial = partial_sum_of(sum, task);
+  const int row_first = m_begin * kBlockM + warp * 16, n0 = n_begin * kBlockN;
+  if (!sum.reduce_rows && !sum.reduce_cols) {
+#pragma unroll
+    for (int nj = 0; nj < kScoreTiles; ++nj) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int row = row_first + group + 8 * (r / 2), col = n0 + nj * 8 + 2 * quad_lane + (r & 1);
+        if (row < p.len_q && col < p.len_k) partial[static_cast<int64_t>(row) * sum.cols + col] = acc[nj][r];
+      }
+    }
+  } else if (!sum.reduce_rows) {  // one column: each row summed over its keys
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float row_sum = 0.0f;
+#pragma unroll
+      for (int nj = 0; nj < kScoreTiles; ++nj) row_sum += acc[nj][2 * half] + acc[nj][2 * half + 1];
+      row_sum = quad_sum(row_sum);
+      const int row = row_first + group + 8 * half;
+      if (quad_lane == 0 && row < p.len_q) partial[row] = row_sum;
+    }
+  } else {  // one row: each column summed over the warp's rows, then over the warps (in warp order)
+    float column_sums[kScoreTiles][2];
+#pragma unroll
+    for (int nj = 0; nj < kScoreTiles; ++nj) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float x = acc[nj][e] + acc[nj][2 + e];
+#pragma unroll
+        for (int offset = 4; offset < 32; offset *= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+        column_sums[nj][e] = x;
+      }
+    }
+    float* const warp_sums = reinterpret_cast<float*>(shared);  // [kWarps][kBlockN], over the Q tile
+    __syncthreads();  // every warp is done reading the Q tile
+    if (group == 0) {
+#pragma unroll
+      for (int nj = 0; nj < kScoreTiles; ++nj) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) warp_sums[warp * kBlockN + nj * 8 + 2 * quad_lane + e] = column_sums[nj][e];
+      }
+    }
+    __syncthreads();
+    if (warp == 0) {
+      float total = 0.0f;
+      for (int c = lane; c < kBlockN; c += 32) {
+        float column = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) column += warp_sums[w * kBlockN + c];
+        if (!sum.reduce_cols && n0 + c < p.len_k) partial[n0 + c] = column;
+        total += column;
+      }
+      total = warp_sum(total);
+      if (sum.reduce_cols && lane == 0) partial[0] = total;
+    }
+  }
+}
+
+// fp32: a warp owns 32 keys of one bias row (every row when the bias has one row, every key when it
+// has one column; lane = key) and one chunk, and adds dS entry after entry.
+__global__ void __launch_bounds__(32 * kExactWarps)
+    attention_bias_grad_exact_kernel(const BackwardArgs args, const BiasGradSum sum) {
+  VKERNELS_SHARED(float, q_rows, [kExactWarps][kMaxHeadDim]);
+  VKERNELS_SHARED(float, grad_out_rows, [kExactWarps][kMaxHeadDim]);
+  const Problem& p = args.p;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int key_blocks = ceil_div(p.len_k, 32);
+  const int tiles_m = sum.reduce_rows ? 1 : p.len_q, tiles_n = sum.reduce_cols ? 1 : key_blocks;
+  const int index = static_cast<int>(blockIdx.x) * kExactWarps + warp;
+  if (index >= sum.chunks * sum.groups * tiles_m * tiles_n) return;
+  const BiasGradTask task = bias_grad_task(sum, index, tiles_m, tiles_n);
+  const int row_begin = sum.reduce_rows ? 0 : task.tile_m, row_end = sum.reduce_rows ? p.len_q : task.tile_m + 1;
+  const int block_begin = sum.reduce_cols ? 0 : task.tile_n, block_end = sum.reduce_cols ? key_blocks : task.tile_n + 1;
+  float* q_row = q_rows[warp];
+  float* grad_out_row = grad_out_rows[warp];
+
+  float acc = 0.0f;
+  const int e_end = min((task.chunk + 1) * sum.chunk_size, sum.num_entries);
+  for (int e = task.chunk * sum.chunk_size; e < e_end; ++e) {
+    const Entry entry = summed_entry(sum, task.group, e);
+    const int64_t row_base = flat_index(p, entry) * p.len_q;
+    const float* q = at_entry<float>(args.q, entry);
+    const float* k = at_entry<float>(args.k, entry);
+    const float* v = at_entry<float>(args.v, entry);
+    const float* grad_out = at_entry<float>(args.grad_out, entry);
+    const MaskOffsets masks_at = mask_offsets(args.masks, entry);
+    for (int row = row_begin; row < row_end; ++row) {
+      __syncwarp();  // every lane is done reading the previous row
+      load_row_to_shared(q_row, q + row * args.q.stride_row, p.dim_qk, lane);
+      load_row_to_shared(grad_out_row, grad_out + row * args.grad_out.stride_row, p.dim_v, lane);
+      const float lse2 = args.lse[row_base + row] * kLog2e;
+      const float row_delta = args.delta[row_base + row];
+      for (int block = block_begin; block < block_end; ++block) {
+        const int key = block * 32 + lane;
+        if (key < p.len_k) {
+          acc += exact_score_grad(q_row, grad_out_row, k + key * args.k.stride_row, v + key * args.v.stride_row, row,
+                                  key, lse2, row_delta, p, args.masks, masks_at);
+        }
+      }
+    }
+  }
+
+  float* partial = partial_sum_of(sum, task) + static_cast<int64_t>(sum.reduce_rows ? 0 : task.tile_m) * sum.cols;
+  if (sum.reduce_cols) {
+    acc = warp_sum(acc);
+    if (lane == 0) partial[0] = acc;
+  } else if (task.tile_n * 32 + lane < p.len_k) {
+    partial[task.tile_n * 32 + lane] = acc;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1042,14 +1355,27 @@ void dispatch_bool(bool value, Fn&& fn) {
   }
 }
 
-Operand operand(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+// A (B, H, L, X) operand as (1, B, H, L, X); a (B0, B1, H, L, X) one unchanged.
+at::Tensor five_dims(const at::Tensor& t) { return t.dim() == 5 ? t : t.unsqueeze(0); }
 
-// cp.async moves 16-byte chunks: the data pointer and every stride that matters must be multiples
-// of 16 bytes. Views that break this (rare: odd storage offsets or row strides) are copied.
-at::Tensor aligned_for_tensor_cores(const at::Tensor& t) {
-  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int d = 0; d < 3; ++d) aligned = aligned && (t.size(d) == 1 || (t.stride(d) * t.element_size()) % 16 == 0);
-  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
+// A 5-D result as the query's rank.
+at::Tensor like_query(const at::Tensor& t, const at::Tensor& query) { return query.dim() == 5 ? t : t.squeeze(0); }
+
+Operand operand(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+Output output(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// q, k, v (and out, dO) as the kernels read them: 5-D with a unit stride along the head dim, and for
+// the tensor cores (cp.async moves 16-byte chunks) a data pointer and strides that are multiples of
+// 16 bytes. Views that break this (rare: transposed heads, odd storage offsets or row strides) are copied.
+at::Tensor kernel_operand(const at::Tensor& t, bool tensor_cores) {
+  bool readable = t.stride(-1) == 1;
+  if (tensor_cores) {
+    readable = readable && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+    for (int d = 0; d + 1 < t.dim(); ++d) {
+      readable = readable && (t.size(d) == 1 || (t.stride(d) * t.element_size()) % 16 == 0);
+    }
+  }
+  return five_dims(readable ? t : t.contiguous());
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& query, const char* name) {
@@ -1057,15 +1383,40 @@ void check_same_device(const at::Tensor& t, const at::Tensor& query, const char*
               query.device());
 }
 
-// Checks query/key/value/mask and fills the problem description.
+// The (B0, B1, H, Lq, Lk) shape the mask and the bias broadcast to.
+std::vector<int64_t> scores_shape(const at::Tensor& query, const at::Tensor& key) {
+  const at::Tensor q = five_dims(query);
+  return {q.size(0), q.size(1), q.size(2), q.size(3), key.size(-2)};
+}
+
+void check_mask(const std::optional<at::Tensor>& mask, const char* name, bool may_be_bool, const at::Tensor& query,
+                const at::Tensor& key) {
+  if (!mask.has_value()) return;
+  check_same_device(*mask, query, name);
+  const auto dtype = mask->scalar_type(), query_dtype = query.scalar_type();
+  TORCH_CHECK((may_be_bool && dtype == at::kBool) || dtype == at::kFloat || dtype == query_dtype, "attention_cuda: ",
+              name, " must be ", may_be_bool ? "bool, " : "", "float32 or the query dtype (", query_dtype, "), got ",
+              dtype);
+  const std::vector<int64_t> scores = scores_shape(query, key);
+  TORCH_CHECK(mask->dim() <= 5 && at::is_expandable_to(mask->sizes(), scores), "attention_cuda: ", name,
+              " of shape ", mask->sizes(), " does not broadcast to (B0, B1, H, Lq, Lk) = ", at::IntArrayRef(scores));
+}
+
+// Checks query/key/value/mask/bias and fills the problem description.
 Problem check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                     const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale) {
+                     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
+                     bool is_causal, double scale, const std::optional<at::Tensor>& rotary_cos,
+                     const std::optional<at::Tensor>& rotary_sin) {
   TORCH_CHECK(on_kernel_device(query), "attention_cuda: query must be a ", kKernelDevice, " tensor, got one on ",
               query.device());
+  TORCH_CHECK(!rotary_cos.has_value() && !rotary_sin.has_value(),
+              "attention_cuda: the CUDA kernels apply no rotary embedding before issue 16's phase 2");
   check_same_device(key, query, "key");
   check_same_device(value, query, "value");
-  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4,
-              "attention_cuda: query, key and value must be 4-D (batch, heads, length, head_dim), got shapes ",
+  const int64_t rank = query.dim();
+  TORCH_CHECK((rank == 4 || rank == 5) && key.dim() == rank && value.dim() == rank,
+              "attention_cuda: query, key and value must be 5-D (B0, B1, heads, length, head_dim) or 4-D (batch, "
+              "heads, length, head_dim), got shapes ",
               query.sizes(), ", ", key.sizes(), ", ", value.sizes());
   const auto dtype = query.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
@@ -1073,54 +1424,52 @@ Problem check_inputs(const at::Tensor& query, const at::Tensor& key, const at::T
   TORCH_CHECK(key.scalar_type() == dtype && value.scalar_type() == dtype,
               "attention_cuda: query, key and value must share a dtype, got ", dtype, ", ", key.scalar_type(), ", ",
               value.scalar_type());
-  TORCH_CHECK(key.size(0) == query.size(0) && value.size(0) == query.size(0) && key.size(1) == query.size(1) &&
-                  value.size(1) == query.size(1),
-              "attention_cuda: batch and heads of query ", query.sizes(), ", key ", key.sizes(), " and value ",
+  const at::IntArrayRef batch = query.sizes().slice(0, rank - 2);
+  TORCH_CHECK(key.sizes().slice(0, rank - 2) == batch && value.sizes().slice(0, rank - 2) == batch,
+              "attention_cuda: batch dims of query ", query.sizes(), ", key ", key.sizes(), " and value ",
               value.sizes(), " must match");
-  TORCH_CHECK(key.size(2) == value.size(2), "attention_cuda: key ", key.sizes(), " and value ", value.sizes(),
+  TORCH_CHECK(key.size(-2) == value.size(-2), "attention_cuda: key ", key.sizes(), " and value ", value.sizes(),
               " must have the same length");
-  TORCH_CHECK(key.size(3) == query.size(3), "attention_cuda: query ", query.sizes(), " and key ", key.sizes(),
+  TORCH_CHECK(key.size(-1) == query.size(-1), "attention_cuda: query ", query.sizes(), " and key ", key.sizes(),
               " must have the same head dim");
   for (const at::Tensor* t : {&query, &value}) {
-    const int64_t dim = t->size(3);
+    const int64_t dim = t->size(-1);
     TORCH_CHECK(dim >= 8 && dim <= kMaxHeadDim && dim % 8 == 0,
                 "attention_cuda: head dims must be multiples of 8 in [8, 256], got ", dim);
   }
-  TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
-              "attention_cuda: query, key and value need a unit stride along the head dim, got strides ",
-              query.strides(), ", ", key.strides(), ", ", value.strides());
-  const int64_t batch = query.size(0), heads = query.size(1), len_q = query.size(2), len_k = key.size(2);
+  const std::vector<int64_t> scores = scores_shape(query, key);
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(batch * heads <= kIntMax && len_q <= kIntMax && len_k <= kIntMax,
+  TORCH_CHECK(scores[0] * scores[1] * scores[2] <= kIntMax && scores[3] <= kIntMax && scores[4] <= kIntMax,
               "attention_cuda: sizes must fit in 32 bits, got ", query.sizes(), " and ", key.sizes());
-  if (attn_mask.has_value()) {
-    const at::Tensor& mask = *attn_mask;
-    check_same_device(mask, query, "attn_mask");
-    TORCH_CHECK(mask.dim() == 4 && mask.size(0) == batch && mask.size(1) == heads && mask.size(2) == len_q &&
-                    mask.size(3) == len_k,
-                "attention_cuda: attn_mask must be expanded to (batch, heads, Lq, Lk) = (", batch, ", ", heads, ", ",
-                len_q, ", ", len_k, "), got ", mask.sizes());
-    const auto mask_dtype = mask.scalar_type();
-    TORCH_CHECK(mask_dtype == at::kBool || mask_dtype == dtype || mask_dtype == at::kFloat,
-                "attention_cuda: attn_mask must be bool, float32 or the query dtype (", dtype, "), got ", mask_dtype);
-  }
+  check_mask(attn_mask, "attn_mask", true, query, key);
+  check_mask(attn_bias, "attn_bias", false, query, key);
   Problem p;
-  p.heads = static_cast<int>(heads);
-  p.len_q = static_cast<int>(len_q);
-  p.len_k = static_cast<int>(len_k);
-  p.dim_qk = static_cast<int>(query.size(3));
-  p.dim_v = static_cast<int>(value.size(3));
+  p.batch1 = static_cast<int>(scores[1]);
+  p.heads = static_cast<int>(scores[2]);
+  p.len_q = static_cast<int>(scores[3]);
+  p.len_k = static_cast<int>(scores[4]);
+  p.dim_qk = static_cast<int>(query.size(-1));
+  p.dim_v = static_cast<int>(value.size(-1));
   p.causal = is_causal;
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   return p;
 }
 
-Mask mask_of(const std::optional<at::Tensor>& attn_mask, at::ScalarType dtype) {
-  if (!attn_mask.has_value()) return {nullptr, 0, 0, 0, 0, kMaskBool};
-  const at::Tensor& m = *attn_mask;
+// A mask or bias read through a stride-0 view of its broadcast to the scores' shape.
+Mask mask_of(const std::optional<at::Tensor>& attn_mask, const std::vector<int64_t>& scores, at::ScalarType dtype) {
+  if (!attn_mask.has_value()) return {nullptr, 0, 0, 0, 0, 0, kMaskBool};
+  at::Tensor m = *attn_mask;
+  while (m.dim() < 5) m = m.unsqueeze(0);
+  m = m.expand(scores);
   const int kind = m.scalar_type() == at::kBool ? kMaskBool : m.scalar_type() == dtype ? kMaskSameDtype : kMaskFloat;
-  return {m.data_ptr(), m.stride(0), m.stride(1), m.stride(2), m.stride(3), kind};
+  return {m.data_ptr(), m.stride(0), m.stride(1), m.stride(2), m.stride(3), m.stride(4), kind};
+}
+
+Masks masks_of(const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
+               const at::Tensor& query, const at::Tensor& key) {
+  const std::vector<int64_t> scores = scores_shape(query, key);
+  return {mask_of(attn_mask, scores, query.scalar_type()), mask_of(attn_bias, scores, query.scalar_type())};
 }
 
 void check_tensor_core_device(const at::Tensor& query) {
@@ -1131,25 +1480,29 @@ void check_tensor_core_device(const at::Tensor& query) {
 
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& query, const at::Tensor& key,
                                                   const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-                                                  bool is_causal, double scale) {
-  const Problem p = check_inputs(query, key, value, attn_mask, is_causal, scale);
+                                                  const std::optional<at::Tensor>& attn_bias, bool is_causal,
+                                                  double scale, const std::optional<at::Tensor>& rotary_cos,
+                                                  const std::optional<at::Tensor>& rotary_sin,
+                                                  bool /*rotary_interleaved*/) {
+  const Problem p = check_inputs(query, key, value, attn_mask, attn_bias, is_causal, scale, rotary_cos, rotary_sin);
   const c10::cuda::CUDAGuard guard(query.device());
-  const int64_t batch_heads = query.size(0) * query.size(1);
-  at::Tensor out = at::empty({query.size(0), query.size(1), p.len_q, p.dim_v}, query.options());
-  at::Tensor lse = at::empty({query.size(0), query.size(1), p.len_q}, query.options().dtype(at::kFloat));
-  if (batch_heads * p.len_q == 0) return {out, lse};
+  const int64_t batch0 = five_dims(query).size(0);
+  const int64_t batch_heads = batch0 * p.batch1 * p.heads;
+  // laid out (B0, B1, Lq, H, Dv): vkernels.shapes.empty_attention_output
+  at::Tensor out = at::empty({batch0, p.batch1, p.len_q, p.heads, p.dim_v}, query.options()).transpose(2, 3);
+  at::Tensor lse = at::empty({batch0, p.batch1, p.heads, p.len_q}, query.options().dtype(at::kFloat));
+  if (batch_heads * p.len_q == 0) return {like_query(out, query), like_query(lse, query)};
 
-  const bool exact = query.scalar_type() == at::kFloat;
-  if (!exact) check_tensor_core_device(query);
-  const at::Tensor q = exact ? query : aligned_for_tensor_cores(query);
-  const at::Tensor k = exact ? key : aligned_for_tensor_cores(key);
-  const at::Tensor v = exact ? value : aligned_for_tensor_cores(value);
-  ForwardArgs args{operand(q), operand(k), operand(v), mask_of(attn_mask, query.scalar_type()), p,
-                   out.data_ptr(), lse.data_ptr<float>()};
+  const bool tensor_cores = query.scalar_type() != at::kFloat;
+  if (tensor_cores) check_tensor_core_device(query);
+  const at::Tensor q = kernel_operand(query, tensor_cores), k = kernel_operand(key, tensor_cores);
+  const at::Tensor v = kernel_operand(value, tensor_cores);
+  ForwardArgs args{operand(q), operand(k), operand(v), masks_of(attn_mask, attn_bias, query, key), p, output(out),
+                   lse.data_ptr<float>()};
 
-  if (exact) {
+  if (!tensor_cores) {
     launch(attention_forward_exact_kernel, ceil_div(p.len_q, kExactWarps) * batch_heads, 32 * kExactWarps, 0, args);
-    return {out, lse};
+    return {like_query(out, query), like_query(lse, query)};
   }
   dispatch_dtype(query.scalar_type(), "attention_cuda", [&](auto element) {
     using T = decltype(element);
@@ -1157,32 +1510,102 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& query, const
       dispatch_head_dim_class(std::max(p.dim_qk, p.dim_v), [&](auto head_dim) {
         constexpr int HD = decltype(head_dim)::value;
         using Tiles = ForwardTiles<HD>;
-        dispatch_bool(attn_mask.has_value(), [&](auto has_mask) {
-          launch(attention_forward_kernel<T, HD, decltype(has_mask)::value>,
+        dispatch_bool(attn_mask.has_value() || attn_bias.has_value(), [&](auto has_masks) {
+          launch(attention_forward_kernel<T, HD, decltype(has_masks)::value>,
                  ceil_div(p.len_q, Tiles::kBlockM) * batch_heads, Tiles::kThreads, Tiles::kSmemBytes, args);
         });
       });
     }
   });
-  return {out, lse};
+  return {like_query(out, query), like_query(lse, query)};
 }
 
 void check_same_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
   TORCH_CHECK(t.sizes() == shape, "attention_backward_cuda: ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+// Programs the bias gradient aims for, a few per SM of an H100/H200 (132 SMs): the Triton backend's
+// BIAS_GRAD_PROGRAMS, so that both split the sum alike.
+constexpr int64_t kBiasGradPrograms = 1024;
+
+// (chunk_size, chunks): the batch entries a bias element sums over, split into consecutive chunks
+// summed separately and then added in chunk order; from the shapes only (bias_tiles counts the
+// bias's 64 x 64 tiles), as the Triton backend's bias_grad_chunks.
+std::pair<int64_t, int64_t> bias_grad_chunks(int64_t num_entries, int64_t bias_tiles) {
+  const int64_t wanted =
+      std::max<int64_t>(1, std::min(num_entries, kBiasGradPrograms / std::max<int64_t>(1, bias_tiles)));
+  const int64_t chunk_size = (num_entries + wanted - 1) / wanted;
+  return {chunk_size, (num_entries + chunk_size - 1) / chunk_size};
+}
+
+// dS summed over what the bias broadcasts over, in the bias's dtype: per bias entry, its batch
+// entries in bias_grad_chunks, summed by the kernels into float32 partial sums then added in chunk order.
+at::Tensor bias_grad(const BackwardArgs& args, const at::Tensor& bias, int64_t batch0, at::ScalarType dtype) {
+  const Problem& p = args.p;
+  at::Tensor bias5 = bias;
+  while (bias5.dim() < 5) bias5 = bias5.unsqueeze(0);
+  const int64_t kept0 = bias5.size(0), kept1 = bias5.size(1), kept2 = bias5.size(2);
+  const int64_t rows = bias5.size(3), cols = bias5.size(4);
+  const int64_t reduced0 = batch0 / kept0, reduced1 = p.batch1 / kept1, reduced2 = p.heads / kept2;
+  const int64_t groups = kept0 * kept1 * kept2, num_entries = reduced0 * reduced1 * reduced2;
+  const int64_t bias_tiles = groups * ((rows + 63) / 64) * ((cols + 63) / 64);
+  const std::pair<int64_t, int64_t> split = bias_grad_chunks(num_entries, bias_tiles);
+  const int64_t chunk_size = split.first, chunks = split.second;
+  at::Tensor partial = at::empty({chunks, groups, rows, cols}, bias.options().dtype(at::kFloat));
+  const BiasGradSum sum{partial.data_ptr<float>(),
+                        static_cast<int>(kept1),
+                        static_cast<int>(kept2),
+                        static_cast<int>(groups),
+                        static_cast<int>(reduced1),
+                        static_cast<int>(reduced2),
+                        static_cast<int>(num_entries),
+                        static_cast<int>(chunk_size),
+                        static_cast<int>(chunks),
+                        static_cast<int>(rows),
+                        static_cast<int>(cols),
+                        rows == 1 && p.len_q > 1,
+                        cols == 1 && p.len_k > 1};
+
+  dispatch_dtype(dtype, "attention_backward_cuda", [&](auto element) {
+    using T = decltype(element);
+    if constexpr (std::is_same_v<T, float>) {
+      const int64_t warps = chunks * groups * (sum.reduce_rows ? 1 : p.len_q) *
+                            (sum.reduce_cols ? 1 : ceil_div(p.len_k, 32));
+      TORCH_CHECK(warps <= std::numeric_limits<int32_t>::max(), "attention_backward_cuda: the bias gradient needs ",
+                  warps, " warps, more than 2**31; split the batch");
+      launch(attention_bias_grad_exact_kernel, (warps + kExactWarps - 1) / kExactWarps, 32 * kExactWarps, 0, args,
+             sum);
+    } else {
+      dispatch_head_dim_class(std::max(p.dim_qk, p.dim_v), [&](auto head_dim) {
+        constexpr int HD = decltype(head_dim)::value;
+        using Tiles = BiasGradTiles<HD>;
+        const int64_t blocks = chunks * groups * (sum.reduce_rows ? 1 : ceil_div(p.len_q, Tiles::kBlockM)) *
+                               (sum.reduce_cols ? 1 : ceil_div(p.len_k, Tiles::kBlockN));
+        launch(attention_bias_grad_kernel<T, HD>, blocks, Tiles::kThreads, Tiles::kSmemBytes, args, sum);
+      });
+    }
+  });
+  const at::Tensor total = chunks == 1 ? partial[0] : partial.sum(0);
+  return total.to(bias.scalar_type()).view(bias.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, bool is_causal,
-    double scale) {
-  const Problem p = check_inputs(query, key, value, attn_mask, is_causal, scale);
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& attn_bias, bool is_causal, double scale, bool bias_requires_grad,
+    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+    bool /*rotary_interleaved*/) {
+  const Problem p = check_inputs(query, key, value, attn_mask, attn_bias, is_causal, scale, rotary_cos, rotary_sin);
   check_same_device(grad_out, query, "grad_out");
   check_same_device(out, query, "out");
   check_same_device(lse, query, "lse");
-  const int64_t batch = query.size(0), heads = query.size(1);
-  check_same_shape(grad_out, {batch, heads, p.len_q, p.dim_v}, "grad_out");
-  check_same_shape(out, {batch, heads, p.len_q, p.dim_v}, "out");
-  check_same_shape(lse, {batch, heads, p.len_q}, "lse");
+  TORCH_CHECK(attn_bias.has_value() || !bias_requires_grad,
+              "attention_backward_cuda: bias_requires_grad=True without an attn_bias");
+  std::vector<int64_t> out_shape = query.sizes().vec();
+  out_shape.back() = p.dim_v;
+  check_same_shape(grad_out, out_shape, "grad_out");
+  check_same_shape(out, out_shape, "out");
+  check_same_shape(lse, query.sizes().slice(0, query.dim() - 1), "lse");
   TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() && out.scalar_type() == query.scalar_type(),
               "attention_backward_cuda: grad_out and out must have the query dtype ", query.scalar_type(), ", got ",
               grad_out.scalar_type(), " and ", out.scalar_type());
@@ -1193,22 +1616,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   at::Tensor grad_q = at::empty(query.sizes(), query.options());
   at::Tensor grad_k = at::empty(key.sizes(), key.options());
   at::Tensor grad_v = at::empty(value.sizes(), value.options());
-  const int64_t batch_heads = batch * heads;
-  if (batch_heads == 0) return {grad_q, grad_k, grad_v};
+  std::optional<at::Tensor> grad_bias;
+  if (bias_requires_grad) grad_bias = at::zeros(attn_bias->sizes(), attn_bias->options());
+  const int64_t batch0 = five_dims(query).size(0);
+  const int64_t batch_heads = batch0 * p.batch1 * p.heads;
+  if (batch_heads == 0) return {grad_q, grad_k, grad_v, grad_bias};
 
-  const bool exact = query.scalar_type() == at::kFloat;
-  if (!exact) check_tensor_core_device(query);
-  const at::Tensor q = exact ? query : aligned_for_tensor_cores(query);
-  const at::Tensor k = exact ? key : aligned_for_tensor_cores(key);
-  const at::Tensor v = exact ? value : aligned_for_tensor_cores(value);
-  // Autograd may hand over an expanded gradient (e.g. of a sum): read it densely then.
-  const at::Tensor dout_rows = grad_out.stride(3) == 1 ? grad_out : grad_out.contiguous();
-  const at::Tensor dout = exact ? dout_rows : aligned_for_tensor_cores(dout_rows);
-  const at::Tensor out_rows = out.stride(3) == 1 ? out : out.contiguous();
+  const bool tensor_cores = query.scalar_type() != at::kFloat;
+  if (tensor_cores) check_tensor_core_device(query);
+  const at::Tensor q = kernel_operand(query, tensor_cores), k = kernel_operand(key, tensor_cores);
+  const at::Tensor v = kernel_operand(value, tensor_cores);
+  // Autograd may hand over an expanded gradient (e.g. of a sum): it is copied then. out is read by
+  // the delta kernel only, element by element.
+  const at::Tensor dout = kernel_operand(grad_out, tensor_cores), out_rows = kernel_operand(out, false);
   const at::Tensor lse_rows = lse.contiguous();
-  at::Tensor delta = at::empty({batch, heads, p.len_q}, query.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty(lse.sizes(), lse.options());
   BackwardArgs args{operand(q), operand(k), operand(v), operand(out_rows), operand(dout),
-                    mask_of(attn_mask, query.scalar_type()), p, lse_rows.data_ptr<float>(), delta.data_ptr<float>(),
+                    masks_of(attn_mask, attn_bias, query, key), p, lse_rows.data_ptr<float>(), delta.data_ptr<float>(),
                     grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr()};
 
   dispatch_dtype(query.scalar_type(), "attention_cuda", [&](auto element) {
@@ -1226,18 +1650,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
         using KeyValue = KeyValueGradTiles<HD>;
         using Query = QueryGradTiles<HD>;
         const int64_t slices = ceil_div(std::max(p.dim_qk, p.dim_v), KeyValue::kSliceDim);
-        dispatch_bool(attn_mask.has_value(), [&](auto has_mask) {
-          constexpr bool kHasMask = decltype(has_mask)::value;
-          launch(attention_backward_key_value_kernel<T, HD, kHasMask>,
+        dispatch_bool(attn_mask.has_value() || attn_bias.has_value(), [&](auto has_masks) {
+          constexpr bool kHasMasks = decltype(has_masks)::value;
+          launch(attention_backward_key_value_kernel<T, HD, kHasMasks>,
                  ceil_div(p.len_k, KeyValue::kBlockN) * slices * batch_heads, KeyValue::kThreads, KeyValue::kSmemBytes,
                  args);
-          launch(attention_backward_query_kernel<T, HD, kHasMask>, ceil_div(p.len_q, Query::kBlockM) * batch_heads,
+          launch(attention_backward_query_kernel<T, HD, kHasMasks>, ceil_div(p.len_q, Query::kBlockM) * batch_heads,
                  Query::kThreads, Query::kSmemBytes, args);
         });
       });
     }
   });
-  return {grad_q, grad_k, grad_v};
+  if (bias_requires_grad && p.len_q > 0 && p.len_k > 0) {
+    grad_bias = bias_grad(args, *attn_bias, batch0, query.scalar_type());
+  }
+  return {grad_q, grad_k, grad_v, grad_bias};
 }
 
 }  // namespace

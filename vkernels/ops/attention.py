@@ -55,7 +55,6 @@ SCHEMAS = {
     "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool is_causal, float scale, "
     f"{ROTARY_ARGUMENTS}) -> (Tensor, Tensor, Tensor)",
 }
-VARLEN_OPS = ("varlen_attention", "varlen_attention_backward")
 
 
 def _checked_varlen_forward(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
@@ -74,16 +73,6 @@ TRITON_LAUNCHERS = {
     "varlen_attention": _checked_varlen_forward,
     "varlen_attention_backward": triton_attention.varlen_attention_backward,
 }
-# csrc/cuda/attention.cu still implements the schemas from before attn_bias (issue 13's phase 2
-# ports it to SCHEMAS and deletes these): (B, H) batches, a (B, H, Lq, Lk) mask view, a contiguous
-# output. Until then _kernel_limits refuses attn_bias on CUDA and _cuda_attention adapts the rest.
-CUDA_SCHEMAS_BEFORE_BIAS = {
-    "attention": "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, float scale) -> (Tensor, Tensor)",
-    "attention_backward": "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
-    "Tensor? attn_mask, bool is_causal, float scale) -> (Tensor, Tensor, Tensor)",
-}
-
-
 def _attention_fake(query, key, value, attn_mask, attn_bias, is_causal, scale, rotary_cos=None, rotary_sin=None,
                     rotary_interleaved=False):
     lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
@@ -151,38 +140,10 @@ def _register_varlen_autograd(backend: str) -> None:
                                     setup_context=_save_varlen_for_backward)
 
 
-def _cuda_fake_before_bias(query, key, value, attn_mask, is_causal, scale):
-    out = query.new_empty((*query.shape[:-1], value.shape[-1]))
-    return out, query.new_empty(query.shape[:-1], dtype=torch.float32)
-
-
-def _cuda_backward_fake_before_bias(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale):
-    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
-
-
-def _cuda_save_before_bias(ctx, inputs, output):
-    query, key, value, attn_mask, is_causal, scale = inputs
-    ctx.save_for_backward(query, key, value, output[0], output[1], attn_mask)
-    ctx.is_causal, ctx.scale = is_causal, scale
-
-
-def _cuda_backward_before_bias(ctx, grad_out, _grad_lse):
-    query, key, value, out, lse, attn_mask = ctx.saved_tensors
-    grads = backend_op("attention_backward", "cuda")(grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal,
-                                                     ctx.scale)
-    return *grads, None, None, None
-
-
-define_backend_ops(SCHEMAS, FAKES, TRITON_LAUNCHERS, backends=("triton",))
-_register_autograd("triton")
-_register_varlen_autograd("triton")
-# the CUDA varlen ops: defined (schema, fake, autograd) for csrc/cuda/attention.cu to implement
-define_backend_ops({name: SCHEMAS[name] for name in VARLEN_OPS}, FAKES, {}, backends=("cuda",))
-_register_varlen_autograd("cuda")
-define_backend_ops(CUDA_SCHEMAS_BEFORE_BIAS, {"attention": _cuda_fake_before_bias,
-                                              "attention_backward": _cuda_backward_fake_before_bias}, {}, backends=("cuda",))
-torch.library.register_autograd("vkernels::attention_cuda", _cuda_backward_before_bias,
-                                setup_context=_cuda_save_before_bias)
+define_backend_ops(SCHEMAS, FAKES, TRITON_LAUNCHERS)
+for _backend in dispatch.KERNEL_BACKENDS:  # the CUDA varlen ops get their kernels in issue 16's phase 2
+    _register_autograd(_backend)
+    _register_varlen_autograd(_backend)
 
 
 def _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p, rotary=None, packed=False) -> dict[str, str]:
@@ -205,9 +166,6 @@ def _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p, rotary=No
     if rotary is not None:
         return {"cuda": "the CUDA kernels apply no rotary embedding before issue 16's phase 2: use backend='triton' "
                         "or 'torch'"}
-    if attn_bias is not None:
-        return {"cuda": "the CUDA kernels take no learned bias (an attn_mask that requires grad, or attn_bias) "
-                        "before issue 13's phase 2: use backend='triton' or 'torch'"}
     if head_dim % 8 or value_dim % 8:
         return {"cuda": f"the CUDA kernels need head dims that are multiples of 8, got {head_dim} and {value_dim}"}
     return {}
@@ -226,16 +184,6 @@ def _learned(rotary) -> bool:
     """Tables that require grad (RoPE-Mixed's learned frequencies): the kernels give them no gradient,
     so the public functions rotate q and k in PyTorch first and call the kernels without them."""
     return rotary is not None and torch.is_grad_enabled() and any(t.requires_grad for t in rotary)
-
-
-def _cuda_attention(q, k, v, mask, is_causal, scale):
-    """The CUDA op before issue 13's phase 2, on the (B0, B1, H) levels: B0 and B1 flattened (a copy
-    where they do not nest), the mask as a full (B, H, Lq, Lk) view, rows of q, k, v contiguous."""
-    if mask is not None:
-        mask = mask.expand(*q.shape[:-1], k.shape[-2])
-    q, k, v, mask = (None if t is None else t.reshape(-1, *t.shape[2:]) for t in (q, k, v, mask))
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return backend_op("attention", "cuda")(q, k, v, mask, is_causal, scale)[0]
 
 
 def attention(
@@ -302,10 +250,7 @@ def attention(
     levels, (q, k, v, mask, bias, cos, sin) = fold_attention_batch(
         batch, (query, key, value, attn_mask, attn_bias, *(rotary or (None, None))))
     q, k, v = (t.expand(*levels, *t.shape[-2:]) for t in (q, k, v))
-    if chosen == "cuda":
-        out = _cuda_attention(q, k, v, mask, is_causal, scale)
-    else:
-        out, _ = backend_op("attention", chosen)(q, k, v, mask, bias, is_causal, scale, cos, sin, rotary_interleaved)
+    out, _ = backend_op("attention", chosen)(q, k, v, mask, bias, is_causal, scale, cos, sin, rotary_interleaved)
     return out.view(*batch, query.shape[-2], value.shape[-1])
 
 
