@@ -285,8 +285,12 @@ def test_conv2d_relu_maxpool2d_forced_cuda_raises():
         vkernels.conv2d_relu_maxpool2d(x, w, pool_kernel_size=2, backend="cuda")
 
 
+# The CUDA C++ kernels fuse ReLU only so far (issue 12's second phase brings the conv2d ops to csrc/).
+CUDA_PENDING = {"conv2d", "conv2d_backward"}
+
+
 @pytest.mark.cuda
 def test_cuda_extension_registers_every_conv_op():
     device_for("cuda")  # skips where neither vkernels._C nor the emulator is loaded
     for op in conv_ops.SCHEMAS:
-        assert dispatch.has_cuda_kernel(op), op
+        assert dispatch.has_cuda_kernel(op) == (op not in CUDA_PENDING), op
