@@ -137,7 +137,7 @@ def _offsets(n, c, h, w, s_n, s_c, s_h, s_w):
 
 @triton.jit
 def _implicit_gemm_tile(
-    src_ptr, src_sn, src_sc, src_sh, src_sw, saved_ptr, saved_sn, saved_sc, saved_sh, saved_sw,
+    src_ptr, src_sn, src_sc, src_sh, src_sw, saved_ptr,
     w_base, w_sk, w_sn, w_sh, w_sw,
     n, base_h, base_w, m_ok, offs_n, n_ok, group, SRC_H, SRC_W, K_CH,
     phase_h, phase_w, first_h, first_w, count_h, count_w,
@@ -150,7 +150,7 @@ def _implicit_gemm_tile(
     """The fp32 [BLOCK_M pixels, BLOCK_N n-channels] accumulator of the implicit GEMM: destination pixel
     m reads source rows base_h[m] + tap shift (and columns alike); rows with m_ok False read zeros.
     With GRAD_ACTIVATION the source is grad_out, taken through the activation's derivative of the
-    saved tensor as it is loaded."""
+    saved tensor (addressed like the source) as it is loaded."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if POINTWISE:
@@ -197,9 +197,8 @@ def _implicit_gemm_tile(
             src_w = base_w[:, None] + shift_w
             valid = (m_ok[:, None] & k_ok[None, :]
                      & (src_h >= 0) & (src_h < SRC_H) & (src_w >= 0) & (src_w < SRC_W))
-        channel = (group * K_CH + c)[None, :]
-        a = load_grad(src_ptr, _offsets(n[:, None], channel, src_h, src_w, src_sn, src_sc, src_sh, src_sw),
-                      saved_ptr, _offsets(n[:, None], channel, src_h, src_w, saved_sn, saved_sc, saved_sh, saved_sw),
+        a = load_grad(src_ptr, saved_ptr,
+                      _offsets(n[:, None], (group * K_CH + c)[None, :], src_h, src_w, src_sn, src_sc, src_sh, src_sw),
                       valid, GRAD_ACTIVATION, negative_slope)
         b = tl.load(w_base + c[:, None] * w_sk + w_tap + offs_n[None, :] * w_sn,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -221,9 +220,6 @@ def _conv2d_implicit_gemm_kernel(
     src_sn, src_sc, src_sh, src_sw,
     w_sk, w_sn, w_sh, w_sw, w_group_stride,
     dst_sn, dst_sc, dst_sh, dst_sw,
-    res_sn, res_sc, res_sh, res_sw,
-    pre_sn, pre_sc, pre_sh, pre_sw,
-    saved_sn, saved_sc, saved_sh, saved_sw,
     SH, SW, PH, PW, DH, DW, TAP_STEP_H, TAP_STEP_W, negative_slope,
     KH: tl.constexpr, KW: tl.constexpr,
     TRANSPOSED: tl.constexpr, POINTWISE: tl.constexpr, TAP_MAJOR: tl.constexpr,
@@ -234,9 +230,10 @@ def _conv2d_implicit_gemm_kernel(
     """dst[pixel, n-channel] = sum over (tap, k-channel) of src[pixel moved by tap, k-channel] * weight.
 
     Forward: src = input, dst = out = act(acc + bias + residual) (and pre = acc + bias + residual with
-    STORE_PRE), k-channels = cin of the group, n-channels = cout of the group.
+    STORE_PRE; residual and pre are addressed like dst), k-channels = cin of the group, n-channels =
+    cout of the group.
     TRANSPOSED (input gradient): src = grad_out (through GRAD_ACTIVATION's derivative of the saved
-    tensor) or grad_pre, dst = grad_input, k = cout, n = cin; destination pixels
+    tensor, addressed like src) or grad_pre, dst = grad_input, k = cout, n = cin; destination pixels
     are split by phase (position mod stride, grid axis 2), so that every pixel of a program meets the
     same taps and no MMA is spent on taps that fall between output pixels.
     Grid: (pixel tiles x n-channel tiles, groups, phases).
@@ -282,7 +279,7 @@ def _conv2d_implicit_gemm_kernel(
     n_ok = offs_n < N_CH
     w_base = weight_ptr + group * w_group_stride
     acc = _implicit_gemm_tile(
-        src_ptr, src_sn, src_sc, src_sh, src_sw, saved_ptr, saved_sn, saved_sc, saved_sh, saved_sw,
+        src_ptr, src_sn, src_sc, src_sh, src_sw, saved_ptr,
         w_base, w_sk, w_sn, w_sh, w_sw,
         n, base_h, base_w, m_ok, offs_n, n_ok, group, SRC_H, SRC_W, K_CH,
         phase_h, phase_w, first_h, first_w, count_h, count_w,
@@ -295,15 +292,10 @@ def _conv2d_implicit_gemm_kernel(
     dst_w = phase_w + i_w * dst_step_w
     channel = group * N_CH + offs_n
     out_ok = m_ok[:, None] & n_ok[None, :]
-    acc = conv_epilogue(acc, bias_ptr, channel, n_ok,
-                        residual_ptr, _offsets(n[:, None], channel[None, :], dst_h[:, None], dst_w[:, None],
-                                               res_sn, res_sc, res_sh, res_sw),
-                        pre_ptr, _offsets(n[:, None], channel[None, :], dst_h[:, None], dst_w[:, None],
-                                          pre_sn, pre_sc, pre_sh, pre_sw),
-                        out_ok, negative_slope, HAS_BIAS, HAS_RESIDUAL, STORE_PRE, ACTIVATION)
-    tl.store(dst_ptr + _offsets(n[:, None], channel[None, :], dst_h[:, None], dst_w[:, None],
-                                dst_sn, dst_sc, dst_sh, dst_sw),
-             acc.to(dst_ptr.dtype.element_ty), mask=out_ok)
+    out_offsets = _offsets(n[:, None], channel[None, :], dst_h[:, None], dst_w[:, None], dst_sn, dst_sc, dst_sh, dst_sw)
+    acc = conv_epilogue(acc, bias_ptr, channel, n_ok, residual_ptr, pre_ptr, out_offsets, out_ok, negative_slope,
+                        HAS_BIAS, HAS_RESIDUAL, STORE_PRE, ACTIVATION)
+    tl.store(dst_ptr + out_offsets, acc.to(dst_ptr.dtype.element_ty), mask=out_ok)
 
 
 @autotune(
@@ -355,12 +347,12 @@ def _conv2d_relu_maxpool2d_kernel(
         conv_w = pool_w * PSW - PPW + position % PKW
         tap_ok = m_ok & (conv_h >= 0) & (conv_h < CONV_H) & (conv_w >= 0) & (conv_w < CONV_W)
         if DEPTHWISE:  # one group of all channels (the launcher's grid), each channel its own weights
-            acc = depthwise_tile(input_ptr, x_sn, x_sc, x_sh, x_sw, input_ptr, x_sn, x_sc, x_sh, x_sw,
-                                 w_base, w_sn, w_sh, w_sw, n, conv_h, conv_w, tap_ok, channel, n_ok, H, W,
-                                 SH, SW, PH, PW, DH, DW, 0.0, KH, KW, False, NONE, BLOCK_M, BLOCK_N)
+            acc = depthwise_tile(input_ptr, x_sn, x_sc, x_sh, x_sw, input_ptr, w_base, w_sn, w_sh, w_sw,
+                                 n, conv_h, conv_w, tap_ok, channel, n_ok, H, W, SH, SW, PH, PW, DH, DW, 0.0,
+                                 KH, KW, False, NONE, BLOCK_M, BLOCK_N)
         else:
             acc = _implicit_gemm_tile(
-                input_ptr, x_sn, x_sc, x_sh, x_sw, input_ptr, x_sn, x_sc, x_sh, x_sw,
+                input_ptr, x_sn, x_sc, x_sh, x_sw, input_ptr,
                 w_base, w_sk, w_sn, w_sh, w_sw,
                 n, conv_h * SH, conv_w * SW, tap_ok, offs_n, n_ok, group, H, W, K_CH,
                 0, 0, 0, 0, KH, KW,
@@ -368,7 +360,7 @@ def _conv2d_relu_maxpool2d_kernel(
                 KH, KW, False, POINTWISE, TAP_MAJOR, NONE, INPUT_PRECISION,
                 BLOCK_M, BLOCK_N, BLOCK_K,
             )
-        acc = conv_epilogue(acc, bias_ptr, channel, n_ok, bias_ptr, 0, bias_ptr, 0, tap_ok[:, None] & n_ok[None, :],
+        acc = conv_epilogue(acc, bias_ptr, channel, n_ok, bias_ptr, bias_ptr, 0, tap_ok[:, None] & n_ok[None, :],
                             0.0, HAS_BIAS, False, False, RELU)
         # compare what the unfused ops would: the activation rounded to the output dtype
         value = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -396,8 +388,6 @@ def _conv2d_weight_grad_kernel(
     BATCH, H, W, OH, OW, CIN_G, COUT_G,
     x_sn, x_sc, x_sh, x_sw,
     g_sn, g_sc, g_sh, g_sw,
-    saved_sn, saved_sc, saved_sh, saved_sw,
-    gp_sn, gp_sc, gp_sh, gp_sw,
     gw_split, gw_s0, gw_s1, gw_s2, gw_s3, gb_split,
     SH, SW, PH, PW, DH, DW, negative_slope,
     KH: tl.constexpr, KW: tl.constexpr, GRAD_ACTIVATION: tl.constexpr,
@@ -407,7 +397,8 @@ def _conv2d_weight_grad_kernel(
 ):
     """grad_weight[cout, cin, kh, kw] = sum over output pixels of grad_pre[pixel, cout] * input[pixel moved
     by (kh, kw), cin]: a GEMM [couts x pixels] @ [pixels x (tap, cin)] reducing over N*OH*OW, where
-    grad_pre is grad_out through GRAD_ACTIVATION's derivative of the saved tensor.
+    grad_pre is grad_out through GRAD_ACTIVATION's derivative of the saved tensor (grad_out, saved and
+    grad_pre are addressed alike).
 
     Grid: (cout tiles x column tiles, groups, splits). Split s sums a fixed contiguous range of pixel
     blocks into its own partial slice (no atomics); the launcher adds the slices in a fixed order.
@@ -459,14 +450,10 @@ def _conv2d_weight_grad_kernel(
         oh = (offs_m % (OH * OW)) // OW
         ow = offs_m % OW
         g_ok = cout_ok[:, None] & m_ok[None, :]
-        g = load_grad(grad_ptr, _offsets(n[None, :], channel[:, None], oh[None, :], ow[None, :], g_sn, g_sc, g_sh, g_sw),
-                      saved_ptr, _offsets(n[None, :], channel[:, None], oh[None, :], ow[None, :],
-                                          saved_sn, saved_sc, saved_sh, saved_sw),
-                      g_ok, GRAD_ACTIVATION, negative_slope)
+        g_offsets = _offsets(n[None, :], channel[:, None], oh[None, :], ow[None, :], g_sn, g_sc, g_sh, g_sw)
+        g = load_grad(grad_ptr, saved_ptr, g_offsets, g_ok, GRAD_ACTIVATION, negative_slope)
         if WRITE_GRAD_PRE:
-            tl.store(grad_pre_ptr + _offsets(n[None, :], channel[:, None], oh[None, :], ow[None, :],
-                                             gp_sn, gp_sc, gp_sh, gp_sw),
-                     g, mask=g_ok & (pid_k == 0))
+            tl.store(grad_pre_ptr + g_offsets, g, mask=g_ok & (pid_k == 0))
         if COMPUTE_BIAS:
             bias_acc += tl.sum(g.to(tl.float32), axis=1)
         if COMPUTE_WEIGHT:
@@ -550,19 +537,13 @@ def _in_format(result: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return torch.empty(result.shape, dtype=result.dtype, device=result.device).copy_(result)
 
 
-_ABSENT = (0, 0, 0, 0)  # strides of a tensor not given; its pointer is a never-read placeholder
-
-
-def _strides(tensor: torch.Tensor | None) -> tuple[int, ...]:
-    return _ABSENT if tensor is None else tensor.stride()
-
-
 def _launch_conv(src, weight, dst, stride, padding, dilation, groups, transposed, *, bias=None, residual=None,
                  pre=None, activation="none", saved=None, grad_activation="none", negative_slope=0.0):
     """dst = the forward conv of src with its epilogue (bias, residual, activation, pre stored), or
     with ``transposed`` the input gradient of grad_pre (src, taken through grad_activation's derivative
     of ``saved`` as it loads); depthwise convs run the direct kernels, the others the implicit GEMM.
-    Every tensor NHWC."""
+    Every tensor NHWC-dense (made by _nhwc or _empty_nhwc): the kernels address residual and pre
+    with dst's offsets, saved with src's."""
     batch = dst.shape[0]
     cout, cin_per_group = weight.shape[:2]
     kh, kw = weight.shape[2:]
@@ -581,7 +562,7 @@ def _launch_conv(src, weight, dst, stride, padding, dilation, groups, transposed
         depthwise_conv2d_kernel[depthwise_grid](
             src, weight, dst, *epilogue_args,
             batch, src.shape[2], src.shape[3], dst.shape[2], dst.shape[3], cout,
-            *src.stride(), w_s0, w_s2, w_s3, *dst.stride(), *_strides(residual), *_strides(pre), *_strides(saved),
+            *src.stride(), w_s0, w_s2, w_s3, *dst.stride(),
             *stride, *padding, *dilation, negative_slope,
             KH=kh, KW=kw, TRANSPOSED=transposed, **epilogue_flags,
         )
@@ -605,7 +586,7 @@ def _launch_conv(src, weight, dst, stride, padding, dilation, groups, transposed
         batch, src.shape[2], src.shape[3], dst.shape[2], dst.shape[3], k_channels, n_channels,
         *src.stride(),
         w_sk, w_sn, w_s2, w_s3, (cout // groups) * w_s0,
-        *dst.stride(), *_strides(residual), *_strides(pre), *_strides(saved),
+        *dst.stride(),
         *stride, *padding, *dilation, *tap_step, negative_slope,
         KH=kh, KW=kw, TRANSPOSED=transposed, POINTWISE=_is_pointwise(weight, groups, stride, padding),
         TAP_MAJOR=k_channels % _TAP_MAJOR_CHANNELS == 0, INPUT_PRECISION=_dot_precision(src.dtype), GROUP_M=8,
@@ -631,7 +612,8 @@ def _weight_grad_splits(pixels: int, tiles: int, device: torch.device) -> int:
 def _launch_weight_grad(grad_out, saved, input, weight, grad_weight, grad_bias, grad_pre,
                         stride, padding, dilation, groups, activation, negative_slope):
     """grad_weight and grad_bias (each None when not needed) of grad_pre = grad_out through the
-    activation's derivative of ``saved``, and grad_pre itself when a tensor is given for it."""
+    activation's derivative of ``saved``, and grad_pre itself when a tensor is given for it. grad_out,
+    saved and grad_pre are NHWC-dense tensors of one shape: the kernels address them alike."""
     batch, _, out_h, out_w = grad_out.shape
     cout, cin_per_group, kh, kw = weight.shape
     depthwise = _is_depthwise(weight, groups)
@@ -676,7 +658,7 @@ def _launch_weight_grad(grad_out, saved, input, weight, grad_weight, grad_bias, 
 
         depthwise_conv2d_weight_grad_kernel[depthwise_grid](
             *tensors, batch, input.shape[2], input.shape[3], out_h, out_w, cout,
-            *input.stride(), *grad_out.stride(), *_strides(saved), *_strides(grad_pre),
+            *input.stride(), *grad_out.stride(),
             split_stride, w_sc, w_sh, w_sw, bias_split,
             *stride, *padding, *dilation, negative_slope,
             TAPS=triton.next_power_of_2(kh * kw), **flags,
@@ -687,7 +669,7 @@ def _launch_weight_grad(grad_out, saved, input, weight, grad_weight, grad_bias, 
 
         _conv2d_weight_grad_kernel[grid](
             *tensors, batch, input.shape[2], input.shape[3], out_h, out_w, cin_per_group, cout // groups,
-            *input.stride(), *grad_out.stride(), *_strides(saved), *_strides(grad_pre),
+            *input.stride(), *grad_out.stride(),
             *weight_strides, bias_split,
             *stride, *padding, *dilation, negative_slope,
             TAP_MAJOR=tap_major, INPUT_PRECISION=_dot_precision(input.dtype), **flags,

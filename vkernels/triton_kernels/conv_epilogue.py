@@ -87,28 +87,29 @@ def activation_grad(grad, saved, ACTIVATION: tl.constexpr, negative_slope):
 
 
 @triton.jit
-def load_grad(grad_ptr, grad_offsets, saved_ptr, saved_offsets, valid, GRAD_ACTIVATION: tl.constexpr,
-              negative_slope):
-    """The gradient w.r.t. the pre-activation at the given offsets, in the gradient's dtype (zero where
-    not valid): grad_out through the activation's derivative, read from the saved tensor as it loads.
+def load_grad(grad_ptr, saved_ptr, offsets, valid, GRAD_ACTIVATION: tl.constexpr, negative_slope):
+    """The gradient w.r.t. the pre-activation at ``offsets``, in the gradient's dtype (zero where not
+    valid): grad_out through the activation's derivative, read from the saved tensor as it loads.
+    grad_out and the saved tensor are NHWC-dense tensors of one shape, so one offset addresses both.
     GRAD_ACTIVATION == NONE loads the gradient as it is."""
-    grad = tl.load(grad_ptr + grad_offsets, mask=valid, other=0.0)
+    grad = tl.load(grad_ptr + offsets, mask=valid, other=0.0)
     if GRAD_ACTIVATION != NONE:
-        saved = tl.load(saved_ptr + saved_offsets, mask=valid, other=0.0).to(tl.float32)
+        saved = tl.load(saved_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
         grad = activation_grad(grad.to(tl.float32), saved, GRAD_ACTIVATION, negative_slope).to(grad.dtype)
     return grad
 
 
 @triton.jit
-def conv_epilogue(acc, bias_ptr, channel, channel_ok, residual_ptr, residual_offsets, pre_ptr, pre_offsets, out_ok,
-                  negative_slope, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr,
+def conv_epilogue(acc, bias_ptr, channel, channel_ok, residual_ptr, pre_ptr, out_offsets, out_ok, negative_slope,
+                  HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr,
                   ACTIVATION: tl.constexpr):
     """act(acc + bias + residual) in fp32; with STORE_PRE the pre-activation is also stored (rounded to
-    pre's dtype) for a backward whose derivative needs it."""
+    pre's dtype) for a backward whose derivative needs it. The residual and pre are NHWC-dense like
+    the output: ``out_offsets`` addresses all three."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + residual_offsets, mask=out_ok, other=0.0).to(tl.float32)
+        acc += tl.load(residual_ptr + out_offsets, mask=out_ok, other=0.0).to(tl.float32)
     if STORE_PRE:
-        tl.store(pre_ptr + pre_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_ok)
     return apply_activation(acc, ACTIVATION, negative_slope)

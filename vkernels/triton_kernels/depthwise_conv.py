@@ -27,7 +27,7 @@ import triton.language as tl
 from vkernels.triton_kernels.autotuning import AUTOTUNE, INTERPRETED
 from vkernels.triton_kernels.conv_epilogue import NONE, conv_epilogue, load_grad
 
-# (BLOCK_M, BLOCK_C, num_warps); the interpreter runs one small tile so CPU runs never benchmark
+# (BLOCK_M, BLOCK_C, num_warps); the interpreter runs one tile so CPU runs never benchmark
 _FORWARD_TILES = [(64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8), (64, 32, 4)]
 _WEIGHT_GRAD_TILES = [(32, 32, 4), (16, 64, 4), (64, 32, 8), (16, 32, 4), (8, 32, 4), (4, 32, 4)]
 # Elements of the weight gradient's [BLOCK_M, TAPS, BLOCK_C] input gather per warp: 64 fp32 registers
@@ -35,9 +35,9 @@ _WEIGHT_GRAD_TILES = [(32, 32, 4), (16, 64, 4), (64, 32, 8), (16, 32, 4), (8, 32
 _GATHER_ELEMENTS_PER_WARP = 2048
 
 
-def _configs(tiles):
-    if INTERPRETED:
-        tiles = [(16, 16, 4)]
+def _configs(tiles, interpreted_tile):
+    if INTERPRETED:  # its cost is per operation, not per element: few, long tiles
+        tiles = [interpreted_tile]
     return [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=warps, num_stages=1) for m, c, warps in tiles]
 
 
@@ -52,24 +52,27 @@ def _fit_gather(configs, named_args, **kwargs):
 
 
 @triton.jit
-def depthwise_tile(src_ptr, s_sn, s_sc, s_sh, s_sw, saved_ptr, v_sn, v_sc, v_sh, v_sw,
-                   w_ptr, w_sc, w_sh, w_sw, n, dst_h, dst_w, m_ok, channel, c_ok, SRC_H, SRC_W,
-                   SH, SW, PH, PW, DH, DW, negative_slope,
+def depthwise_tile(src_ptr, s_sn, s_sc, s_sh, s_sw, saved_ptr, w_ptr, w_sc, w_sh, w_sw,
+                   n, dst_h, dst_w, m_ok, channel, c_ok, SRC_H, SRC_W, SH, SW, PH, PW, DH, DW, negative_slope,
                    KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr, GRAD_ACTIVATION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """The fp32 [BLOCK_M, BLOCK_C] sum over taps at destination pixels (n, dst_h, dst_w): the forward
     reads src at dst*stride + tap*dilation - pad; TRANSPOSED reads src (the gradient, through
-    GRAD_ACTIVATION's derivative of the saved tensor) at (dst + pad - tap*dilation) / stride where
-    that divides exactly."""
+    GRAD_ACTIVATION's derivative of the saved tensor, which src's offsets address too) at
+    (dst + pad - tap*dilation) / stride where that divides exactly."""
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    image = n * s_sn
+    channel_offsets = (channel * s_sc)[None, :]
+    weights = w_ptr + channel * w_sc
     for kh in tl.static_range(KH):
         if TRANSPOSED:
             shifted_h = dst_h + PH - kh * DH
             src_h = shifted_h // SH
-            h_ok = (shifted_h >= 0) & (shifted_h % SH == 0) & (src_h < SRC_H)
+            h_ok = m_ok & (shifted_h >= 0) & (shifted_h % SH == 0) & (src_h < SRC_H)
         else:
             src_h = dst_h * SH + kh * DH - PH
-            h_ok = (src_h >= 0) & (src_h < SRC_H)
+            h_ok = m_ok & (src_h >= 0) & (src_h < SRC_H)
+        row = image + src_h * s_sh
         for kw in tl.static_range(KW):
             if TRANSPOSED:
                 shifted_w = dst_w + PW - kw * DW
@@ -78,17 +81,15 @@ def depthwise_tile(src_ptr, s_sn, s_sc, s_sh, s_sw, saved_ptr, v_sn, v_sc, v_sh,
             else:
                 src_w = dst_w * SW + kw * DW - PW
                 w_ok = (src_w >= 0) & (src_w < SRC_W)
-            valid = (m_ok & h_ok & w_ok)[:, None] & c_ok[None, :]
-            value = load_grad(src_ptr, (n * s_sn + src_h * s_sh + src_w * s_sw)[:, None] + channel[None, :] * s_sc,
-                              saved_ptr, (n * v_sn + src_h * v_sh + src_w * v_sw)[:, None] + channel[None, :] * v_sc,
-                              valid, GRAD_ACTIVATION, negative_slope)
-            weight = tl.load(w_ptr + channel * w_sc + kh * w_sh + kw * w_sw, mask=c_ok, other=0.0)
+            value = load_grad(src_ptr, saved_ptr, (row + src_w * s_sw)[:, None] + channel_offsets,
+                              (h_ok & w_ok)[:, None] & c_ok[None, :], GRAD_ACTIVATION, negative_slope)
+            weight = tl.load(weights + (kh * w_sh + kw * w_sw), mask=c_ok, other=0.0)
             acc += value.to(tl.float32) * weight.to(tl.float32)[None, :]
     return acc
 
 
 @triton.autotune(
-    configs=_configs(_FORWARD_TILES),
+    configs=_configs(_FORWARD_TILES, (128, 16, 4)),
     key=["BATCH", "SRC_H", "SRC_W", "DST_H", "DST_W", "C", "SH", "SW", "DH", "DW", "KH", "KW", "TRANSPOSED"],
     prune_configs_by={"early_config_prune": lambda configs, named_args, **kwargs: configs if AUTOTUNE else configs[:1]},
 )
@@ -99,16 +100,14 @@ def depthwise_conv2d_kernel(
     s_sn, s_sc, s_sh, s_sw,
     w_sc, w_sh, w_sw,
     d_sn, d_sc, d_sh, d_sw,
-    r_sn, r_sc, r_sh, r_sw,
-    p_sn, p_sc, p_sh, p_sw,
-    v_sn, v_sc, v_sh, v_sw,
     SH, SW, PH, PW, DH, DW, negative_slope,
     KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr, ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dst[pixel, c] = epilogue(sum over taps of src * weight[c, tap]). Forward: src = input, dst = out;
-    TRANSPOSED: src = grad_out (or grad_pre), dst = grad_input, no epilogue. Grid: (pixel tiles, channel tiles)."""
+    """dst[pixel, c] = epilogue(sum over taps of src * weight[c, tap]). Forward: src = input, dst = out
+    (residual and pre addressed like dst); TRANSPOSED: src = grad_out or grad_pre (saved addressed like
+    src), dst = grad_input, no epilogue. Grid: (pixel tiles, channel tiles)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < BATCH * DST_H * DST_W
     n = (offs_m // (DST_H * DST_W)).to(tl.int64)
@@ -116,20 +115,18 @@ def depthwise_conv2d_kernel(
     dst_w = offs_m % DST_W
     channel = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = channel < C
-    acc = depthwise_tile(src_ptr, s_sn, s_sc, s_sh, s_sw, saved_ptr, v_sn, v_sc, v_sh, v_sw,
-                         weight_ptr, w_sc, w_sh, w_sw, n, dst_h, dst_w, m_ok, channel, c_ok, SRC_H, SRC_W,
-                         SH, SW, PH, PW, DH, DW, negative_slope, KH, KW, TRANSPOSED, GRAD_ACTIVATION, BLOCK_M, BLOCK_C)
+    acc = depthwise_tile(src_ptr, s_sn, s_sc, s_sh, s_sw, saved_ptr, weight_ptr, w_sc, w_sh, w_sw,
+                         n, dst_h, dst_w, m_ok, channel, c_ok, SRC_H, SRC_W, SH, SW, PH, PW, DH, DW, negative_slope,
+                         KH, KW, TRANSPOSED, GRAD_ACTIVATION, BLOCK_M, BLOCK_C)
     out_ok = m_ok[:, None] & c_ok[None, :]
-    acc = conv_epilogue(acc, bias_ptr, channel, c_ok,
-                        residual_ptr, (n * r_sn + dst_h * r_sh + dst_w * r_sw)[:, None] + channel[None, :] * r_sc,
-                        pre_ptr, (n * p_sn + dst_h * p_sh + dst_w * p_sw)[:, None] + channel[None, :] * p_sc,
-                        out_ok, negative_slope, HAS_BIAS, HAS_RESIDUAL, STORE_PRE, ACTIVATION)
-    tl.store(dst_ptr + ((n * d_sn + dst_h * d_sh + dst_w * d_sw)[:, None] + channel[None, :] * d_sc),
-             acc.to(dst_ptr.dtype.element_ty), mask=out_ok)
+    out_offsets = (n * d_sn + dst_h * d_sh + dst_w * d_sw)[:, None] + (channel * d_sc)[None, :]
+    acc = conv_epilogue(acc, bias_ptr, channel, c_ok, residual_ptr, pre_ptr, out_offsets, out_ok, negative_slope,
+                        HAS_BIAS, HAS_RESIDUAL, STORE_PRE, ACTIVATION)
+    tl.store(dst_ptr + out_offsets, acc.to(dst_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.autotune(
-    configs=_configs(_WEIGHT_GRAD_TILES),
+    configs=_configs(_WEIGHT_GRAD_TILES, (32, 16, 4)),
     key=["BATCH", "H", "W", "OH", "OW", "C", "SH", "SW", "DH", "DW", "KH", "KW", "COMPUTE_WEIGHT"],
     prune_configs_by={"early_config_prune": _fit_gather},
 )
@@ -139,8 +136,6 @@ def depthwise_conv2d_weight_grad_kernel(
     BATCH, H, W, OH, OW, C,
     x_sn, x_sc, x_sh, x_sw,
     g_sn, g_sc, g_sh, g_sw,
-    v_sn, v_sc, v_sh, v_sw,
-    gp_sn, gp_sc, gp_sh, gp_sw,
     gw_split, gw_sc, gw_sh, gw_sw, gb_split,
     SH, SW, PH, PW, DH, DW, negative_slope,
     KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr, GRAD_ACTIVATION: tl.constexpr,
@@ -149,8 +144,9 @@ def depthwise_conv2d_weight_grad_kernel(
 ):
     """grad_weight[c, tap] = sum over output pixels of grad_pre[pixel, c] * input[pixel moved by tap, c]
     (TAPS = KH*KW padded to a power of two), grad_bias[c] = sum of grad_pre, grad_pre itself when
-    WRITE_GRAD_PRE. Grid: (channel tiles, splits); split s sums its own contiguous range of pixel
-    blocks into slice s of the partial outputs (gw_split / gb_split apart)."""
+    WRITE_GRAD_PRE (grad_out, saved and grad_pre are addressed alike). Grid: (channel tiles, splits);
+    split s sums its own contiguous range of pixel blocks into slice s of the partial outputs
+    (gw_split / gb_split apart)."""
     channel = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = channel < C
     split = tl.program_id(1)
@@ -164,6 +160,8 @@ def depthwise_conv2d_weight_grad_kernel(
     tap_ok = tap < KH * KW
     shift_h = (tap // KW) * DH - PH
     shift_w = (tap % KW) * DW - PW
+    grad_channels = (channel * g_sc)[None, :]
+    input_channels = (channel * x_sc)[None, None, :]
     acc = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for block in range(first_block, last_block):
@@ -173,12 +171,10 @@ def depthwise_conv2d_weight_grad_kernel(
         oh = (offs_m % (OH * OW)) // OW
         ow = offs_m % OW
         g_ok = m_ok[:, None] & c_ok[None, :]
-        g = load_grad(grad_ptr, (n * g_sn + oh * g_sh + ow * g_sw)[:, None] + channel[None, :] * g_sc,
-                      saved_ptr, (n * v_sn + oh * v_sh + ow * v_sw)[:, None] + channel[None, :] * v_sc,
-                      g_ok, GRAD_ACTIVATION, negative_slope)
+        g_offsets = (n * g_sn + oh * g_sh + ow * g_sw)[:, None] + grad_channels
+        g = load_grad(grad_ptr, saved_ptr, g_offsets, g_ok, GRAD_ACTIVATION, negative_slope)
         if WRITE_GRAD_PRE:
-            tl.store(grad_pre_ptr + ((n * gp_sn + oh * gp_sh + ow * gp_sw)[:, None] + channel[None, :] * gp_sc), g,
-                     mask=g_ok)
+            tl.store(grad_pre_ptr + g_offsets, g, mask=g_ok)
         g = g.to(tl.float32)
         if COMPUTE_BIAS:
             bias_acc += tl.sum(g, axis=0)
@@ -187,8 +183,7 @@ def depthwise_conv2d_weight_grad_kernel(
             iw = (ow * SW)[:, None] + shift_w[None, :]
             x_ok = (m_ok[:, None] & tap_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, :, None]
             pixel = n[:, None] * x_sn + ih * x_sh + iw * x_sw
-            x = tl.load(input_ptr + (pixel[:, :, None] + (channel * x_sc)[None, None, :]),
-                        mask=x_ok & c_ok[None, None, :], other=0.0)
+            x = tl.load(input_ptr + (pixel[:, :, None] + input_channels), mask=x_ok & c_ok[None, None, :], other=0.0)
             acc += tl.sum(x.to(tl.float32) * g[:, None, :], axis=0)
 
     if COMPUTE_WEIGHT:
