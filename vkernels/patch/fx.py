@@ -1,0 +1,247 @@
+"""The traced-graph pass: conv chains written inside a module's ``forward()`` (a ResNet's stem and
+blocks, inverted residuals, squeeze-excite, plain ``nn.Sequential``s), found with torch.fx and
+rewritten to call ``conv.run_conv_chain``.
+
+For every module the walk visits that runs a conv, ``forward()`` is traced with each submodule a leaf,
+except containers that only run their children in order: ``nn.Sequential`` without a forward of its
+own, and a conv unit (a module whose children are one conv plus norms, activations and drops, such as
+timm's ``ConvNormAct``). So a chain crossing into them is seen whole: a block's last conv -> BN inside
+a Sequential, then the block's own add and ReLU. In the graph a chain is conv -> (norm) -> (drops) ->
+(+ residual) -> (activation), each value used only by the next; its nodes become one
+``run_conv_chain`` call.
+
+The module keeps its class, attributes and submodules (same Parameters, same state_dict); only
+``forward`` becomes an instance attribute running the rewritten graph. It is traced once per mode:
+a forward that branches on ``self.training`` runs the graph of its current mode, and the stock
+forward runs while a traced-through submodule is in the other mode. A module whose forward torch.fx
+cannot trace, or whose arguments have defaults (tracing would fix their values), is left as it is
+and reported with why; its children are visited on their own.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+
+import torch
+
+from vkernels.patch.conv import (
+    activation_of_call,
+    activation_of_module,
+    is_conv,
+    is_drop,
+    is_residual_add,
+    norm_of,
+    run_conv_chain,
+)
+
+
+def _is_conv_unit(module) -> bool:
+    children = list(module.children())
+    convs = sum(is_conv(c) for c in children)
+    return convs == 1 and all(is_conv(c) or norm_of(c) or activation_of_module(c) or is_drop(c) for c in children)
+
+
+def _traced_through(module, conv_units: bool) -> bool:
+    if isinstance(module, torch.nn.Sequential) and type(module).forward is torch.nn.Sequential.forward:
+        return True
+    return conv_units and _is_conv_unit(module)
+
+
+def _graph_leaves(module, conv_units: bool):
+    """The submodules that will be leaves of the module's traced graph (children, and the children of
+    traced-through ones)."""
+    for child in module.children():
+        if _traced_through(child, conv_units):
+            yield from _graph_leaves(child, conv_units)
+        else:
+            yield child
+
+
+def _may_chain(leaves) -> bool:
+    """A conv among the leaves and a norm or an activation module: then a failed trace may leave chains
+    unfused, worth a line in the report (functional activations show only in a traced graph)."""
+    return any(map(is_conv, leaves)) and any(norm_of(m) or activation_of_module(m) for m in leaves)
+
+
+def _timm_autowrap_functions() -> tuple:
+    """Functions timm registers for torch.fx not to trace into (shape asserts, padding helpers)."""
+    registry = sys.modules.get("timm.layers._fx")
+    return tuple(f for f in getattr(registry, "_autowrap_functions", ()) if callable(f))
+
+
+class _ChainTracer(torch.fx.Tracer):
+    def __init__(self, conv_units: bool) -> None:
+        super().__init__(autowrap_functions=_timm_autowrap_functions())
+        self.conv_units = conv_units
+        self.traced_through: list[str] = []
+
+    def is_leaf_module(self, module, qualified_name) -> bool:
+        if _traced_through(module, self.conv_units):
+            self.traced_through.append(qualified_name)
+            return False
+        return True
+
+
+def _trace(module, training: bool, conv_units: bool):
+    """(graph, paths of the submodules traced through) of module.forward in the given mode; every
+    module's own mode is restored afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    tracer = _ChainTracer(conv_units)
+    try:
+        module.train(training)
+        graph = tracer.trace(module)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return graph, tracer.traced_through
+
+
+def _sole_user(node):
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _called_on(node, value, modules, recognise) -> bool:
+    """node is a call of a submodule that ``recognise`` accepts, on ``value`` alone."""
+    return (node is not None and node.op == "call_module" and node.args == (value,) and not node.kwargs
+            and bool(recognise(modules.get(node.target))))
+
+
+def _match_chain(conv_node, modules):
+    """The chain starting at a conv node: dict of its nodes and what it computes, or None when nothing
+    follows the conv that it can fuse."""
+    chain = dict(conv=conv_node, norm=None, drops=[], add=None, residual=None, act=None, activation=None,
+                 activation_in_norm=False)
+    last = conv_node
+    user = _sole_user(last)
+    if _called_on(user, last, modules, norm_of):
+        chain["norm"], last = user, user
+        _, chain["activation"] = norm_of(modules[user.target])
+        chain["activation_in_norm"] = chain["activation"] is not None
+        user = _sole_user(last)
+    if not chain["activation_in_norm"]:
+        drops, end = [], last
+        while _called_on(user, end, modules, is_drop):
+            drops.append(user)
+            end = user
+            user = _sole_user(end)
+        if user is not None and is_residual_add(user) and end in user.args and user.args[0] is not user.args[1]:
+            chain["add"] = user
+            chain["residual"] = user.args[1] if user.args[0] is end else user.args[0]
+            end = user
+            user = _sole_user(end)
+        module_activation = _called_on(user, end, modules, activation_of_module)
+        call_activation = user is not None and user.args[:1] == (end,) and activation_of_call(user)
+        if module_activation or call_activation:
+            chain["act"] = user
+            chain["activation"] = activation_of_module(modules[user.target]) if module_activation else call_activation
+        if chain["add"] is not None or chain["act"] is not None:  # drops count only before what they lead to
+            chain["drops"] = drops
+    if chain["norm"] is None and chain["add"] is None and chain["activation"] is None:
+        return None
+    return chain
+
+
+def _describe(chain) -> str:
+    parts = [chain["conv"].target, *(n.target for n in (chain["norm"], *chain["drops"]) if n is not None)]
+    if chain["add"] is not None:
+        parts.append("residual")
+    if chain["activation"] is not None and not chain["activation_in_norm"]:
+        parts.append(chain["activation"][0])
+    return "+".join(parts)
+
+
+def _rewrite_chains(graph, modules, backend) -> list[str]:
+    """Replaces each chain of the graph with a run_conv_chain call; returns their descriptions."""
+    found = []
+    for node in list(graph.nodes):
+        if node.graph is not graph or node.op != "call_module" or not is_conv(modules.get(node.target)):
+            continue
+        if len(node.args) != 1 or node.kwargs:
+            continue
+        chain = _match_chain(node, modules)
+        if chain is None:
+            continue
+        nodes = [n for n in (chain["conv"], chain["norm"], *chain["drops"], chain["add"], chain["act"]) if n is not None]
+        last = nodes[-1]
+        activation, negative_slope = chain["activation"] or (None, 0.0)
+        with graph.inserting_before(last):
+            attribute = graph.get_attr
+            fused = graph.call_function(
+                run_conv_chain,
+                (chain["conv"].args[0], chain["residual"], attribute(chain["conv"].target),
+                 None if chain["norm"] is None else attribute(chain["norm"].target),
+                 tuple(attribute(d.target) for d in chain["drops"])),
+                dict(activation=activation, negative_slope=float(negative_slope),
+                     activation_in_norm=chain["activation_in_norm"], backend=backend),
+            )
+        last.replace_all_uses_with(fused)
+        for n in reversed(nodes):
+            graph.erase_node(n)
+        found.append(_describe(chain))
+    return found
+
+
+def _compile(graph):
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, "<vkernels.patch rewritten forward>", "exec"), namespace)  # noqa: S102
+    return namespace["forward"]
+
+
+def _bind(module, forwards, traced_through, chains) -> None:
+    stock = type(module).forward
+
+    def forward(self, *args, **kwargs):
+        traced = forwards.get(self.training)
+        if traced is None or any(self.get_submodule(path).training != self.training for path in traced_through):
+            return stock(self, *args, **kwargs)
+        return traced(self, *args, **kwargs)
+
+    forward.vkernels_chains = chains
+    module.forward = types.MethodType(forward, module)
+
+
+def _signature_problem(module) -> str | None:
+    if "forward" in module.__dict__:
+        return "its forward was already replaced on the instance"
+    parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    for parameter in parameters:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) or parameter.default is not parameter.empty:
+            return f"forward() takes {parameter}: tracing would fix its value"
+    return None
+
+
+def fuse_conv_chains(module, prefix, backend, report) -> None:
+    """Container rule: rewrites ``module.forward`` so that its conv chains run as one fused conv each."""
+    if (type(module).forward is torch.nn.Module.forward  # containers without a forward (ModuleDict)
+            or getattr(module.__dict__.get("forward"), "vkernels_chains", None) is not None):
+        return
+    leaves = list(_graph_leaves(module, conv_units=True))
+    if not any(map(is_conv, leaves)):
+        return
+    path = prefix[:-1]
+    problem, traced = _signature_problem(module), None
+    if problem is None:
+        # a conv unit whose forward torch.fx cannot trace must not cost its parent the parent's own
+        # chains: a failed trace is retried with conv units as leaves
+        for conv_units in (True, False):
+            try:
+                traced = {training: _trace(module, training, conv_units)
+                          for training in (module.training, not module.training)}
+                break
+            except Exception as error:  # torch.fx raises many kinds: any failure leaves the module as it is
+                reason = (str(error).strip().splitlines() or [""])[0]
+                problem = problem or f"torch.fx cannot trace it ({type(error).__name__}: {reason[:160]})"
+    if traced is None:
+        if _may_chain(leaves):
+            report.leave(path, f"conv chains in forward() not fused: {problem}")
+        return
+    modules = dict(module.named_modules())
+    chains = {training: _rewrite_chains(graph, modules, backend) for training, (graph, _) in traced.items()}
+    if not any(chains.values()):
+        return
+    forwards = {training: _compile(graph) for training, (graph, _) in traced.items()}
+    _bind(module, forwards, traced[module.training][1], chains)
+    report.replaced(path, f"forward() with fused conv chains: {', '.join(chains[module.training])}")
