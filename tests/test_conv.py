@@ -14,26 +14,36 @@ from support import (
 )
 from vkernels import dispatch, shapes
 from vkernels.ops import conv as conv_ops
-from vkernels.triton_kernels import conv_epilogue
+from vkernels.triton_kernels import conv_common
 
 ACTIVATIONS = [None, *conv_ops.ACTIVATIONS]
-# The float64 references of the activations: torch's, except hardswish. At exactly 3 torch's CPU
-# (vectorized) hardswish backward takes the derivative 1, its CUDA kernel and scalar path 1.5 (the
-# kernels follow CUDA); fp16 pre-activations land on 3.0 often enough to matter. The clamp formula's
-# autograd gives CUDA's values: 1.5 at 3 and -0.5 at -3.
-REFERENCE_ACTIVATIONS = {**conv_ops.ACTIVATIONS, "hardswish": lambda x, negative_slope: x * (x + 3).clamp(0, 6) / 6}
+
+
+class _RoundGradient(torch.autograd.Function):
+    """The identity, whose backward rounds the gradient to ``dtype`` (and back to float64)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype).double(), None
 
 
 def reference_activation(pre_activation: torch.Tensor, dtype: torch.dtype, activation: str | None,
                          negative_slope: float) -> torch.Tensor:
-    """act(pre_activation) in float64 whose derivative is taken at the pre-activation rounded to dtype,
-    where torch's backward and ours read it (the stored conv output): a rounding step at hardswish's
-    and relu6's kinks (+-3, 6) flips the derivative's branch, which no precision of the arithmetic
-    would undo."""
+    """act(pre_activation) in float64 with what torch's backward (and ours) keeps in ``dtype`` rounded
+    to it: the pre-activation the derivative is taken at (the stored conv output; a rounding step at
+    hardswish's and relu6's kinks at +-3 and 6 flips the derivative's branch, which no precision of
+    the arithmetic would undo) and the gradient w.r.t. the pre-activation (a stored tensor too: its
+    rounding decides the bias gradient when that sum cancels)."""
     if activation is None:
         return pre_activation
     rounded = pre_activation + (pre_activation.detach().to(dtype).double() - pre_activation.detach())
-    return REFERENCE_ACTIVATIONS[activation](rounded, negative_slope)
+    return conv_ops.ACTIVATIONS[activation](_RoundGradient.apply(rounded, dtype), negative_slope)
+
 
 CALLS = {
     "3x3 pad1 bias residual": dict(weight=(6, 4, 3, 3), padding=1, bias=True, residual=True),
@@ -173,7 +183,7 @@ def test_conv2d_geometry_fuzz(backend, channels, depthwise, size, kernel, stride
 
 
 def test_activation_names_agree_with_the_kernels():
-    assert list(conv_epilogue.ACTIVATIONS) == ["none", *conv_ops.ACTIVATIONS]
+    assert list(conv_common.ACTIVATIONS) == ["none", *conv_ops.ACTIVATIONS]
 
 
 def test_conv2d_torch_backend_is_the_composition():

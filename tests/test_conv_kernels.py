@@ -22,7 +22,7 @@ from support import DTYPES, GPU, layout, poison_allocator, relative_error, toler
 from test_conv import reference_activation
 from vkernels import shapes
 from vkernels.ops import conv as conv_ops
-from vkernels.triton_kernels import conv, conv_epilogue
+from vkernels.triton_kernels import conv, conv_common
 
 ALL_GRADS = (True, True, True, True)
 
@@ -104,7 +104,7 @@ def random_geometry(rng: random.Random) -> Geometry:
     return Geometry(
         rng.randint(1, 2), groups * rng.randint(1, 3), groups * rng.randint(1, 3), size, kernel,
         stride=(rng.randint(1, 3), rng.randint(1, 3)), padding=padding, dilation=dilation, groups=groups,
-        bias=rng.random() < 0.5, residual=rng.random() < 0.5, activation=rng.choice(conv_epilogue.ACTIVATIONS),
+        bias=rng.random() < 0.5, residual=rng.random() < 0.5, activation=rng.choice(conv_common.ACTIVATIONS),
         negative_slope=rng.choice([0.01, -0.3]),
         input_layout=rng.choice(["contiguous", "channels_last", "strided"]),
         cpu_dtype=rng.choice([torch.float32, torch.float16]),

@@ -87,15 +87,22 @@ def activation_of_call(node) -> tuple[str, float] | None:
     return (name, 0.0) if not kwargs and all(isinstance(a, bool) for a in extra) else None
 
 
-def norm_of(module) -> tuple[bool, tuple[str, float] | None] | None:
-    """For a BatchNorm the chain can fold: (True, the activation it applies itself or None); else None."""
+def _batch_norm_act():
+    return loaded_class("timm.layers.norm_act", "BatchNormAct2d")
+
+
+def is_norm(module) -> bool:
+    """A BatchNorm the chain can fold (whether it may fold now is decided when the chain runs)."""
     if type(module) is torch.nn.BatchNorm2d:
-        return True, None
-    if type(module) is loaded_class("timm.layers.norm_act", "BatchNormAct2d") and type(module.drop) is torch.nn.Identity:
-        if type(module.act) is torch.nn.Identity:
-            return True, None
-        activation = activation_of_module(module.act)
-        return (True, activation) if activation is not None else None
+        return True
+    return (type(module) is _batch_norm_act() and type(module.drop) is torch.nn.Identity
+            and (type(module.act) is torch.nn.Identity or activation_of_module(module.act) is not None))
+
+
+def norm_activation(module) -> tuple[str, float] | None:
+    """The activation a norm of ``is_norm`` applies itself (timm's BatchNormAct2d), or None."""
+    if type(module) is _batch_norm_act() and type(module.act) is not torch.nn.Identity:
+        return activation_of_module(module.act)
     return None
 
 

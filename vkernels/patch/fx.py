@@ -31,7 +31,8 @@ from vkernels.patch.conv import (
     is_conv,
     is_drop,
     is_residual_add,
-    norm_of,
+    is_norm,
+    norm_activation,
     run_conv_chain,
 )
 
@@ -39,7 +40,7 @@ from vkernels.patch.conv import (
 def _is_conv_unit(module) -> bool:
     children = list(module.children())
     convs = sum(is_conv(c) for c in children)
-    return convs == 1 and all(is_conv(c) or norm_of(c) or activation_of_module(c) or is_drop(c) for c in children)
+    return convs == 1 and all(is_conv(c) or is_norm(c) or activation_of_module(c) or is_drop(c) for c in children)
 
 
 def _traced_through(module, conv_units: bool) -> bool:
@@ -61,7 +62,7 @@ def _graph_leaves(module, conv_units: bool):
 def _may_chain(leaves) -> bool:
     """A conv among the leaves and a norm or an activation module: then a failed trace may leave chains
     unfused, worth a line in the report (functional activations show only in a traced graph)."""
-    return any(map(is_conv, leaves)) and any(norm_of(m) or activation_of_module(m) for m in leaves)
+    return any(map(is_conv, leaves)) and any(is_norm(m) or activation_of_module(m) for m in leaves)
 
 
 def _timm_autowrap_functions() -> tuple:
@@ -108,6 +109,22 @@ def _called_on(node, value, modules, recognise) -> bool:
             and bool(recognise(modules.get(node.target))))
 
 
+def _conv_cost(conv) -> int:
+    """Multiply-adds per output element."""
+    return conv.weight.shape[1] * conv.weight.shape[2] * conv.weight.shape[3]
+
+
+def _pending_conv_cost(node, modules) -> int:
+    """The cost of the conv whose chain, not fused yet, ends at ``node`` (through drops and a norm), or
+    0: when both operands of an add end conv chains (a ResNet block and its downsample, RepVGG's
+    3x3 and 1x1 branches), the costlier conv takes the add, whichever runs first."""
+    while (node.op == "call_module" and node.args and isinstance(node.args[0], torch.fx.Node)
+           and (is_drop(modules.get(node.target)) or is_norm(modules.get(node.target)))):
+        node = node.args[0]
+    module = modules.get(node.target) if node.op == "call_module" else None
+    return _conv_cost(module) if is_conv(module) else 0
+
+
 def _match_chain(conv_node, modules):
     """The chain starting at a conv node: dict of its nodes and what it computes, or None when nothing
     follows the conv that it can fuse."""
@@ -115,9 +132,9 @@ def _match_chain(conv_node, modules):
                  activation_in_norm=False)
     last = conv_node
     user = _sole_user(last)
-    if _called_on(user, last, modules, norm_of):
+    if _called_on(user, last, modules, is_norm):
         chain["norm"], last = user, user
-        _, chain["activation"] = norm_of(modules[user.target])
+        chain["activation"] = norm_activation(modules[user.target])
         chain["activation_in_norm"] = chain["activation"] is not None
         user = _sole_user(last)
     if not chain["activation_in_norm"]:
@@ -127,10 +144,11 @@ def _match_chain(conv_node, modules):
             end = user
             user = _sole_user(end)
         if user is not None and is_residual_add(user) and end in user.args and user.args[0] is not user.args[1]:
-            chain["add"] = user
-            chain["residual"] = user.args[1] if user.args[0] is end else user.args[0]
-            end = user
-            user = _sole_user(end)
+            residual = user.args[1] if user.args[0] is end else user.args[0]
+            if _pending_conv_cost(residual, modules) <= _conv_cost(modules[conv_node.target]):
+                chain["add"], chain["residual"] = user, residual
+                end = user
+                user = _sole_user(end)
         module_activation = _called_on(user, end, modules, activation_of_module)
         call_activation = user is not None and user.args[:1] == (end,) and activation_of_call(user)
         if module_activation or call_activation:

@@ -3,8 +3,8 @@ gradients, and the launchers of every conv kernel (depthwise convs go to depthwi
 
 A convolution is a GEMM whose operands are gathered on the fly, with no im2col buffer:
 - forward: out[pixel, cout] = sum over (tap, cin) of input[pixel moved by tap, cin] * weight[cout, cin, tap],
-  then bias, residual and the activation in the epilogue (conv_epilogue), so the pre-activation
-  reaches memory only when the backward needs it (see conv_epilogue);
+  then bias, residual and the activation in the epilogue (conv_common), so the pre-activation
+  reaches memory only when the backward needs it (see conv_common);
 - input gradient: the same kernel run transposed: grad_input[pixel, cin] = sum over (tap, cout) of
   grad_pre[pixel moved back by tap, cout] * weight[cout, cin, tap];
 - weight gradient: grad_weight[cout, (tap, cin)] = sum over output pixels of grad_pre * moved input,
@@ -31,7 +31,15 @@ import triton.language as tl
 
 from vkernels.shapes import is_channels_last, memory_format, window_index_dtype
 from vkernels.triton_kernels.autotuning import INTERPRETED, autotune
-from vkernels.triton_kernels.conv_epilogue import ACTIVATION_CODES, NONE, RELU, conv_epilogue, load_grad
+from vkernels.triton_kernels.conv_common import (
+    ACTIVATION_CODES,
+    NONE,
+    RELU,
+    conv_epilogue,
+    load_grad,
+    output_pixels,
+    split_blocks,
+)
 from vkernels.triton_kernels.depthwise_conv import (
     depthwise_conv2d_kernel,
     depthwise_conv2d_weight_grad_kernel,
@@ -416,10 +424,7 @@ def _conv2d_weight_grad_kernel(
     cout_ok = cout < COUT_G
     channel = group * COUT_G + cout
     m_total = BATCH * OH * OW
-    m_blocks = tl.cdiv(m_total, BLOCK_M)
-    blocks_per_split = tl.cdiv(m_blocks, tl.num_programs(2))
-    first_block = split * blocks_per_split
-    last_block = tl.minimum(first_block + blocks_per_split, m_blocks)
+    first_block, last_block = split_blocks(split, tl.num_programs(2), m_total, BLOCK_M)
 
     offs_k = tl.arange(0, BLOCK_K)
     if TAP_MAJOR:
@@ -444,11 +449,7 @@ def _conv2d_weight_grad_kernel(
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
     for block in range(first_block, last_block):
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_total
-        n = (offs_m // (OH * OW)).to(tl.int64)
-        oh = (offs_m % (OH * OW)) // OW
-        ow = offs_m % OW
+        m_ok, n, oh, ow = output_pixels(block, m_total, OH, OW, BLOCK_M)
         g_ok = cout_ok[:, None] & m_ok[None, :]
         g_offsets = _offsets(n[None, :], channel[:, None], oh[None, :], ow[None, :], g_sn, g_sc, g_sh, g_sw)
         g = load_grad(grad_ptr, saved_ptr, g_offsets, g_ok, GRAD_ACTIVATION, negative_slope)
@@ -690,7 +691,7 @@ def conv2d_forward(input, weight, bias, residual, stride, padding, dilation, gro
     input (N, Cin, H, W) and weight (Cout, Cin/groups, KH, KW) with any strides; bias (Cout,) or None;
     residual None or out's shape (any strides); padding = (top, left); positions past the input on
     any side read as zero, so torch's asymmetric 'same' padding is expressed through output_size.
-    activation is one of conv_epilogue.ACTIVATIONS (negative_slope is leaky_relu's). out and pre have
+    activation is one of conv_common.ACTIVATIONS (negative_slope is leaky_relu's). out and pre have
     input's dtype and memory format (channels_last iff shapes.is_channels_last(input)).
     """
     _check_operands(input, weight)
@@ -760,7 +761,7 @@ def conv2d_backward(grad_out, saved, input, weight, stride, padding, dilation, g
                     activation, negative_slope):
     """(grad_input, grad_weight, grad_bias, grad_residual) of conv2d_forward, None where
     needs = (input, weight, bias, residual) is False. ``saved`` is what the activation's derivative is
-    read from (the output or the pre-activation, see conv_epilogue; None for "none").
+    read from (the output or the pre-activation, see conv_common; None for "none").
     grad_input and grad_residual are channels_last iff ``channels_last`` (the forward's format).
 
     grad_pre (grad_out through the derivative) is written once by the weight-gradient kernel, which

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from vkernels.triton_kernels.autotuning import AUTOTUNE, INTERPRETED
-from vkernels.triton_kernels.conv_epilogue import NONE, conv_epilogue, load_grad
+from vkernels.triton_kernels.conv_common import conv_epilogue, load_grad, output_pixels, split_blocks
 
 # (BLOCK_M, BLOCK_C, num_warps); the interpreter runs one tile so CPU runs never benchmark
 _FORWARD_TILES = [(64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8), (64, 32, 4)]
@@ -151,10 +151,7 @@ def depthwise_conv2d_weight_grad_kernel(
     c_ok = channel < C
     split = tl.program_id(1)
     m_total = BATCH * OH * OW
-    m_blocks = tl.cdiv(m_total, BLOCK_M)
-    blocks_per_split = tl.cdiv(m_blocks, tl.num_programs(1))
-    first_block = split * blocks_per_split
-    last_block = tl.minimum(first_block + blocks_per_split, m_blocks)
+    first_block, last_block = split_blocks(split, tl.num_programs(1), m_total, BLOCK_M)
 
     tap = tl.arange(0, TAPS)
     tap_ok = tap < KH * KW
@@ -165,11 +162,7 @@ def depthwise_conv2d_weight_grad_kernel(
     acc = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for block in range(first_block, last_block):
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_total
-        n = (offs_m // (OH * OW)).to(tl.int64)
-        oh = (offs_m % (OH * OW)) // OW
-        ow = offs_m % OW
+        m_ok, n, oh, ow = output_pixels(block, m_total, OH, OW, BLOCK_M)
         g_ok = m_ok[:, None] & c_ok[None, :]
         g_offsets = (n * g_sn + oh * g_sh + ow * g_sw)[:, None] + grad_channels
         g = load_grad(grad_ptr, saved_ptr, g_offsets, g_ok, GRAD_ACTIVATION, negative_slope)

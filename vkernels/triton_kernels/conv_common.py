@@ -1,4 +1,5 @@
-"""The conv kernels' epilogue: bias, residual and activation, and each activation's derivative.
+"""What every conv kernel shares: the activations and their derivatives, the epilogue (bias, residual,
+activation), the gradient load, and the output pixels of a weight-gradient kernel's slice.
 
 Activations are computed in fp32 with torch's formulas (aten's CUDA/CPU kernels), so that the fused
 result is ``act(conv + bias + residual)`` as torch computes it, rounded once to the output dtype.
@@ -71,7 +72,8 @@ def activation_grad(grad, saved, ACTIVATION: tl.constexpr, negative_slope):
     elif ACTIVATION == LEAKY_RELU:
         grad = tl.where(saved > 0, grad, grad * negative_slope)
     elif ACTIVATION == HARDSWISH:
-        grad = tl.where(saved < -3.0, 0.0, tl.where(saved <= 3.0, grad * (saved / 3.0 + 0.5), grad))
+        # the open interval (-3, 3), as torch's CPU and current CUDA hardswish_backward take it
+        grad = tl.where(saved <= -3.0, 0.0, tl.where(saved < 3.0, grad * (saved / 3.0 + 0.5), grad))
     elif ACTIVATION == SILU:
         sigmoid = 1.0 / (1.0 + tl.exp(-saved))
         grad = grad * sigmoid * (1.0 + saved * (1.0 - sigmoid))
@@ -113,3 +115,20 @@ def conv_epilogue(acc, bias_ptr, channel, channel_ok, residual_ptr, pre_ptr, out
     if STORE_PRE:
         tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_ok)
     return apply_activation(acc, ACTIVATION, negative_slope)
+
+
+@triton.jit
+def split_blocks(split, num_splits, m_total, BLOCK_M: tl.constexpr):
+    """[first, last) of the BLOCK_M-pixel blocks that reduction slice ``split`` of ``num_splits`` sums:
+    fixed contiguous ranges, so the slices' partial sums add up in the same order every run."""
+    m_blocks = tl.cdiv(m_total, BLOCK_M)
+    blocks_per_split = tl.cdiv(m_blocks, num_splits)
+    first_block = split * blocks_per_split
+    return first_block, tl.minimum(first_block + blocks_per_split, m_blocks)
+
+
+@triton.jit
+def output_pixels(block, m_total, OH, OW, BLOCK_M: tl.constexpr):
+    """(valid, image, row, column) of the output pixels of pixel block ``block`` (flat N*OH*OW order)."""
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_m < m_total, (offs_m // (OH * OW)).to(tl.int64), (offs_m % (OH * OW)) // OW, offs_m % OW
