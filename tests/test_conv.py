@@ -108,8 +108,10 @@ def test_conv2d_relu_matches_torch(backend, name):
     check_against_float64(backend, x, weight, bias, call, with_residual, tolerance(torch.float32) * 10)
 
 
-# Largest errors against float64 over 200 seeds (fp32 / fp16): outputs 2e-7 / 5e-4, gradients 7e-7 /
-# 1.1e-3; rtol = 10x / 2x the dtype's tolerance leaves 14x / 3.5x of margin.
+# Largest errors against float64 of test_conv2d_activation_matches_float64's draws, 40 seeds x every
+# activation x both kernel families (fp32 / fp16): outputs 9.1e-7 / 1.0e-3 (a 4-element output),
+# gradients 9.3e-6 (gelu_tanh's bias gradient of one channel whose sum cancels) / 4.7e-4; rtol = 10x /
+# 2x the dtype's tolerance leaves 10x / 4x of margin.
 def fuzz_rtol(dtype: torch.dtype) -> float:
     return tolerance(dtype) * (10 if dtype == torch.float32 else 2)
 

@@ -4,9 +4,9 @@ epilogue, input gradient and weight gradient. Launched by vkernels.triton_kernel
 A depthwise conv sums over taps only, never over channels: KH*KW multiply-adds per output element,
 about 4 FLOP per byte moved at 3x3 in 16-bit, far below what a GPU needs to be compute-bound. So no
 GEMM tiles (which would pad the missing channel reduction with zeros): each program owns a
-[BLOCK_M pixels x BLOCK_C channels] tile of an NHWC tensor, every tap is unrolled (KH, KW constexpr)
-and is one load of BLOCK_M contiguous runs of BLOCK_C channels times a vector of BLOCK_C weights; the
-overlapping input rows of neighbouring taps and pixels come from L1/L2.
+[BLOCK_M pixels x BLOCK_C channels] tile of an NHWC tensor, every tap is one load of BLOCK_M
+contiguous runs of BLOCK_C channels times a vector of BLOCK_C weights (a row of taps unrolled, KW
+constexpr); the overlapping input rows of neighbouring taps and pixels come from L1/L2.
 
 - forward: out[p, c] = act(sum over taps of input[p*stride + tap*dilation - pad, c] * w[c, tap] + bias
   + residual), pre-activation stored too when the backward needs it;
@@ -28,7 +28,7 @@ from vkernels.triton_kernels.autotuning import AUTOTUNE, INTERPRETED
 from vkernels.triton_kernels.conv_common import conv_epilogue, load_grad, output_pixels, split_blocks
 
 # (BLOCK_M, BLOCK_C, num_warps); the interpreter runs one tile so CPU runs never benchmark
-_FORWARD_TILES = [(64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8), (64, 32, 4)]
+_FORWARD_TILES = [(64, 64, 8), (32, 64, 4), (128, 32, 8), (32, 128, 8), (64, 32, 4)]
 _WEIGHT_GRAD_TILES = [(32, 32, 4), (16, 64, 4), (64, 32, 8), (16, 32, 4), (8, 32, 4), (4, 32, 4)]
 # Elements of the weight gradient's [BLOCK_M, TAPS, BLOCK_C] input gather per warp: 64 fp32 registers
 # a thread, so that 3x3 (16 padded taps) and 7x7 (64) tiles both stay in registers
@@ -64,7 +64,9 @@ def depthwise_tile(src_ptr, s_sn, s_sc, s_sh, s_sw, saved_ptr, w_ptr, w_sc, w_sh
     image = n * s_sn
     channel_offsets = (channel * s_sc)[None, :]
     weights = w_ptr + channel * w_sc
-    for kh in tl.static_range(KH):
+    # rows of taps loop, columns unroll: unrolling all KH*KW taps let the compiler hoist every load
+    # (5x5 and 7x7 spilled 1-16 KB/thread on sm_90)
+    for kh in range(KH):
         if TRANSPOSED:
             shifted_h = dst_h + PH - kh * DH
             src_h = shifted_h // SH
