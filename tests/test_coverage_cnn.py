@@ -14,8 +14,12 @@ from vkernels.patch import coverage_cnn  # noqa: E402
 MODELS = {
     # hardswish, squeeze-excite, residual adds without an activation
     "torchvision mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, 0.783, 0.146),
+    # SiLU, stochastic depth before the residual add, squeeze-excite
+    "torchvision efficientnet_b0": (torchvision.models.efficientnet_b0, 0.825, 0.037),
     # conv -> ReLU without BN: fused in train mode too
     "torchvision squeezenet1_1": (torchvision.models.squeezenet1_1, 1.0, 1.0),
+    # blocks torch.fx cannot trace (channel shuffle): their Sequentials are fused on their own
+    "torchvision shufflenet_v2_x0_5": (torchvision.models.shufflenet_v2_x0_5, 0.953, 0.0),
     # timm's act1 / drop_block / aa modules between conv, BN and ReLU
     "timm resnet18": (lambda: timm.create_model("resnet18"), 0.989, 0.0),
     # timm's EfficientNet blocks: BatchNormAct2d, hardswish, squeeze-excite, drop path before the add
