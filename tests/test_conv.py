@@ -391,6 +391,12 @@ def test_conv2d_relu_maxpool2d_matches_torch(pool, memory_format):
     check_conv2d_relu_maxpool2d("triton", torch.float32, memory_format, case)
 
 
+def test_conv2d_relu_maxpool2d_depthwise_matches_torch():
+    """The fused pool over the direct depthwise tiles, on the Triton backend."""
+    case = ((1, 8, 7, 6), (8, 1, 3, 3), dict(padding=1, groups=8), POOLS["3x3/2 pad1"])
+    check_conv2d_relu_maxpool2d("triton", torch.float32, "channels_last", case)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)

@@ -244,6 +244,18 @@ def test_chain_zoo_on_triton(mode):
     assert relative_error(copy.deepcopy(patched)(x), out) == 0  # a deep copy runs its own rewritten forwards
 
 
+def test_rewritten_forwards_compile_whole():
+    """The rewritten forwards, the fold and the fused convs stay one graph under torch.compile."""
+    device = device_for("triton")
+    stock = randomize_batch_norms(chain_zoo()).to(device).eval()
+    patched, _ = patched_copy(stock, backend="triton")
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, fullgraph=True)
+    x = torch.randn(1, 3, 8, 8, device=device)
+    with torch.no_grad():
+        assert relative_error(compiled(x), in_float64(stock)(x.double())) < FLOAT64_TOL
+
+
 def test_chains_switch_with_the_mode():
     """Patched in eval mode, trained, evaluated again: each mode runs its own graph (and the train-mode
     step updates the BN statistics the eval mode then folds)."""
