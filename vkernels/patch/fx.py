@@ -11,20 +11,23 @@ a Sequential, then the block's own add and ReLU. In the graph a chain is conv ->
 ``run_conv_chain`` call.
 
 The module keeps its class, attributes and submodules (same Parameters, same state_dict); only
-``forward`` becomes an instance attribute running the rewritten graph. It is traced once per mode:
-a forward that branches on ``self.training`` runs the graph of its current mode, and the stock
-forward runs while a traced-through submodule is in the other mode. A module whose forward torch.fx
+``forward`` becomes an instance attribute (``common.wrap_forward``) running the rewritten graph
+(:class:`TracedForward`). It is traced once per mode: a forward that branches on ``self.training``
+runs the graph of its current mode, and the stock forward runs while a traced-through submodule is
+in the other mode. A module whose forward torch.fx
 cannot trace, or whose arguments have defaults (tracing would fix their values), is left as it is
 and reported with why; its children are visited on their own.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import sys
 import types
 
 import torch
 
+from vkernels.patch.common import wrap_forward, wrapped_forward
 from vkernels.patch.conv import (
     activation_of_call,
     activation_of_module,
@@ -201,24 +204,49 @@ def _rewrite_chains(graph, modules, backend) -> list[str]:
     return found
 
 
-def _compile(graph):
-    code = graph.python_code(root_module="self")
-    namespace = dict(code.globals)
-    exec(compile(code.src, "<vkernels.patch rewritten forward>", "exec"), namespace)  # noqa: S102
-    return namespace["forward"]
+class TracedForward:
+    """A module's forward rewritten from its torch.fx graphs, one per mode: the generated Python source,
+    compiled once. The stock forward runs in a mode without a graph, or while a traced-through
+    submodule is in the other mode. It holds no module (it gets it with each call), so deep copies
+    share it; pickled as its source, with the modules among the source's globals by name, so a
+    patched model can be saved whole."""
+
+    def __init__(self, graphs: dict[bool, torch.fx.Graph], traced_through: list[str], chains: dict[bool, list[str]]):
+        self.traced_through, self.chains = traced_through, chains
+        self._sources = {}
+        for training, graph in graphs.items():
+            code = graph.python_code(root_module="self")
+            self._sources[training] = (code.src, {name: _ModuleName(value.__name__) if isinstance(value, types.ModuleType)
+                                                  else value for name, value in code.globals.items()})
+        self._compile()
+
+    def _compile(self) -> None:
+        self._functions = {}
+        for training, (source, names) in self._sources.items():
+            namespace = {name: importlib.import_module(value) if isinstance(value, _ModuleName) else value
+                         for name, value in names.items()}
+            exec(compile(source, "<vkernels.patch rewritten forward>", "exec"), namespace)  # noqa: S102
+            self._functions[training] = namespace["forward"]
+
+    def __getstate__(self):
+        return {name: value for name, value in self.__dict__.items() if name != "_functions"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._compile()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, module, backend, *args, **kwargs):  # backend: the graphs carry it
+        traced = self._functions.get(module.training)
+        if traced is None or any(module.get_submodule(path).training != module.training for path in self.traced_through):
+            return type(module).forward(module, *args, **kwargs)
+        return traced(module, *args, **kwargs)
 
 
-def _bind(module, forwards, traced_through, chains) -> None:
-    stock = type(module).forward
-
-    def forward(self, *args, **kwargs):
-        traced = forwards.get(self.training)
-        if traced is None or any(self.get_submodule(path).training != self.training for path in traced_through):
-            return stock(self, *args, **kwargs)
-        return traced(self, *args, **kwargs)
-
-    forward.vkernels_chains = chains
-    module.forward = types.MethodType(forward, module)
+class _ModuleName(str):
+    """A Python module among a generated forward's globals, kept by name."""
 
 
 def _signature_problem(module) -> str | None:
@@ -234,7 +262,7 @@ def _signature_problem(module) -> str | None:
 def fuse_conv_chains(module, prefix, backend, report) -> None:
     """Container rule: rewrites ``module.forward`` so that its conv chains run as one fused conv each."""
     if (type(module).forward is torch.nn.Module.forward  # containers without a forward (ModuleDict)
-            or getattr(module.__dict__.get("forward"), "vkernels_chains", None) is not None):
+            or isinstance(wrapped_forward(module), TracedForward)):
         return
     leaves = list(_graph_leaves(module, conv_units=True))
     if not any(map(is_conv, leaves)):
@@ -260,6 +288,6 @@ def fuse_conv_chains(module, prefix, backend, report) -> None:
     chains = {training: _rewrite_chains(graph, modules, backend) for training, (graph, _) in traced.items()}
     if not any(chains.values()):
         return
-    forwards = {training: _compile(graph) for training, (graph, _) in traced.items()}
-    _bind(module, forwards, traced[module.training][1], chains)
+    graphs = {training: graph for training, (graph, _) in traced.items()}
+    wrap_forward(module, TracedForward(graphs, traced[module.training][1], chains), backend)
     report.replaced(path, f"forward() with fused conv chains: {', '.join(chains[module.training])}")

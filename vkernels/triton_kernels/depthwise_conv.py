@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vkernels.triton_kernels.autotuning import AUTOTUNE, INTERPRETED
+from vkernels.triton_kernels.autotuning import INTERPRETED, autotune
 from vkernels.triton_kernels.conv_common import conv_epilogue, load_grad, output_pixels, split_blocks
 
 # (BLOCK_M, BLOCK_C, num_warps); the interpreter runs one tile so CPU runs never benchmark
@@ -41,14 +41,12 @@ def _configs(tiles, interpreted_tile):
     return [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=warps, num_stages=1) for m, c, warps in tiles]
 
 
-def _fit_gather(configs, named_args, **kwargs):
+def _fit_gather(configs, args):
     """Weight-gradient configs whose input gather fits in registers for this kernel size (at least the
-    smallest one); without autotuning the first that fits."""
-    taps = kwargs["TAPS"]
-    fitting = [c for c in configs if c.kwargs["BLOCK_M"] * taps * c.kwargs["BLOCK_C"]
+    smallest one)."""
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] * args["TAPS"] * c.kwargs["BLOCK_C"]
                <= _GATHER_ELEMENTS_PER_WARP * c.num_warps]
-    fitting = fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"])]
-    return fitting if AUTOTUNE else fitting[:1]
+    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"])]
 
 
 @triton.jit
@@ -90,10 +88,10 @@ def depthwise_tile(src_ptr, s_sn, s_sc, s_sh, s_sw, saved_ptr, w_ptr, w_sc, w_sh
     return acc
 
 
-@triton.autotune(
-    configs=_configs(_FORWARD_TILES, (128, 16, 4)),
+@autotune(
+    _configs(_FORWARD_TILES, (128, 16, 4)),
     key=["BATCH", "SRC_H", "SRC_W", "DST_H", "DST_W", "C", "SH", "SW", "DH", "DW", "KH", "KW", "TRANSPOSED"],
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kwargs: configs if AUTOTUNE else configs[:1]},
+    sizes=("BATCH", "SRC_H", "SRC_W", "DST_H", "DST_W", "C"),
 )
 @triton.jit
 def depthwise_conv2d_kernel(
@@ -127,10 +125,11 @@ def depthwise_conv2d_kernel(
     tl.store(dst_ptr + out_offsets, acc.to(dst_ptr.dtype.element_ty), mask=out_ok)
 
 
-@triton.autotune(
-    configs=_configs(_WEIGHT_GRAD_TILES, (32, 16, 4)),
+@autotune(
+    _configs(_WEIGHT_GRAD_TILES, (32, 16, 4)),
     key=["BATCH", "H", "W", "OH", "OW", "C", "SH", "SW", "DH", "DW", "KH", "KW", "COMPUTE_WEIGHT"],
-    prune_configs_by={"early_config_prune": _fit_gather},
+    sizes=("BATCH", "H", "W", "OH", "OW", "C"),
+    prune=_fit_gather,
 )
 @triton.jit
 def depthwise_conv2d_weight_grad_kernel(
