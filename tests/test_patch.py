@@ -3,6 +3,7 @@ attention (routed SDPA), open_clip CLIP, nn.MultiheadAttention and pooling rewri
 outputs, state_dict keys and Parameter objects as the stock model's."""
 import copy
 import importlib
+import pickle
 
 import pytest
 import torch
@@ -258,7 +259,7 @@ def test_rewritten_forwards_compile_whole():
 
 def test_chains_switch_with_the_mode():
     """Patched in eval mode, trained, evaluated again: each mode runs its own graph (and the train-mode
-    step updates the BN statistics the eval mode then folds)."""
+    step updates the BN statistics the eval mode then folds); pickled and loaded, it runs the same."""
     model = randomize_batch_norms(chain_zoo()).eval()
     stock = in_float64(model)
     patched, _ = patched_copy(model, backend="torch")
@@ -266,6 +267,9 @@ def test_chains_switch_with_the_mode():
     for mode in (True, False):
         stock.train(mode), patched.train(mode)
         assert relative_error(patched(x), stock(x.double())) < FLOAT64_TOL
+    unpickled = pickle.loads(pickle.dumps(patched))  # the rewritten forwards travel as their source
+    with torch.no_grad():
+        assert torch.equal(unpickled(x), patched(x))
 
 
 class DataDependent(nn.Module):
