@@ -2,6 +2,9 @@
 and gradients as accurate as the stock model's (``python -m vkernels.patch.coverage_cnn`` prints the
 whole table: README's "CNN zoo coverage")."""
 import pytest
+import torch
+
+from support import rounding_floor
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -25,19 +28,20 @@ MODELS = {
     # timm's EfficientNet blocks: BatchNormAct2d, hardswish, squeeze-excite, drop path before the add
     "timm mobilenetv3_small_050": (lambda: timm.create_model("mobilenetv3_small_050"), 0.892, 0.404),
 }
-# Against the stock model in float64: the stock fp32 models are at 1.4e-7..7.7e-7, the patched ones
-# (eval: BN folded in float64) alike (python -m vkernels.patch.coverage_cnn, every model of the zoo)
-FLOAT64_TOL = 2e-6
+# Against the stock model in float64 the stock fp32 models are at 1.4e-7..7.7e-7, the patched ones
+# (eval: BN folded in float64) alike (python -m vkernels.patch.coverage_cnn, every model of the zoo):
+# patched within 2 x stock's error plus the floor of the longest sum, EfficientNet's 1280-wide classifier.
+FLOOR = rounding_floor(torch.float32, 1280)
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_every_conv_runs_on_vkernels_and_as_accurately(name):
+def test_every_conv_runs_on_vkernels_and_as_accurately(name, seed):
     build, epilogue_eval, epilogue_train = MODELS[name]
     for training, epilogue in ((False, epilogue_eval), (True, epilogue_train)):
         found, report = coverage_cnn.coverage(build, 32, training)
         assert found.flops == found.calls == 1.0, report.left
         assert found.epilogue >= epilogue, (training, found)
-    errors = coverage_cnn.accuracy(build, 32, "torch")
-    assert errors.eval_patched < FLOAT64_TOL and errors.eval_stock < FLOAT64_TOL
+    errors = coverage_cnn.accuracy(build, 32, "torch", seed)
+    assert errors.eval_patched <= 2 * errors.eval_stock + FLOOR, errors
     # train mode rewrites only what is exact: on the torch backend the very same arithmetic
     assert errors.train_patched == errors.train_stock
