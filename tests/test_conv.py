@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vkernels
 from support import (
-    KERNEL_BACKENDS, assert_as_accurate, device_for, dtypes_for, layout, poison_allocator, relative_error, rounding_floor,
-    tolerance,
+    KERNEL_BACKENDS, assert_as_accurate, backends_and_dtypes, device_for, dtypes_for, layout, poison_allocator,
+    relative_error, rounding_floor, tolerance,
 )
 from vkernels import dispatch, shapes
 from vkernels.ops import conv as conv_ops
@@ -134,19 +134,19 @@ def random_call(rng: random.Random, depthwise: bool):
 
 
 @pytest.mark.parametrize("kind", ["gemm", "depthwise"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend, dtype", backends_and_dtypes())
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
-def test_conv2d_activation_matches_float64(activation, dtype, kind, seed):
-    """Every activation on both kernel families (implicit GEMM, direct depthwise), a geometry, memory
-    format, bias, residual and leaky slope drawn from the seed; forward and every gradient."""
-    device = device_for("triton")
+def test_conv2d_activation_matches_float64(activation, backend, dtype, kind, seed):
+    """Every activation on both kernel families (implicit GEMM, direct depthwise) of both backends, a
+    geometry, memory format, bias, residual and leaky slope drawn from the seed; forward and every gradient."""
+    device = device_for(backend)
     rng = random.Random(seed)
     input_shape, weight_shape, arguments = random_call(rng, kind == "depthwise")
     x = layout(torch.randn(input_shape, device=device).to(dtype), rng.choice(["contiguous", "channels_last"]))
     fan_in = weight_shape[1] * weight_shape[2] * weight_shape[3]
     weight = (torch.randn(weight_shape, device=device) * 2 / fan_in**0.5).to(dtype)  # pre-activations ~N(0, 4)
     bias = torch.randn(weight_shape[0], device=device).to(dtype) if rng.random() < 0.7 else None
-    check_against_float64("triton", x, weight, bias, arguments, rng.random() < 0.5, fuzz_rtol(dtype), activation,
+    check_against_float64(backend, x, weight, bias, arguments, rng.random() < 0.5, fuzz_rtol(dtype), activation,
                           rng.choice([0.01, 0.2, -0.3]))
 
 
@@ -161,16 +161,14 @@ def test_conv2d_activation_matches_float64(activation, dtype, kind, seed):
     padding=st.one_of(st.tuples(st.integers(0, 2), st.integers(0, 2)), st.sampled_from(["same", "valid"])),
     dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
     options=st.tuples(st.booleans(), st.booleans(), st.booleans()),  # bias, residual, channels_last
-    dtype=st.sampled_from(DTYPES),
+    data=st.data(),
     activation=st.sampled_from(ACTIVATIONS),
 )
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_conv2d_geometry_fuzz(backend, channels, depthwise, size, kernel, stride, padding, dilation, options, dtype,
+def test_conv2d_geometry_fuzz(backend, channels, depthwise, size, kernel, stride, padding, dilation, options, data,
                               activation):
     """Any geometry F.conv2d accepts gives its result and gradients with every activation; any it refuses
-    raises its error type. The CUDA kernels have ReLU only so far."""
-    if backend == "cuda" and activation != "relu":
-        activation = "relu"
+    raises its error type."""
     (cin_per_group, cout_per_group, groups), (with_bias, with_residual, channels_last) = channels, options
     if depthwise:  # one channel per group, as many groups as channels: the direct kernels
         cin_per_group, cout_per_group, groups = 1, 1, cin_per_group + groups
@@ -246,8 +244,6 @@ def test_conv2d_opcheck(backend):
     """The activation op with its optional pre-activation output, and without an activation (the
     residual's gradient is grad_output itself)."""
     device = device_for(backend)
-    if backend == "cuda" and not dispatch.has_cuda_kernel("conv2d"):
-        pytest.skip("vkernels._C has no conv2d kernel yet (issue 12's CUDA phase)")
     x = torch.randn(2, 4, 6, 7, device=device, requires_grad=True)
     w = torch.randn(6, 4, 3, 3, device=device, requires_grad=True)
     r = torch.randn(2, 6, 3, 4, device=device, requires_grad=True)
@@ -456,12 +452,8 @@ def test_conv2d_relu_maxpool2d_forced_cuda_raises():
         vkernels.conv2d_relu_maxpool2d(x, w, pool_kernel_size=2, backend="cuda")
 
 
-# The CUDA C++ kernels fuse ReLU only so far (issue 12's second phase brings the conv2d ops to csrc/).
-CUDA_PENDING = {"conv2d", "conv2d_backward"}
-
-
 @pytest.mark.cuda
 def test_cuda_extension_registers_every_conv_op():
     device_for("cuda")  # skips where neither vkernels._C nor the emulator is loaded
     for op in conv_ops.SCHEMAS:
-        assert dispatch.has_cuda_kernel(op) == (op not in CUDA_PENDING), op
+        assert dispatch.has_cuda_kernel(op), op

@@ -1,4 +1,5 @@
-"""The Triton conv2d + bias + residual + activation launchers called directly, against a float64 reference.
+"""The conv2d + bias + residual + activation kernels of each backend called directly (ops
+vkernels::conv2d[_backward]_<backend>, no autograd), against a float64 reference.
 
 Reference: act(F.conv2d(...) + residual) in float64 and its autograd gradients. Geometries cover 1x1
 (the pure-GEMM path, and stride 2), 3x3, the 7x7/2 stem, rectangular kernels, strides and dilations
@@ -6,8 +7,11 @@ that leave some taps without a stride phase, torch's asymmetric padding='same' f
 groups, depthwise convs on the direct kernels (3x3, MobileNet's 5x5/2, ConvNeXt's 7x7, dilated and
 strided) and depthwise-multiplier convs, both K orders (channels per group a multiple of 16 or not),
 inputs NCHW, channels_last or strided views; each geometry with one of the activations, so that every
-activation meets both kernel families. Without a GPU the kernels run in the Triton interpreter
-(tests/conftest.py sets TRITON_INTERPRET), so tensors stay tiny.
+activation meets both kernel families. Without a GPU the Triton kernels run in the interpreter
+(tests/conftest.py sets TRITON_INTERPRET), so tensors stay tiny, and the CUDA kernels in the emulator,
+in every dtype; CUDA_GEOMETRIES add their 16-byte cp.async gathers (channels per group a multiple of
+8) with several M, N and K tiles, and weight and bias gradients split into slices (the depthwise
+weight gradient's too).
 """
 from __future__ import annotations
 
@@ -18,10 +22,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support import DTYPES, GPU, layout, poison_allocator, relative_error, tolerance
+from support import GPU, KERNEL_BACKENDS, device_for, dtypes_for, layout, poison_allocator, relative_error, tolerance
 from test_conv import reference_activation
 from vkernels import shapes
 from vkernels.ops import conv as conv_ops
+from vkernels.ops.library import backend_op
 from vkernels.triton_kernels import conv, conv_common
 
 ALL_GRADS = (True, True, True, True)
@@ -84,13 +89,16 @@ GEOMETRIES = {
 # The CUDA kernels' 128 x 64 x 32 tensor-core tiles (fp32: 64 x 64 x 16) and their slices.
 CUDA_GEOMETRIES = {
     "16_byte_gathers_3x2x9_tiles": Geometry(2, 32, 72, (12, 11), (3, 3), padding=(1, 1),
-                                            input_layout="channels_last", weight_layout="channels_last"),
+                                            input_layout="channels_last", weight_layout="channels_last",
+                                            activation="silu"),
     "16_byte_gathers_groups_stride2": Geometry(2, 32, 32, (9, 10), (3, 3), stride=(2, 2), padding=(1, 1), groups=2,
-                                               input_layout="channels_last"),
+                                               input_layout="channels_last", activation="hardswish"),
     "16_byte_gathers_stride2_dilation2": Geometry(1, 16, 24, (11, 9), (3, 3), stride=(2, 2), padding=(2, 2),
                                                   dilation=(2, 2), residual=False, input_layout="channels_last"),
-    "nchw_element_gathers": Geometry(2, 12, 20, (8, 8), (3, 3), padding=(1, 1)),
+    "nchw_element_gathers": Geometry(2, 12, 20, (8, 8), (3, 3), padding=(1, 1), activation="gelu_tanh"),
     "weight_and_bias_gradient_slices": Geometry(2, 8, 8, (64, 64), (1, 1), input_layout="channels_last"),
+    "depthwise_weight_and_bias_gradient_slices": Geometry(2, 8, 8, (64, 64), (3, 3), padding=(1, 1), groups=8,
+                                                          input_layout="channels_last", activation="gelu"),
 }
 
 
@@ -144,10 +152,11 @@ def launcher_padding(g: Geometry) -> tuple[int, int]:
     return g.padding
 
 
-def check_conv2d(g: Geometry, dtype: torch.dtype, needs=ALL_GRADS, activation="relu", negative_slope=0.01):
-    """The forward and backward launchers against act(conv2d + residual) in float64, the derivative
-    taken at the dtype-rounded pre-activation where the backward reads it (test_conv.reference_activation)."""
-    x, w, b = make_operands(g, dtype)
+def check_conv2d(backend: str, g: Geometry, dtype: torch.dtype, needs=ALL_GRADS):
+    """The forward and backward ops against act(conv2d + residual) in float64, the derivative taken at
+    the dtype-rounded pre-activation where the backward reads it (test_conv.reference_activation)."""
+    device = device_for(backend)
+    x, w, b = make_operands(g, dtype, device)
     leaves = [x.double(), w.double(), None if b is None else b.double()]
     for leaf in leaves:
         if leaf is not None:
@@ -156,19 +165,20 @@ def check_conv2d(g: Geometry, dtype: torch.dtype, needs=ALL_GRADS, activation="r
     r = layout(torch.randn(pre.shape, device=device).to(dtype), "strided") if g.residual else None
     leaves.append(None if r is None else r.double().requires_grad_())
     pre = pre if r is None else pre + leaves[3]
-    expected = reference_activation(pre, dtype, None if activation == "none" else activation, negative_slope)
+    activation = None if g.activation == "none" else g.activation
+    expected = reference_activation(pre, dtype, activation, g.negative_slope)
 
-    saves_pre = conv_ops._saves_pre_activation(activation, negative_slope)
-    poison_allocator(DEVICE)
-    out, pre_out = conv.conv2d_forward(x, w, b, r, g.stride, launcher_padding(g), g.dilation, g.groups,
-                                       tuple(expected.shape[2:]), activation, negative_slope, saves_pre)
+    saves_pre = conv_ops._saves_pre_activation(activation, g.negative_slope)
+    poison_allocator(device)
+    out, pre_out = backend_op("conv2d", backend)(x, w, b, r, g.stride, launcher_padding(g), g.dilation, g.groups,
+                                                 tuple(expected.shape[2:]), g.activation, g.negative_slope, saves_pre)
     channels_last = shapes.is_channels_last(x)
     for result in (out, pre_out) if saves_pre else (out,):
         assert result.dtype == dtype and result.shape == expected.shape
         assert result.is_contiguous(memory_format=shapes.memory_format(channels_last))
-    assert relative_error(out, expected) < kernel_tolerance(dtype)
+    assert relative_error(out, expected) < kernel_tolerance(backend, dtype)
     if saves_pre:
-        assert relative_error(pre_out, pre) < kernel_tolerance(dtype)
+        assert relative_error(pre_out, pre) < kernel_tolerance(backend, dtype)
     else:
         assert pre_out is None
 
@@ -176,10 +186,10 @@ def check_conv2d(g: Geometry, dtype: torch.dtype, needs=ALL_GRADS, activation="r
     expected.backward(grad_out.double())
     # gradients are asked for only where the operand exists
     needs = tuple(need and leaf is not None for need, leaf in zip(needs, leaves))
-    saved = None if activation == "none" else pre_out if saves_pre else out
-    poison_allocator(DEVICE)
-    grads = conv.conv2d_backward(grad_out, saved, x, w, g.stride, launcher_padding(g), g.dilation, g.groups, needs,
-                                 channels_last, activation, negative_slope)
+    saved = None if activation is None else pre_out if saves_pre else out
+    poison_allocator(device)
+    grads = backend_op("conv2d_backward", backend)(grad_out, saved, x, w, g.stride, launcher_padding(g), g.dilation,
+                                                   g.groups, needs, channels_last, g.activation, g.negative_slope)
     for name, need, grad, leaf in zip(("input", "weight", "bias", "residual"), needs, grads, leaves):
         if not need:
             assert grad is None, name
@@ -190,21 +200,21 @@ def check_conv2d(g: Geometry, dtype: torch.dtype, needs=ALL_GRADS, activation="r
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-@pytest.mark.parametrize("geometry, dtype", geometry_dtypes(GEOMETRIES))
-def test_conv2d_matches_float64_reference(geometry, dtype):
-    check_conv2d(geometry, dtype, activation=geometry.activation, negative_slope=geometry.negative_slope)
+@pytest.mark.parametrize("backend, geometry, dtype", geometry_dtypes(GEOMETRIES))
+def test_conv2d_matches_float64_reference(backend, geometry, dtype):
+    check_conv2d(backend, geometry, dtype)
 
 
 @pytest.mark.parametrize("backend, geometry, dtype", geometry_dtypes(CUDA_GEOMETRIES, backends=("cuda",)))
 def test_cuda_kernel_tiles_match_float64_reference(backend, geometry, dtype):
-    check_conv2d_relu(backend, geometry, dtype)
+    check_conv2d(backend, geometry, dtype)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("draw", range(2))
-def test_conv2d_random_geometry(seed, draw):
+def test_conv2d_random_geometry(backend, seed, draw):
     geometry = random_geometry(random.Random(seed + draw))
-    check_conv2d(geometry, geometry.cpu_dtype, activation=geometry.activation, negative_slope=geometry.negative_slope)
+    check_conv2d(backend, geometry, geometry.cpu_dtype)
 
 
 NEEDS = {
@@ -219,38 +229,44 @@ NEEDS = {
 }
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("geometry", ["3x5_rectangular", "depthwise_5x5_stride2"])
 @pytest.mark.parametrize("needs", NEEDS.values(), ids=NEEDS.keys())
-def test_conv2d_backward_computes_only_what_is_needed(needs, geometry):
+def test_conv2d_backward_computes_only_what_is_needed(backend, needs, geometry):
     """ReLU (from the output) on the implicit GEMM, silu (from the pre-activation) on the direct kernels."""
-    g = GEOMETRIES[geometry]
-    check_conv2d(g, torch.float32, needs, g.activation)
+    check_conv2d(backend, GEOMETRIES[geometry], torch.float32, needs)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("geometry", ["groups2", "depthwise_5x5_stride2"])
-def test_conv2d_backward_is_deterministic(geometry):
+def test_conv2d_backward_is_deterministic(backend, geometry):
     """Split weight and bias reductions, summed in a fixed order: bit-identical gradients run to run."""
     g = GEOMETRIES[geometry]
-    x, w, b = make_operands(g, torch.float32)
+    x, w, b = make_operands(g, torch.float32, device_for(backend))
     size = tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
                  for s, p, d, k, st in zip(g.size, g.padding, g.dilation, g.kernel, g.stride))
-    out, pre = conv.conv2d_forward(x, w, b, None, g.stride, g.padding, g.dilation, g.groups, size, "gelu", 0.0, True)
-    grad_out = torch.randn(out.shape, device=DEVICE)
+    out, pre = backend_op("conv2d", backend)(x, w, b, None, g.stride, g.padding, g.dilation, g.groups, size, "gelu",
+                                             0.0, True)
+    grad_out = torch.randn(out.shape, device=out.device)
     first, second = (
-        conv.conv2d_backward(grad_out, pre, x, w, g.stride, g.padding, g.dilation, g.groups, ALL_GRADS, False, "gelu", 0.0)
+        backend_op("conv2d_backward", backend)(grad_out, pre, x, w, g.stride, g.padding, g.dilation, g.groups,
+                                               ALL_GRADS, False, "gelu", 0.0)
         for _ in range(2)
     )
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("groups", [1, 4], ids=["gemm", "depthwise"])
-def test_conv2d_empty_batch(groups):
-    x = torch.randn(0, 4, 5, 5, device=DEVICE)
-    w = torch.randn(4, 4 // groups, 3, 3, device=DEVICE)
-    out, pre = conv.conv2d_forward(x, w, None, None, (1, 1), (1, 1), (1, 1), groups, (5, 5), "silu", 0.0, True)
+def test_conv2d_empty_batch(backend, groups):
+    device = device_for(backend)
+    x = torch.randn(0, 4, 5, 5, device=device)
+    w = torch.randn(4, 4 // groups, 3, 3, device=device)
+    out, pre = backend_op("conv2d", backend)(x, w, None, None, (1, 1), (1, 1), (1, 1), groups, (5, 5), "silu", 0.0,
+                                             True)
     assert out.shape == pre.shape == (0, 4, 5, 5)
-    grad_input, grad_weight, grad_bias, grad_residual = conv.conv2d_backward(
+    grad_input, grad_weight, grad_bias, grad_residual = backend_op("conv2d_backward", backend)(
         out, pre, x, w, (1, 1), (1, 1), (1, 1), groups, ALL_GRADS, False, "silu", 0.0)
     assert grad_input.shape == x.shape and grad_residual.shape == out.shape
-    assert torch.equal(grad_weight, torch.zeros_like(w)) and torch.equal(grad_bias, torch.zeros(4, device=DEVICE))
+    assert torch.equal(grad_weight, torch.zeros_like(w)) and torch.equal(grad_bias, torch.zeros(4, device=device))

@@ -3,9 +3,8 @@
 Each kernel backend has the ops ``vkernels::conv2d_<backend>`` / ``conv2d_backward_<backend>`` (any
 activation of ``ACTIVATIONS``, or none), ``conv2d_relu_<backend>`` / ``conv2d_relu_backward_<backend>``
 (ReLU) and ``conv2d_relu_maxpool2d_<backend>``, with one schema each written here. The Triton ops are
-implemented by ``vkernels.triton_kernels.conv``; the CUDA ops in ``csrc/cuda/conv.cu``, which has the
-ReLU ones so far: until it has ``conv2d_cuda``, ``has_cuda_kernel`` tells the dispatcher that the cuda
-backend cannot serve other activations, and ReLU keeps running through the conv2d_relu ops.
+implemented by ``vkernels.triton_kernels.conv``, the CUDA ops by ``csrc/cuda/conv.cu``; ReLU runs
+through the conv2d_relu ops, whose backward takes the mask from the output.
 
 Bias, residual and activation live in the kernel's epilogue. What the backward needs for the
 activation's derivative (``_saves_pre_activation``): for relu, relu6 and leaky_relu with a slope >= 0
@@ -14,7 +13,9 @@ layer's saved input) is saved: 0 extra bytes per element; hardswish, silu, gelu,
 leaky_relu with a negative slope need the pre-activation, which the forward writes beside the output
 when a gradient will be needed: one more element of the input's dtype per output element (2 bytes
 in fp16/bf16, 4 in fp32), as eager PyTorch's separate activation saves its input. Without an
-activation the backward needs neither. ``conv2d_relu_maxpool2d_<backend>`` adds a max-pool epilogue
+activation the backward needs neither. (Transient, not saved: for activations other than ReLU the CUDA
+backward writes grad_out through the derivative once, one element per output element, which its GEMMs
+read; Triton's writes it only when two of its kernels would otherwise both compute it.) ``conv2d_relu_maxpool2d_<backend>`` adds a max-pool epilogue
 (in both backends) and saves only the window positions of the maxima (1 byte for windows of up to
 128 positions); its backward recomputes the activation.
 """
@@ -266,8 +267,7 @@ def conv2d(
     if residual is not None and tuple(residual.shape) != output_shape:
         raise RuntimeError(f"conv2d: residual of shape {tuple(residual.shape)} does not match the output {output_shape}")
     operands = autocast_inputs(input.device.type, input, weight, bias, residual)
-    # ReLU runs on the conv2d_relu ops, which the CUDA backend implements too; the conv2d ops serve
-    # every other activation (CUDA C++: not yet, see the module docstring)
+    # ReLU runs on the conv2d_relu ops, the conv2d ops serve every other activation
     family = "conv2d_relu" if activation == "relu" else "conv2d"
     chosen = dispatch.choose(backend, input.device, operands[0].dtype, DTYPES, op=family,
                              shape_class=conv_shape_class(weight.shape[-2:], groups, input.shape[-3]))
