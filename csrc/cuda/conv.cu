@@ -1043,20 +1043,22 @@ __global__ void channel_sums_partial_kernel(const ConvArgs args, bool with_input
                                             int slice_pixels, float* partial) {
   VKERNELS_SHARED(float, sums, [8][33]);
   const int c = blockIdx.x * 32 + threadIdx.x, tap = blockIdx.z;
-  const int begin = blockIdx.y * slice_pixels, end = min(begin + slice_pixels, pixels);
+  // 64-bit: the last slice may end past pixels, and pixels may be close to 2^31
+  const int64_t begin = int64_t{blockIdx.y} * slice_pixels;
+  const int64_t end = begin + slice_pixels < pixels ? begin + slice_pixels : pixels;
   const T* g = static_cast<const T*>(args.g.data);
   const T* x = static_cast<const T*>(args.x.data);
   const T* mask = static_cast<const T*>(args.relu_out);
   float sum = 0.0f;
-  if (c < channels && begin + static_cast<int>(threadIdx.y) < end) {
+  if (c < channels && begin + threadIdx.y < end) {
     Block blk{};
     blk.group = c;  // depthwise: group c reads input channel c
     const Point tap_at = ForwardOp::tap(args, {tap / args.kw, tap % args.kw, 0});
     const Radix radix = ForwardOp::pixel_radix(args);
     const Digits step = radix.split(8);
-    Digits pixel = radix.split(begin + threadIdx.y);
-    for (int p = begin + threadIdx.y; p < end; p += 8, pixel = radix.add(pixel, step)) {
-      const int64_t o = int64_t{p} * channels + c;
+    Digits pixel = radix.split(static_cast<int>(begin + threadIdx.y));
+    for (int64_t p = begin + threadIdx.y; p < end; p += 8, pixel = radix.add(pixel, step)) {
+      const int64_t o = p * channels + c;
       if (mask != nullptr && !(to_float(mask[o]) > 0.0f)) continue;
       float v = to_float(g[o]);
       if (with_input) {
