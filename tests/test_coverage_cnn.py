@@ -15,8 +15,6 @@ from vkernels.patch import coverage_cnn  # noqa: E402
 # in eval and in train mode, as counted at 32x32: the counts are deterministic; fused chains without
 # either, conv -> BN in eval mode, do not show there)
 MODELS = {
-    # hardswish, squeeze-excite, residual adds without an activation
-    "torchvision mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, 0.783, 0.146),
     # SiLU, stochastic depth before the residual add, squeeze-excite
     "torchvision efficientnet_b0": (torchvision.models.efficientnet_b0, 0.825, 0.037),
     # conv -> ReLU without BN: fused in train mode too
