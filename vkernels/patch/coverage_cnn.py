@@ -60,7 +60,8 @@ class Model(NamedTuple):
     min_size: int = 0  # smallest input side the model takes, where that is above the usual
 
 
-# AlexNet's stem and pools need 63 pixels, Inception-v3's 75
+# AlexNet's stem and pools need 63 pixels, Inception-v3's 75 (built without its auxiliary head, a
+# train-mode classifier branch that needs 299)
 _MIN_SIZES = {"alexnet": 64, "inception_v3": 75}
 
 
@@ -70,6 +71,8 @@ def zoo() -> list[Model]:
 
     def torchvision_model(name):
         extra = dict(init_weights=False) if name in ("googlenet", "inception_v3") else {}  # silences a FutureWarning
+        if name == "inception_v3":
+            extra["aux_logits"] = False
         return lambda: getattr(torchvision.models, name)(weights=None, **extra)
 
     models = [Model(f"torchvision {name}", torchvision_model(name), _MIN_SIZES.get(name, 0)) for name in _TORCHVISION]
