@@ -43,7 +43,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_MODULES = ("vkernels.triton_kernels.attention", "vkernels.triton_kernels.conv",
-                  "vkernels.triton_kernels.pooling")
+                  "vkernels.triton_kernels.depthwise_conv", "vkernels.triton_kernels.pooling")
 SHARED_LIMIT = 232448  # bytes of shared memory one sm_90 block may opt in to (227 KiB)
 SM90 = ("cuda", 90, 32)  # backend, compute capability, warp size
 
@@ -120,7 +120,7 @@ def _varlen(dtype, dim=64, rotary=None, causal=False, heads=4, kv_heads=2, per_h
 
 
 def _conv(dtype, cin=16, cout=32, size=16, kernel=3, stride=1, padding=1, groups=1, bias=True, residual=False,
-          channels_last=False, pool=None):
+          channels_last=False, pool=None, activation="relu", frozen=False):
     import torch
     import vkernels
 
@@ -129,8 +129,8 @@ def _conv(dtype, cin=16, cout=32, size=16, kernel=3, stride=1, padding=1, groups
     if channels_last:
         x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
     x.requires_grad_()
-    w.requires_grad_()
-    b = torch.randn(cout, dtype=dtype, requires_grad=True) if bias else None
+    w.requires_grad_(not frozen)  # frozen: only the input gradient, which takes the derivative as it loads
+    b = torch.randn(cout, dtype=dtype, requires_grad=not frozen) if bias else None
     if pool is not None:
         out = vkernels.conv2d_relu_maxpool2d(x, w, b, stride, padding, groups=groups, pool_kernel_size=pool[0],
                                              pool_stride=pool[1], pool_padding=pool[2], backend="triton")
@@ -139,7 +139,8 @@ def _conv(dtype, cin=16, cout=32, size=16, kernel=3, stride=1, padding=1, groups
         if residual:
             out_size = (size + 2 * padding - kernel) // stride + 1
             r = torch.randn(2, cout, out_size, out_size, dtype=dtype, requires_grad=True)
-        out = vkernels.conv2d_relu(x, w, b, stride, padding, groups=groups, residual=r, backend="triton")
+        out = vkernels.conv2d(x, w, b, stride, padding, groups=groups, residual=r, activation=activation,
+                              backend="triton")
     out.float().sum().backward()
 
 
@@ -183,6 +184,21 @@ CASES = {
     "conv depthwise stride 2 channels_last": lambda dt: _conv(dt, cin=32, cout=32, groups=32, stride=2,
                                                               channels_last=True),
     "conv groups 4": lambda dt: _conv(dt, cin=32, cout=64, groups=4),
+    "conv 3x3 silu": lambda dt: _conv(dt, activation="silu"),
+    "conv 3x3 gelu_tanh channels_last residual": lambda dt: _conv(dt, channels_last=True, residual=True,
+                                                                  activation="gelu_tanh"),
+    "conv 1x1 hardswish channels_last": lambda dt: _conv(dt, kernel=1, padding=0, channels_last=True,
+                                                         activation="hardswish"),
+    "conv 1x1 no activation residual": lambda dt: _conv(dt, kernel=1, padding=0, residual=True, activation=None),
+    "conv depthwise 5x5 stride 2 silu channels_last": lambda dt: _conv(dt, cin=32, cout=32, kernel=5, stride=2,
+                                                                       padding=2, groups=32, channels_last=True,
+                                                                       activation="silu"),
+    "conv depthwise 7x7 gelu residual": lambda dt: _conv(dt, cin=32, cout=32, kernel=7, padding=3, groups=32,
+                                                         residual=True, activation="gelu"),
+    "conv depthwise 3x3 leaky_relu": lambda dt: _conv(dt, cin=32, cout=32, groups=32, activation="leaky_relu"),
+    "conv 3x3 silu frozen": lambda dt: _conv(dt, activation="silu", frozen=True),
+    "conv depthwise 3x3 hardswish frozen": lambda dt: _conv(dt, cin=32, cout=32, groups=32, activation="hardswish",
+                                                           frozen=True),
     "conv maxpool stem": lambda dt: _conv(dt, cin=3, cout=64, size=32, kernel=7, stride=2, padding=3,
                                           pool=(3, 2, 1)),
     "conv maxpool 3x3": lambda dt: _conv(dt, channels_last=True, pool=(2, 2, 0)),

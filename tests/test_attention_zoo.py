@@ -76,7 +76,8 @@ def test_transformers_registry_implementation_and_patch():
     stock = transformers.ViTModel._from_config(config, attn_implementation="sdpa").to(device).eval()
     stock.load_state_dict(chosen.state_dict())
     patched, report = vkernels.patch(copy.deepcopy(stock), backend="triton", report=True)
-    assert report == [("", "transformers ViTModel: attn_implementation 'sdpa' -> 'vkernels_triton' (AttentionInterface)")]
+    assert report == [("", "transformers ViTModel: attn_implementation 'sdpa' -> 'vkernels_triton' (AttentionInterface)"),
+                      ("embeddings.patch_embeddings.projection", "Conv2d -> vkernels.nn.Conv2dAct")]
     x = torch.randn(2, 3, 16, 16, device=device)
     with torch.no_grad():
         expected, exact = stock(x).last_hidden_state, copy.deepcopy(stock).double()(x.double()).last_hidden_state

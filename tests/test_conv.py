@@ -1,16 +1,49 @@
-"""vkernels.conv2d_relu: F.conv2d's arguments and results (+ residual, ReLU), its op and errors."""
+"""vkernels.conv2d / conv2d_relu: F.conv2d's arguments and results (+ residual, activation), their ops and errors."""
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vkernels
 from support import (
-    KERNEL_BACKENDS, assert_as_accurate, device_for, dtypes_for, layout, poison_allocator, relative_error, rounding_floor,
-    tolerance,
+    KERNEL_BACKENDS, assert_as_accurate, backends_and_dtypes, device_for, dtypes_for, layout, poison_allocator,
+    relative_error, rounding_floor, tolerance,
 )
 from vkernels import dispatch, shapes
 from vkernels.ops import conv as conv_ops
+from vkernels.triton_kernels import conv_common
+
+ACTIVATIONS = [None, *conv_ops.ACTIVATIONS]
+
+
+class _RoundGradient(torch.autograd.Function):
+    """The identity, whose backward rounds the gradient to ``dtype`` (and back to float64)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype).double(), None
+
+
+def reference_activation(pre_activation: torch.Tensor, dtype: torch.dtype, activation: str | None,
+                         negative_slope: float) -> torch.Tensor:
+    """act(pre_activation) in float64 with what torch's backward (and ours) keeps in ``dtype`` rounded
+    to it: the pre-activation the derivative is taken at (the stored conv output; a rounding step at
+    hardswish's and relu6's kinks at +-3 and 6 flips the derivative's branch, which no precision of
+    the arithmetic would undo) and the gradient w.r.t. the pre-activation (a stored tensor too: its
+    rounding decides the bias gradient when that sum cancels)."""
+    if activation is None:
+        return pre_activation
+    rounded = pre_activation + (pre_activation.detach().to(dtype).double() - pre_activation.detach())
+    return conv_ops.ACTIVATIONS[activation](_RoundGradient.apply(rounded, dtype), negative_slope)
+
 
 CALLS = {
     "3x3 pad1 bias residual": dict(weight=(6, 4, 3, 3), padding=1, bias=True, residual=True),
@@ -21,9 +54,16 @@ CALLS = {
 }
 
 
-def check_against_float64(backend, x, weight, bias, arguments, with_residual, rtol):
-    """relu(F.conv2d(x, weight, bias, **arguments) + residual) in float64 on the same rounded operands:
-    output and every gradient within rtol. Where F.conv2d refuses the geometry, ours raises its error type."""
+def check_against_float64(backend, x, weight, bias, arguments, with_residual, rtol, activation="relu",
+                          negative_slope=0.01):
+    """act(F.conv2d(x, weight, bias, **arguments) + residual) in float64 on the same rounded operands:
+    output and every gradient within rtol. Where F.conv2d refuses the geometry, ours raises its error
+    type. ReLU goes through the public conv2d_relu, the others through conv2d."""
+    def ours_for(*args, **kwargs):
+        if activation == "relu":
+            return vkernels.conv2d_relu(*args, **kwargs, backend=backend)
+        return vkernels.conv2d(*args, **kwargs, activation=activation, negative_slope=negative_slope, backend=backend)
+
     operands = {"input": x, "weight": weight, "bias": bias}
     leaves = {name: t.detach().requires_grad_() for name, t in operands.items() if t is not None}
     refs = {name: t.detach().double().requires_grad_() for name, t in leaves.items()}
@@ -31,20 +71,23 @@ def check_against_float64(backend, x, weight, bias, arguments, with_residual, rt
         pre_activation = F.conv2d(refs["input"], refs["weight"], refs.get("bias"), **arguments)
     except RuntimeError as error:
         with pytest.raises(type(error)):
-            vkernels.conv2d_relu(leaves["input"], leaves["weight"], leaves.get("bias"), **arguments, backend=backend)
+            ours_for(leaves["input"], leaves["weight"], leaves.get("bias"), **arguments)
         return
     if with_residual:
         leaves["residual"] = torch.randn(pre_activation.shape, device=x.device).to(x.dtype).requires_grad_()
         refs["residual"] = leaves["residual"].detach().double().requires_grad_()
         pre_activation = pre_activation + refs["residual"]
-    expected = F.relu(pre_activation)
-    ours = vkernels.conv2d_relu(leaves["input"], leaves["weight"], leaves.get("bias"), **arguments,
-                                residual=leaves.get("residual"), backend=backend)
+    expected = reference_activation(pre_activation, x.dtype, activation, negative_slope)
+    poison_allocator(x.device)
+    ours = ours_for(leaves["input"], leaves["weight"], leaves.get("bias"), **arguments, residual=leaves.get("residual"))
     assert ours.shape == expected.shape and ours.dtype == x.dtype
+    if x.dim() == 4:
+        assert ours.is_contiguous(memory_format=shapes.memory_format(shapes.is_channels_last(x)))
     assert relative_error(ours, expected) < rtol
     if expected.numel() == 0:
         return
     grad = torch.randn_like(ours)
+    poison_allocator(x.device)
     ours.backward(grad)
     expected.backward(grad.double())
     for name, leaf in leaves.items():
@@ -65,10 +108,54 @@ def test_conv2d_relu_matches_torch(backend, name):
     check_against_float64(backend, x, weight, bias, call, with_residual, tolerance(torch.float32) * 10)
 
 
+# Largest errors against float64 of test_conv2d_activation_matches_float64's draws, 40 seeds x every
+# activation x both kernel families (fp32 / fp16): Triton outputs 9.1e-7 / 1.0e-3 (a 4-element
+# output), gradients 9.3e-6 (gelu_tanh's bias gradient of one channel whose sum cancels) / 4.7e-4;
+# CUDA (emulated) outputs and gradients 2.3e-6 / 1.0e-3, bf16 4.7e-3. rtol = 10x / 2x the dtype's
+# tolerance leaves at least 4x of margin (bf16: 6x).
+def fuzz_rtol(dtype: torch.dtype) -> float:
+    return tolerance(dtype) * (10 if dtype == torch.float32 else 2)
+
+
+def random_call(rng: random.Random, depthwise: bool):
+    """(input shape, weight shape, conv arguments) of a small conv drawn from the test's seed: a grouped
+    implicit GEMM, or a depthwise conv (3x3 or 5x5 as MobileNets and EfficientNets use, any stride
+    and dilation) for the direct kernels."""
+    if depthwise:
+        channels, kernel, groups = rng.randint(1, 6), rng.choice([3, 5]), None
+        weight = (channels, 1, kernel, kernel)
+    else:
+        groups, kernel = rng.choice([1, 1, 2]), rng.randint(1, 3)
+        channels = groups * rng.randint(1, 5)
+        weight = (groups * rng.randint(1, 5), channels // groups, kernel, kernel)
+    arguments = dict(stride=rng.randint(1, 2), padding=rng.randint(0, kernel // 2), dilation=rng.randint(1, 2),
+                     groups=channels if depthwise else groups)
+    size = (kernel - 1) * arguments["dilation"] + 1 + rng.randint(0, 5)
+    return (rng.randint(1, 2), channels, size, size + rng.randint(0, 2)), weight, arguments
+
+
+@pytest.mark.parametrize("kind", ["gemm", "depthwise"])
+@pytest.mark.parametrize("backend, dtype", backends_and_dtypes())
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+def test_conv2d_activation_matches_float64(activation, backend, dtype, kind, seed):
+    """Every activation on both kernel families (implicit GEMM, direct depthwise) of both backends, a
+    geometry, memory format, bias, residual and leaky slope drawn from the seed; forward and every gradient."""
+    device = device_for(backend)
+    rng = random.Random(seed)
+    input_shape, weight_shape, arguments = random_call(rng, kind == "depthwise")
+    x = layout(torch.randn(input_shape, device=device).to(dtype), rng.choice(["contiguous", "channels_last"]))
+    fan_in = weight_shape[1] * weight_shape[2] * weight_shape[3]
+    weight = (torch.randn(weight_shape, device=device) * 2 / fan_in**0.5).to(dtype)  # pre-activations ~N(0, 4)
+    bias = torch.randn(weight_shape[0], device=device).to(dtype) if rng.random() < 0.7 else None
+    check_against_float64(backend, x, weight, bias, arguments, rng.random() < 0.5, fuzz_rtol(dtype), activation,
+                          rng.choice([0.01, 0.2, -0.3]))
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @settings(max_examples=12, deadline=None)
 @given(
     channels=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3)),  # in, out per group; groups
+    depthwise=st.booleans(),
     size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
     kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
     stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
@@ -76,11 +163,16 @@ def test_conv2d_relu_matches_torch(backend, name):
     dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
     options=st.tuples(st.booleans(), st.booleans(), st.booleans()),  # bias, residual, channels_last
     data=st.data(),
+    activation=st.sampled_from(ACTIVATIONS),
 )
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_conv2d_relu_geometry_fuzz(backend, channels, size, kernel, stride, padding, dilation, options, data):
-    """Any geometry F.conv2d accepts gives its result and gradients; any it refuses raises its error type."""
+def test_conv2d_geometry_fuzz(backend, channels, depthwise, size, kernel, stride, padding, dilation, options, data,
+                              activation):
+    """Any geometry F.conv2d accepts gives its result and gradients with every activation; any it refuses
+    raises its error type."""
     (cin_per_group, cout_per_group, groups), (with_bias, with_residual, channels_last) = channels, options
+    if depthwise:  # one channel per group, as many groups as channels: the direct kernels
+        cin_per_group, cout_per_group, groups = 1, 1, cin_per_group + groups
     device = device_for(backend)
     dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
     x = layout(torch.randn(2, cin_per_group * groups, *size, device=device).to(dtype),
@@ -88,8 +180,78 @@ def test_conv2d_relu_geometry_fuzz(backend, channels, size, kernel, stride, padd
     weight = (torch.randn(cout_per_group * groups, cin_per_group, *kernel, device=device) * 0.5).to(dtype)
     bias = torch.randn(weight.shape[0], device=device).to(dtype) if with_bias else None
     arguments = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    rtol = tolerance(dtype) * (10 if dtype == torch.float32 else 2)
-    check_against_float64(backend, x, weight, bias, arguments, with_residual, rtol)
+    check_against_float64(backend, x, weight, bias, arguments, with_residual, fuzz_rtol(dtype), activation)
+
+
+def test_activation_names_agree_with_the_kernels():
+    assert list(conv_common.ACTIVATIONS) == ["none", *conv_ops.ACTIVATIONS]
+
+
+def test_conv2d_torch_backend_is_the_composition():
+    x, w, r = torch.randn(2, 3, 8, 8), torch.randn(5, 3, 3, 3), torch.randn(2, 5, 6, 6)
+    ours = vkernels.conv2d(x, w, activation="gelu_tanh", residual=r, backend="torch")
+    assert torch.equal(ours, F.gelu(F.conv2d(x, w) + r, approximate="tanh"))
+    ours = vkernels.conv2d(x, w, activation="leaky_relu", negative_slope=0.3, backend="torch")
+    assert torch.equal(ours, F.leaky_relu(F.conv2d(x, w), 0.3))
+
+
+def test_unknown_activation_raises():
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        vkernels.conv2d(torch.randn(1, 3, 8, 8), torch.randn(5, 3, 3, 3), activation="tanh")
+
+
+class SavedPreActivation(TorchDispatchMode):
+    """Records save_pre_activation of every vkernels::conv2d_* call and whether a pre-activation came back."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func.name().startswith("vkernels::conv2d_") and "backward" not in func.name():
+            self.calls.append((func.name(), args[11], result[1] is not None))
+        return result
+
+
+def test_pre_activation_is_written_only_where_a_backward_needs_it():
+    """silu's derivative needs the pre-activation: written when a gradient will be taken, not under
+    no_grad; relu6 and leaky_relu with a positive slope read the output, and leaky_relu with a negative
+    slope cannot."""
+    device = device_for("triton")
+    x, w = torch.randn(1, 3, 5, 5, device=device), torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    cases = [("silu", 0.01, True), ("relu6", 0.01, False), ("leaky_relu", 0.1, False), ("leaky_relu", -0.1, True)]
+    for activation, slope, expected in cases:
+        with SavedPreActivation() as saved:
+            vkernels.conv2d(x, w, activation=activation, negative_slope=slope, backend="triton")
+        with SavedPreActivation() as saved_no_grad, torch.no_grad():
+            vkernels.conv2d(x, w, activation=activation, negative_slope=slope, backend="triton")
+        assert saved.calls == [("vkernels::conv2d_triton", expected, expected)], activation
+        assert saved_no_grad.calls == [("vkernels::conv2d_triton", False, False)], activation
+
+
+def test_backward_without_the_pre_activation_it_needs_raises():
+    device = device_for("triton")
+    x = torch.randn(1, 3, 5, 5, device=device, requires_grad=True)
+    out, pre = torch.ops.vkernels.conv2d_triton(x, torch.randn(4, 3, 3, 3, device=device), None, None, [1, 1], [0, 0],
+                                                [1, 1], 1, [3, 3], "gelu", 0.01, False)
+    assert pre is None
+    with pytest.raises(RuntimeError, match="save_pre_activation=True"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_conv2d_opcheck(backend):
+    """The activation op with its optional pre-activation output, and without an activation (the
+    residual's gradient is grad_output itself)."""
+    device = device_for(backend)
+    x = torch.randn(2, 4, 6, 7, device=device, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, device=device, requires_grad=True)
+    r = torch.randn(2, 6, 3, 4, device=device, requires_grad=True)
+    op = getattr(torch.ops.vkernels, f"conv2d_{backend}").default
+    torch.library.opcheck(op, (x, w, None, r, [2, 2], [1, 1], [1, 1], 1, [3, 4], "silu", 0.01, True))
+    torch.library.opcheck(op, (x, w, torch.randn(6, device=device, requires_grad=True), r, [2, 2], [1, 1], [1, 1], 1,
+                               [3, 4], "none", 0.01, False))
 
 
 BAD_CALLS = {
@@ -224,6 +386,12 @@ def test_conv2d_relu_maxpool2d_matches_torch(pool, memory_format):
     """A 3x3 conv then each pool on the Triton backend (the interpreter's CPU time keeps it small)."""
     case = ((2, 4, 9, 8), (6, 4, 3, 3), dict(padding=1), POOLS[pool])
     check_conv2d_relu_maxpool2d("triton", torch.float32, memory_format, case)
+
+
+def test_conv2d_relu_maxpool2d_depthwise_matches_torch():
+    """The fused pool over the direct depthwise tiles, on the Triton backend."""
+    case = ((1, 8, 7, 6), (8, 1, 3, 3), dict(padding=1, groups=8), POOLS["3x3/2 pad1"])
+    check_conv2d_relu_maxpool2d("triton", torch.float32, "channels_last", case)
 
 
 @pytest.mark.cuda

@@ -14,12 +14,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the first autotune config of: attention forward and backward at head dims 64 and 80 (one chunk, two
-# chunks) with a bool mask, conv forward and backward (tap-major 3x3, stride 2, the 3-channel stem),
-# max-pool forward and backward
-CASES = r"^(attention d(64|80) bool mask|conv 3x3|conv 3x3 stride 2|conv 7x7 stem|max_pool 3/2/1) bfloat16$"
+# chunks) with a bool mask, conv forward and backward (tap-major 3x3, stride 2, the 3-channel stem; a
+# 5x5/2 depthwise conv with SiLU on the direct kernels), max-pool forward and backward
+CASES = (r"^(attention d(64|80) bool mask|conv 3x3|conv 3x3 stride 2|conv 7x7 stem|"
+         r"conv depthwise 5x5 stride 2 silu channels_last|max_pool 3/2/1) bfloat16$")
 KERNELS = {
     "_attention_forward_kernel", "_attention_backward_delta_kernel", "_attention_backward_key_kernel",
     "_attention_backward_query_kernel", "_conv2d_implicit_gemm_kernel", "_conv2d_weight_grad_kernel",
+    "depthwise_conv2d_kernel", "depthwise_conv2d_weight_grad_kernel",
     "_max_pool2d_forward_kernel", "_max_pool2d_backward_kernel",
 }
 

@@ -5,7 +5,7 @@ Every public function takes torch's arguments plus ``backend=`` (``"triton"``, `
 """
 from vkernels.dispatch import BackendUnavailableError, backends, use_backend
 from vkernels.ops.attention import attention, varlen_attention
-from vkernels.ops.conv import conv2d_relu, conv2d_relu_maxpool2d
+from vkernels.ops.conv import conv2d, conv2d_relu, conv2d_relu_maxpool2d
 from vkernels.ops.pooling import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from vkernels import nn
 from vkernels.patch import patch
@@ -19,6 +19,7 @@ __all__ = [
     "attention",
     "avg_pool2d",
     "backends",
+    "conv2d",
     "conv2d_relu",
     "conv2d_relu_maxpool2d",
     "max_pool2d",

@@ -1,16 +1,24 @@
-// Fused conv2d + bias (+ residual) + ReLU, forward and backward, and the fused conv + ReLU + max-pool
-// forward, in CUDA C++. The op schemas are defined in Python (vkernels/ops/conv.py); this file
-// registers their CUDA implementations:
-//   conv2d_relu_cuda(input, weight, bias?, residual?, stride, padding, dilation, groups, output_size)
-//   conv2d_relu_backward_cuda(grad_out, out, input, weight, stride, padding, dilation, groups, needs,
-//                             channels_last) -> (grad_input?, grad_weight?, grad_bias?, grad_residual?)
+// Fused conv2d + bias (+ residual) + activation, forward and backward, and the fused conv + ReLU +
+// max-pool forward, in CUDA C++. The op schemas are defined in Python (vkernels/ops/conv.py); this
+// file registers their CUDA implementations:
+//   conv2d_cuda(input, weight, bias?, residual?, stride, padding, dilation, groups, output_size,
+//               activation, negative_slope, save_pre_activation) -> (out, pre-activation?)
+//   conv2d_backward_cuda(grad_out, saved?, input, weight, stride, padding, dilation, groups, needs,
+//                        channels_last, activation, negative_slope)
+//                        -> (grad_input?, grad_weight?, grad_bias?, grad_residual?)
+//   conv2d_relu_cuda / conv2d_relu_backward_cuda: the two above with activation "relu" (saved = out)
 //   conv2d_relu_maxpool2d_cuda(input, weight, bias?, stride, padding, dilation, groups, conv_output_size,
 //                              pool_kernel_size, pool_stride, pool_padding, output_size) -> (out, argmax)
-// Semantics are those of vkernels/triton_kernels/conv.py: out = relu(conv2d + bias + residual) with the
-// epilogue fused (the pre-activation is never written); padding = (top, left) and output positions
-// whose window reaches past the input read zeros there, which expresses torch's asymmetric 'same'.
-// The backward recovers the ReLU mask from out > 0 as it loads grad_out, and is deterministic: the
-// weight and bias reductions are split into slices summed in a fixed order, no atomics.
+// Semantics are those of vkernels/triton_kernels/conv.py: out = act(conv2d + bias + residual) with the
+// epilogue fused, act computed in fp32 with torch's formulas (activate; the pre-activation is written
+// only when asked for); padding = (top, left) and output positions whose window reaches past the
+// input read zeros there, which expresses torch's asymmetric 'same'. The backward takes the
+// activation's derivative from `saved` (the output for relu, relu6 and leaky_relu with a slope >= 0,
+// else the pre-activation; vkernels/ops/conv.py decides): for ReLU it masks grad_out by out > 0 as it
+// loads it; other activations first write grad_pre = grad_out * act'(saved) in the dtype (one pass,
+// as torch's separate activation backward does), which the GEMMs, the residual's and the bias's
+// gradients then read. It is deterministic: the weight and bias reductions are split into slices
+// summed in a fixed order, no atomics.
 //
 // Every convolution runs as an implicit GEMM (no im2col buffer); the operands are gathered from NHWC
 // activations on the fly, K ordered (kh, kw, channel) so that 8 consecutive K elements are one
@@ -32,7 +40,11 @@
 // carry the ReLU mask go through registers instead: loaded before the MMAs of the current stage,
 // stored to shared memory after them. fp32 runs a plain-FMA tiled kernel (64x64x16) on the same
 // gathers, exact up to summation order. A convolution with fewer than 8 output channels per group
-// (depthwise) runs forward as a direct per-output loop; its gradients reuse the GEMM kernels.
+// runs forward as a direct per-output loop (a GEMM tile would be mostly padding). Depthwise convs
+// (one input and one output channel per group: MobileNets' and EfficientNets' 3x3/5x5) also get
+// direct gradients: the input gradient gathers each input element's taps (no atomics), and the
+// weight gradient sums input x grad_pre per (channel, tap) over pixel slices, added in slice order
+// as the bias gradient's are (channel_sums_partial_kernel).
 //
 // Index arithmetic would otherwise outweigh the MMAs: each gather offset is an m (or n) part plus a
 // k part (Op::m_part, n_part, k_part). What stays fixed over the K loop is computed once per thread
@@ -70,6 +82,8 @@
 #include <limits>
 #include <numeric>
 #include <optional>
+#include <string>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 
@@ -106,15 +120,21 @@ struct PoolArgs {
   int64_t argmax_sn, argmax_sc, argmax_sh, argmax_sw;
 };
 
+// The activations of vkernels/ops/conv.py, numbered as vkernels/triton_kernels/conv_common.ACTIVATIONS.
+enum class Activation : int { kNone, kRelu, kRelu6, kLeakyRelu, kHardswish, kSilu, kGelu, kGeluTanh };
+
 struct ConvArgs {
   View4 x;               // input (N, Cin, H, W)
   View4 w;               // weight (Cout, Cin_g, KH, KW)
-  View4 g;               // grad_out (N, Cout, OH, OW)
+  View4 g;               // grad_out, or grad_pre for activations other than ReLU (N, Cout, OH, OW)
   const void* relu_out;  // out, with g's strides: grad_out is masked by out > 0 as it is loaded; null = no mask
   View4 residual;        // data is null when there is none
   const void* bias;      // contiguous (Cout,), or null
   void* dst;             // forward: out; input gradient: grad_input (N, Cin, H, W)
   int64_t dst_sn, dst_sc, dst_sh, dst_sw;
+  void* pre;             // forward: the pre-activation, with dst's strides; null = not written
+  Activation activation; // forward: the epilogue's activation
+  float negative_slope;  // leaky_relu's
   float* partial;        // weight gradient: (slices, groups, KH*KW*Cin_g, Cout_g) float32 sums
   int batch, in_h, in_w, out_h, out_w, groups, cin_g, cout_g, kh, kw;
   int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
@@ -149,6 +169,52 @@ __device__ __forceinline__ bool positive_bits(uint32_t bits) {
 // ---------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ float relu(float v) { return v < 0.0f ? 0.0f : v; }  // NaN stays NaN, as in torch.relu
+
+constexpr float kSqrtHalf = 0.70710678118654752f, kInvSqrt2Pi = 0.39894228040143268f;
+constexpr float kSqrt2OverPi = 0.79788456080286536f, kGeluTanhCubic = 0.044715f;
+
+// act(x) in fp32 with the formulas of aten's CUDA kernels; relu, relu6 and leaky_relu keep NaN.
+__device__ __forceinline__ float activate(Activation act, float x, float slope) {
+  switch (act) {
+    case Activation::kRelu: return relu(x);
+    case Activation::kRelu6: return x < 0.0f ? 0.0f : (x > 6.0f ? 6.0f : x);
+    case Activation::kLeakyRelu: return x > 0.0f ? x : x * slope;
+    case Activation::kHardswish: return x * fminf(fmaxf(x + 3.0f, 0.0f), 6.0f) / 6.0f;
+    case Activation::kSilu: return x / (1.0f + expf(-x));
+    case Activation::kGelu: return 0.5f * x * (1.0f + erff(x * kSqrtHalf));
+    case Activation::kGeluTanh: return 0.5f * x * (1.0f + tanhf((x + kGeluTanhCubic * x * x * x) * kSqrt2OverPi));
+    case Activation::kNone: break;
+  }
+  return x;
+}
+
+// grad * act'(pre-activation), in fp32, from `saved`: the output for relu, relu6 and leaky_relu with a
+// slope >= 0 (the sign and the [0, 6] band survive the activation), else the pre-activation; as torch's
+// *_backward kernels compute it (hardswish's slope on the open interval (-3, 3)).
+__device__ __forceinline__ float activation_grad(Activation act, float grad, float saved, float slope) {
+  switch (act) {
+    case Activation::kRelu: return saved > 0.0f ? grad : 0.0f;
+    case Activation::kRelu6: return saved > 0.0f && saved < 6.0f ? grad : 0.0f;
+    case Activation::kLeakyRelu: return saved > 0.0f ? grad : grad * slope;
+    case Activation::kHardswish: return saved <= -3.0f ? 0.0f : (saved < 3.0f ? grad * (saved / 3.0f + 0.5f) : grad);
+    case Activation::kSilu: {
+      const float sigmoid = 1.0f / (1.0f + expf(-saved));
+      return grad * sigmoid * (1.0f + saved * (1.0f - sigmoid));
+    }
+    case Activation::kGelu: {
+      const float cdf = 0.5f * (1.0f + erff(saved * kSqrtHalf));
+      const float pdf = expf(-0.5f * saved * saved) * kInvSqrt2Pi;
+      return grad * (cdf + saved * pdf);
+    }
+    case Activation::kGeluTanh: {
+      const float inner = tanhf((saved + kGeluTanhCubic * saved * saved * saved) * kSqrt2OverPi);
+      const float inner_slope = (1.0f + 3.0f * kGeluTanhCubic * saved * saved) * kSqrt2OverPi;
+      return grad * (0.5f * (1.0f + inner) + 0.5f * saved * (1.0f - inner * inner) * inner_slope);
+    }
+    case Activation::kNone: break;
+  }
+  return grad;
+}
 
 // An index as mixed-radix digits, lo fastest: k = (tap row, tap column, channel), or a pixel = (image,
 // row, column). Adding the digits of a step replaces the divisions of a fresh split.
@@ -266,8 +332,9 @@ struct ForwardOp {
       v += to_float(static_cast<const T*>(a.residual.data)[img * a.residual.sn + channel * a.residual.sc +
                                                             oh * a.residual.sh + ow * a.residual.sw]);
     }
-    static_cast<T*>(a.dst)[img * a.dst_sn + channel * a.dst_sc + oh * a.dst_sh + ow * a.dst_sw] =
-        from_float<T>(relu(v));
+    const int64_t at = img * a.dst_sn + channel * a.dst_sc + oh * a.dst_sh + ow * a.dst_sw;
+    if (a.pre != nullptr) static_cast<T*>(a.pre)[at] = from_float<T>(v);
+    static_cast<T*>(a.dst)[at] = from_float<T>(activate(a.activation, v, a.negative_slope));
   }
 };
 
@@ -953,31 +1020,53 @@ __global__ void conv_direct_forward_kernel(const ConvArgs args, int64_t total) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward helpers: masked grad_out, bias sums, and the fixed-order sums of the slices
+// Backward helpers: grad_pre, channel sums (bias, depthwise weight), the depthwise input gradient, and
+// the fixed-order sums of the slices
 // ---------------------------------------------------------------------------------------------
 
-// masked[i] = out[i] > 0 ? grad[i] : 0 over tensors sharing one dense layout.
+// grad_pre[i] = grad[i] * act'(saved[i]) rounded to T (what the GEMMs then read), over tensors sharing
+// one dense layout; for ReLU the masked grad_out.
 template <typename T>
-__global__ void relu_mask_kernel(const T* grad, const T* out, T* masked, int64_t total) {
+__global__ void activation_grad_kernel(const T* grad, const T* saved, T* grad_pre, int64_t total, Activation act,
+                                       float slope) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
-    masked[i] = to_float(out[i]) > 0.0f ? grad[i] : from_float<T>(0.0f);
+    grad_pre[i] = from_float<T>(activation_grad(act, to_float(grad[i]), to_float(saved[i]), slope));
   }
 }
 
-// partial[slice, c] = sum over the slice's pixels of grad (NHWC-dense, masked by relu_out if given).
-// Block (32 channels) x (8 pixel lanes); lanes are added in lane order.
+// partial[slice, row, c] = the sum over the output pixels of slice blockIdx.y of args.g (NHWC-dense,
+// masked by relu_out > 0 if set) at channel c; with_input (a depthwise weight gradient, row = tap =
+// blockIdx.z), times the input element that tap reads for the pixel; without (row 0), the bias
+// gradient. Block = 32 channels x 8 pixel lanes; lanes are added in lane order.
 template <typename T>
-__global__ void bias_grad_partial_kernel(const T* grad, const T* relu_out, int64_t pixels, int channels,
-                                         int64_t slice_pixels, float* partial) {
+__global__ void channel_sums_partial_kernel(const ConvArgs args, bool with_input, int pixels, int channels,
+                                            int slice_pixels, float* partial) {
   VKERNELS_SHARED(float, sums, [8][33]);
-  const int c = blockIdx.x * 32 + threadIdx.x;
-  const int64_t begin = blockIdx.y * slice_pixels;
+  const int c = blockIdx.x * 32 + threadIdx.x, tap = blockIdx.z;
+  // 64-bit: the last slice may end past pixels, and pixels may be close to 2^31
+  const int64_t begin = int64_t{blockIdx.y} * slice_pixels;
   const int64_t end = begin + slice_pixels < pixels ? begin + slice_pixels : pixels;
+  const T* g = static_cast<const T*>(args.g.data);
+  const T* x = static_cast<const T*>(args.x.data);
+  const T* mask = static_cast<const T*>(args.relu_out);
   float sum = 0.0f;
-  if (c < channels) {
-    for (int64_t p = begin + threadIdx.y; p < end; p += 8) {
+  if (c < channels && begin + threadIdx.y < end) {
+    Block blk{};
+    blk.group = c;  // depthwise: group c reads input channel c
+    const Point tap_at = ForwardOp::tap(args, {tap / args.kw, tap % args.kw, 0});
+    const Radix radix = ForwardOp::pixel_radix(args);
+    const Digits step = radix.split(8);
+    Digits pixel = radix.split(static_cast<int>(begin + threadIdx.y));
+    for (int64_t p = begin + threadIdx.y; p < end; p += 8, pixel = radix.add(pixel, step)) {
       const int64_t o = p * channels + c;
-      if (relu_out == nullptr || to_float(relu_out[o]) > 0.0f) sum += to_float(grad[o]);
+      if (mask != nullptr && !(to_float(mask[o]) > 0.0f)) continue;
+      float v = to_float(g[o]);
+      if (with_input) {
+        const int64_t at =
+            offset_inside(ForwardOp::origin(args, blk, pixel.hi, pixel.mid, pixel.lo), tap_at, args.in_h, args.in_w);
+        v = at >= 0 ? v * to_float(x[at]) : 0.0f;
+      }
+      sum += v;
     }
   }
   sums[threadIdx.y][threadIdx.x] = sum;
@@ -986,17 +1075,53 @@ __global__ void bias_grad_partial_kernel(const T* grad, const T* relu_out, int64
     float total = 0.0f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) total += sums[i][threadIdx.x];
-    partial[blockIdx.y * int64_t{channels} + c] = total;
+    partial[(blockIdx.y * int64_t{gridDim.z} + tap) * channels + c] = total;
   }
 }
 
+// dst[c, row] = the sum over slices, in slice order, of partial[slice, row, c], written at
+// c * sn + (row / kw) * sh + (row % kw) * sw: a (C, 1, KH, KW) weight gradient, or (sn = 1, kw = 1) the bias's.
 template <typename T>
-__global__ void bias_grad_finish_kernel(const float* partial, int slices, int channels, T* grad_bias) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  float total = 0.0f;
-  for (int s = 0; s < slices; ++s) total += partial[int64_t{s} * channels + c];
-  grad_bias[c] = from_float<T>(total);
+__global__ void channel_sums_finish_kernel(const float* partial, int slices, int rows, int channels, View4 dst, int kw) {
+  const int64_t total = int64_t{rows} * channels;
+  for (int64_t index = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; index < total;
+       index += int64_t{gridDim.x} * blockDim.x) {
+    const int c = static_cast<int>(index % channels), row = static_cast<int>(index / channels);
+    float sum = 0.0f;
+    for (int s = 0; s < slices; ++s) sum += partial[s * total + index];
+    static_cast<T*>(const_cast<void*>(dst.data))[c * dst.sn + row / kw * dst.sh + row % kw * dst.sw] = from_float<T>(sum);
+  }
+}
+
+// grad_input of a depthwise conv, one thread per input element, channels fastest (coalesced NHWC): the
+// sum over the taps that reach it, in tap order, gathered from args.g (masked by relu_out > 0 if set)
+// with no atomics.
+template <typename T>
+__global__ void depthwise_input_grad_kernel(const ConvArgs args, int64_t total) {
+  const T* g = static_cast<const T*>(args.g.data);
+  const T* w = static_cast<const T*>(args.w.data);
+  const T* mask = static_cast<const T*>(args.relu_out);
+  const int channels = args.groups;
+  for (int64_t index = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; index < total;
+       index += int64_t{gridDim.x} * blockDim.x) {
+    const int c = static_cast<int>(index % channels);
+    const Digits pixel = Radix{args.in_h, args.in_w}.split(static_cast<int>(index / channels));
+    const int img = pixel.hi, ih = pixel.mid, iw = pixel.lo;
+    float acc = 0.0f;
+    for (int kh = 0; kh < args.kh; ++kh) {
+      const int th = ih + args.pad_h - kh * args.dil_h;  // oh * stride_h when tap kh reaches ih
+      if (th < 0 || th % args.stride_h != 0 || th / args.stride_h >= args.out_h) continue;
+      for (int kw = 0; kw < args.kw; ++kw) {
+        const int tw = iw + args.pad_w - kw * args.dil_w;
+        if (tw < 0 || tw % args.stride_w != 0 || tw / args.stride_w >= args.out_w) continue;
+        const int64_t o = img * args.g.sn + c * args.g.sc + th / args.stride_h * args.g.sh + tw / args.stride_w * args.g.sw;
+        if (mask != nullptr && !(to_float(mask[o]) > 0.0f)) continue;
+        acc = fmaf(to_float(g[o]), to_float(w[c * args.w.sn + kh * args.w.sh + kw * args.w.sw]), acc);
+      }
+    }
+    static_cast<T*>(args.dst)[img * args.dst_sn + c * args.dst_sc + ih * args.dst_sh + iw * args.dst_sw] =
+        from_float<T>(acc);
+  }
 }
 
 // grad_weight[co, ci, kh, kw] (its own strides) = sum over slices, in order, of the partial
@@ -1193,10 +1318,27 @@ int multiprocessor_count(const at::Tensor& t) {
 // Ops (schemas in vkernels/ops/conv.py)
 // ---------------------------------------------------------------------------------------------
 
-at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, int64_t groups, at::IntArrayRef output_size) {
-  constexpr const char* op = "conv2d_relu_cuda";
+using OptionalTensor = std::optional<at::Tensor>;
+
+OptionalTensor some(const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
+
+// The schema's activation name: its index in conv_common.ACTIVATIONS is the Activation.
+Activation parse_activation(std::string_view name, const char* op) {
+  constexpr std::array<const char*, 8> kNames{"none", "relu", "relu6", "leaky_relu", "hardswish", "silu", "gelu",
+                                              "gelu_tanh"};
+  size_t i = 0;
+  while (i < kNames.size() && name != kNames[i]) ++i;
+  TORCH_CHECK(i < kNames.size(), op, ": unknown activation '", std::string(name),
+              "'; expected none, relu, relu6, leaky_relu, hardswish, silu, gelu or gelu_tanh");
+  return static_cast<Activation>(i);
+}
+
+// (out, pre-activation if save_pre_activation): conv2d_cuda, and conv2d_relu_cuda's out.
+std::tuple<at::Tensor, OptionalTensor> conv2d_forward(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, at::IntArrayRef output_size, Activation activation, float negative_slope, bool save_pre_activation,
+    const char* op) {
   TORCH_CHECK(output_size.size() == 2, op, ": output_size must have two values, got ", output_size);
   ConvArgs args =
       check_geometry(input, weight, stride, padding, dilation, groups, output_size[0], output_size[1], op);
@@ -1213,12 +1355,16 @@ at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight, c
 
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty(out_shape, input.options().memory_format(memory_format(is_channels_last(input))));
-  if (out.numel() == 0) return out;
+  const at::Tensor pre = save_pre_activation ? at::empty_like(out) : at::Tensor();  // dst's strides
+  if (out.numel() == 0) return {out, some(pre)};
   const bool tensor_cores = input.scalar_type() != at::kFloat;
   if (tensor_cores) check_tensor_core_device(input, op);
 
   const auto operands = set_forward_operands(args, input, weight, bias, out);
   args.residual = residual.has_value() ? view_of(*residual) : View4{nullptr, 0, 0, 0, 0};
+  args.pre = pre.defined() ? pre.data_ptr() : nullptr;
+  args.activation = activation;
+  args.negative_slope = negative_slope;
 
   dispatch_dtype(input.scalar_type(), op, [&](auto element) {
     using T = decltype(element);
@@ -1229,7 +1375,25 @@ at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight, c
       launch_gemm<ForwardOp, T>(args, int64_t{args.batch} * args.out_h * args.out_w, args.cout_g, 1, op);
     }
   });
-  return out;
+  return {out, some(pre)};
+}
+
+at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups, at::IntArrayRef output_size) {
+  return std::get<0>(conv2d_forward(input, weight, bias, residual, stride, padding, dilation, groups, output_size,
+                                    Activation::kRelu, 0.0f, false, "conv2d_relu_cuda"));
+}
+
+std::tuple<at::Tensor, OptionalTensor> conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                                   at::IntArrayRef output_size, std::string_view activation,
+                                                   double negative_slope, bool save_pre_activation) {
+  constexpr const char* op = "conv2d_cuda";
+  return conv2d_forward(input, weight, bias, residual, stride, padding, dilation, groups, output_size,
+                        parse_activation(activation, op), static_cast<float>(negative_slope), save_pre_activation, op);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_cuda(
@@ -1287,26 +1451,47 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_cuda(
   return {out, argmax};
 }
 
-using OptionalTensor = std::optional<at::Tensor>;
+// Slices of a channel sum (bias, depthwise weight) over the output pixels: up to 256, each of at least
+// 4096 pixels, so that a large reduction spreads over the GPU and each partial row is worth writing.
+// Sums the pixels of args.g (and relu_out's mask; with_input, the input under each of `rows` taps) into
+// dst[c, row] (see channel_sums_finish_kernel), in a fixed order.
+template <typename T>
+void launch_channel_sums(const ConvArgs& args, bool with_input, int rows, int64_t pixels, int64_t channels,
+                         const View4& dst, int kw, const at::TensorOptions& options) {
+  const int64_t slices = std::clamp<int64_t>(pixels / 4096, 1, 256);
+  const int64_t slice_pixels = (pixels + slices - 1) / slices;
+  at::Tensor partial = at::empty({slices, rows, channels}, options.dtype(at::kFloat));
+  launch(channel_sums_partial_kernel<T>,
+         dim3(static_cast<unsigned>((channels + 31) / 32), static_cast<unsigned>(slices), static_cast<unsigned>(rows)),
+         dim3(32, 8), args, with_input, static_cast<int>(pixels), static_cast<int>(channels),
+         static_cast<int>(slice_pixels), partial.data_ptr<float>());
+  launch(channel_sums_finish_kernel<T>, elementwise_grid(rows * channels, 256), dim3(256),
+         partial.const_data_ptr<float>(), static_cast<int>(slices), rows, static_cast<int>(channels), dst, kw);
+}
 
-std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> conv2d_relu_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 4> needs, bool channels_last) {
-  constexpr const char* op = "conv2d_relu_backward_cuda";
+// conv2d_backward_cuda; conv2d_relu_backward_cuda with saved = out and activation ReLU.
+std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> conv2d_backward(
+    const at::Tensor& grad_output, const OptionalTensor& saved, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 4> needs,
+    bool channels_last, Activation activation, float negative_slope, const char* op) {
   TORCH_CHECK(grad_output.dim() == 4, op, ": grad_output must be 4-D (N, Cout, OH, OW), got shape ",
               grad_output.sizes());
   ConvArgs args = check_geometry(input, weight, stride, padding, dilation, groups, grad_output.size(2),
                                  grad_output.size(3), op);
   check_device(grad_output, input, op, "grad_output");
-  check_device(output, input, op, "output");
+  TORCH_CHECK(saved.has_value() == (activation != Activation::kNone), op,
+              ": saved (the output or the pre-activation) is given exactly when there is an activation");
   const std::vector<int64_t> out_shape{input.size(0), weight.size(0), grad_output.size(2), grad_output.size(3)};
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_shape) && output.sizes() == at::IntArrayRef(out_shape), op,
-              ": grad_output and output must have shape ", at::IntArrayRef(out_shape), ", got ", grad_output.sizes(),
-              " and ", output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && output.scalar_type() == input.scalar_type(), op,
-              ": grad_output and output must have the input dtype ", input.scalar_type(), ", got ",
-              grad_output.scalar_type(), " and ", output.scalar_type());
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_shape), op, ": grad_output must have shape ",
+              at::IntArrayRef(out_shape), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output must have the input dtype ",
+              input.scalar_type(), ", got ", grad_output.scalar_type());
+  if (saved.has_value()) {
+    check_device(*saved, input, op, "saved");
+    TORCH_CHECK(saved->sizes() == at::IntArrayRef(out_shape) && saved->scalar_type() == input.scalar_type(), op,
+                ": the saved output or pre-activation must have shape ", at::IntArrayRef(out_shape), " and dtype ",
+                input.scalar_type(), ", got ", saved->sizes(), " and ", saved->scalar_type());
+  }
   const bool need_input = needs[0], need_weight = needs[1], need_bias = needs[2], need_residual = needs[3];
 
   const c10::cuda::CUDAGuard guard(input.device());
@@ -1317,7 +1502,6 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> conv2
   if (need_bias) grad_bias = at::empty({weight.size(0)}, options);
   if (need_residual) grad_residual = at::empty(out_shape, options.memory_format(memory_format(channels_last)));
   auto result = [&]() -> std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> {
-    auto some = [](const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; };
     return {some(grad_input), some(grad_weight), some(grad_bias), some(grad_residual)};
   };
   if (grad_output.numel() == 0) {  // nothing flows back: the sums are empty
@@ -1330,87 +1514,109 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> conv2
   const bool tensor_cores = input.scalar_type() != at::kFloat;
   if (tensor_cores) check_tensor_core_device(input, op);
 
-  // grad_out and out in one dense NHWC layout, so that one offset finds both (the mask's source)
+  // grad_out and saved in one dense NHWC layout, so that one offset finds both
   at::Tensor g = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor o = output.contiguous(at::MemoryFormat::ChannelsLast);
-  const void* relu_out = o.data_ptr();
+  const at::Tensor s = saved.has_value() ? saved->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  // ReLU's mask is applied as the kernels load grad_out, unless grad_residual must hold it anyway; other
+  // activations write grad_pre first
+  const bool mask_on_load = activation == Activation::kRelu && !need_residual;
   const int64_t pixels = int64_t{args.batch} * args.out_h * args.out_w;
   const int64_t cout = weight.size(0);
+  // one input and one output channel per group: the direct kernels (grid z holds the weight's taps)
+  const bool depthwise = args.cin_g == 1 && args.cout_g == 1 && int64_t{args.kh} * args.kw <= 65535;
   dispatch_dtype(input.scalar_type(), op, [&](auto element) {
     using T = decltype(element);
-    if (need_residual) {
-      // grad_residual is the masked grad_out; the GEMMs then read it without a mask
-      at::Tensor masked = channels_last ? grad_residual : at::empty_like(g, at::MemoryFormat::ChannelsLast);
+    if (activation != Activation::kNone && !mask_on_load) {
+      at::Tensor grad_pre = need_residual && channels_last ? grad_residual : at::empty_like(g, at::MemoryFormat::ChannelsLast);
       const int64_t total = g.numel();
-      launch(relu_mask_kernel<T>, elementwise_grid(total, 256), dim3(256), static_cast<const T*>(g.const_data_ptr()),
-             static_cast<const T*>(o.const_data_ptr()), static_cast<T*>(masked.mutable_data_ptr()), total);
-      if (!channels_last) grad_residual.copy_(masked);
-      g = masked;
-      relu_out = nullptr;
+      launch(activation_grad_kernel<T>, elementwise_grid(total, 256), dim3(256), static_cast<const T*>(g.const_data_ptr()),
+             static_cast<const T*>(s.const_data_ptr()), static_cast<T*>(grad_pre.mutable_data_ptr()), total, activation,
+             negative_slope);
+      g = grad_pre;
     }
+    if (need_residual && !(channels_last && activation != Activation::kNone)) grad_residual.copy_(g);
     args.g = view_of(g);
-    args.relu_out = relu_out;
+    args.relu_out = mask_on_load ? s.const_data_ptr() : nullptr;
 
-    if (need_bias) {
-      const int64_t slices = std::clamp<int64_t>(pixels / 4096, 1, 256);
-      const int64_t slice_pixels = (pixels + slices - 1) / slices;
-      at::Tensor partial = at::empty({slices, cout}, options.dtype(at::kFloat));
-      launch(bias_grad_partial_kernel<T>, dim3(static_cast<unsigned>((cout + 31) / 32), static_cast<unsigned>(slices)),
-             dim3(32, 8), static_cast<const T*>(g.const_data_ptr()), static_cast<const T*>(relu_out), pixels, static_cast<int>(cout),
-             slice_pixels, partial.data_ptr<float>());
-      launch(bias_grad_finish_kernel<T>, dim3(static_cast<unsigned>((cout + 255) / 256)), dim3(256),
-             partial.const_data_ptr<float>(), static_cast<int>(slices), static_cast<int>(cout),
-             static_cast<T*>(grad_bias.mutable_data_ptr()));
-    }
+    if (need_bias) launch_channel_sums<T>(args, false, 1, pixels, cout, View4{grad_bias.data_ptr(), 1, 0, 0, 0}, 1, options);
     if (need_weight && grad_weight.numel() > 0) {
       if (input.numel() == 0) {
         grad_weight.zero_();
       } else {
         const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
         args.x = view_of(x);
-        args.vec_a = vectorizable(x, args.cin_g);
-        args.vec_b = vectorizable(g, args.cout_g);
-        const int64_t m_size = int64_t{args.kh} * args.kw * args.cin_g;
-        const int block_m = tensor_cores ? kBlockM : kSimtM, block_n = tensor_cores ? kBlockN : kSimtN;
-        const int64_t tiles = ((m_size + block_m - 1) / block_m) * ((args.cout_g + block_n - 1) / block_n) * groups;
-        // enough blocks to fill the GPU twice, each slice long enough to amortise writing its partial
-        int64_t slices = std::min<int64_t>((2 * multiprocessor_count(input) + tiles - 1) / tiles, pixels / 2048);
-        slices = std::clamp<int64_t>(slices, 1, 1024);
-        const int64_t quanta = (pixels + kSliceQuantum - 1) / kSliceQuantum;
-        args.slice_pixels = static_cast<int>((quanta + slices - 1) / slices * kSliceQuantum);
-        slices = (pixels + args.slice_pixels - 1) / args.slice_pixels;
-        at::Tensor partial = at::empty({slices, groups, m_size, args.cout_g}, options.dtype(at::kFloat));
-        args.partial = partial.data_ptr<float>();
-        launch_gemm<WeightGradOp, T>(args, m_size, args.cout_g, slices, op);
-        const int64_t total = grad_weight.numel();
-        launch(weight_grad_finish_kernel<T>, elementwise_grid(total, 256), dim3(256), partial.const_data_ptr<float>(),
-               static_cast<int>(slices), args, view_of(grad_weight), total);
+        if (depthwise) {
+          launch_channel_sums<T>(args, true, args.kh * args.kw, pixels, cout, view_of(grad_weight), args.kw, options);
+        } else {
+          args.vec_a = vectorizable(x, args.cin_g);
+          args.vec_b = vectorizable(g, args.cout_g);
+          const int64_t m_size = int64_t{args.kh} * args.kw * args.cin_g;
+          const int block_m = tensor_cores ? kBlockM : kSimtM, block_n = tensor_cores ? kBlockN : kSimtN;
+          const int64_t tiles = ((m_size + block_m - 1) / block_m) * ((args.cout_g + block_n - 1) / block_n) * groups;
+          // enough blocks to fill the GPU twice, each slice long enough to amortise writing its partial
+          int64_t slices = std::min<int64_t>((2 * multiprocessor_count(input) + tiles - 1) / tiles, pixels / 2048);
+          slices = std::clamp<int64_t>(slices, 1, 1024);
+          const int64_t quanta = (pixels + kSliceQuantum - 1) / kSliceQuantum;
+          args.slice_pixels = static_cast<int>((quanta + slices - 1) / slices * kSliceQuantum);
+          slices = (pixels + args.slice_pixels - 1) / args.slice_pixels;
+          at::Tensor partial = at::empty({slices, groups, m_size, args.cout_g}, options.dtype(at::kFloat));
+          args.partial = partial.data_ptr<float>();
+          launch_gemm<WeightGradOp, T>(args, m_size, args.cout_g, slices, op);
+          const int64_t total = grad_weight.numel();
+          launch(weight_grad_finish_kernel<T>, elementwise_grid(total, 256), dim3(256), partial.const_data_ptr<float>(),
+                 static_cast<int>(slices), args, view_of(grad_weight), total);
+        }
       }
     }
     if (need_input && grad_input.numel() > 0) {
-      // weight as [cin][kh][kw][cout] (cout stride 1): K = (tap, cout) is contiguous per input channel
-      const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous().permute({3, 0, 1, 2});
-      args.w = view_of(w);
-      args.vec_a = vectorizable(g, args.cout_g);
-      args.vec_b = args.cout_g % kChunk == 0 && tensor_cores &&
-                   reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 && w.stride(0) == 1;
       args.dst = grad_input.data_ptr();
       args.dst_sn = grad_input.stride(0);
       args.dst_sc = grad_input.stride(1);
       args.dst_sh = grad_input.stride(2);
       args.dst_sw = grad_input.stride(3);
-      const int64_t rows = (args.in_h + args.stride_h - 1) / args.stride_h;  // phase 0 has the most pixels
-      const int64_t cols = (args.in_w + args.stride_w - 1) / args.stride_w;
-      launch_gemm<InputGradOp, T>(args, int64_t{args.batch} * rows * cols, args.cin_g,
-                                  int64_t{args.stride_h} * args.stride_w, op);
+      if (depthwise) {
+        args.w = view_of(weight);
+        const int64_t total = grad_input.numel();
+        launch(depthwise_input_grad_kernel<T>, elementwise_grid(total, 256), dim3(256), args, total);
+      } else {
+        // weight as [cin][kh][kw][cout] (cout stride 1): K = (tap, cout) is contiguous per input channel
+        const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous().permute({3, 0, 1, 2});
+        args.w = view_of(w);
+        args.vec_a = vectorizable(g, args.cout_g);
+        args.vec_b = args.cout_g % kChunk == 0 && tensor_cores &&
+                     reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 && w.stride(0) == 1;
+        const int64_t rows = (args.in_h + args.stride_h - 1) / args.stride_h;  // phase 0 has the most pixels
+        const int64_t cols = (args.in_w + args.stride_w - 1) / args.stride_w;
+        launch_gemm<InputGradOp, T>(args, int64_t{args.batch} * rows * cols, args.cin_g,
+                                    int64_t{args.stride_h} * args.stride_w, op);
+      }
     }
   });
   return result();
 }
 
+std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> conv2d_relu_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 4> needs, bool channels_last) {
+  return conv2d_backward(grad_output, output, input, weight, stride, padding, dilation, groups, needs, channels_last,
+                         Activation::kRelu, 0.0f, "conv2d_relu_backward_cuda");
+}
+
+std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> conv2d_backward_cuda(
+    const at::Tensor& grad_output, const OptionalTensor& saved, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 4> needs, bool channels_last, std::string_view activation, double negative_slope) {
+  constexpr const char* op = "conv2d_backward_cuda";
+  return conv2d_backward(grad_output, saved, input, weight, stride, padding, dilation, groups, needs, channels_last,
+                         parse_activation(activation, op), static_cast<float>(negative_slope), op);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vkernels, VKERNELS_DISPATCH_KEY, m) {
+  m.impl("conv2d_cuda", &conv2d_cuda);
+  m.impl("conv2d_backward_cuda", &conv2d_backward_cuda);
   m.impl("conv2d_relu_cuda", &conv2d_relu_cuda);
   m.impl("conv2d_relu_backward_cuda", &conv2d_relu_backward_cuda);
   m.impl("conv2d_relu_maxpool2d_cuda", &conv2d_relu_maxpool2d_cuda);

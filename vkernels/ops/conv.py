@@ -1,12 +1,23 @@
-"""Fused conv2d + bias (+ residual) + ReLU, forward and backward, as implicit GEMMs.
+"""Fused conv2d + bias (+ residual) + activation, forward and backward.
 
-Each kernel backend has the ops ``vkernels::conv2d_relu_<backend>`` and
-``vkernels::conv2d_relu_backward_<backend>`` with one schema written here; the Triton ops are
-implemented here by ``vkernels.triton_kernels.conv``, the CUDA ops in ``csrc/cuda/conv.cu``. Bias, residual and ReLU live in the GEMM's
-epilogue, so the pre-activation is never written; the backward saves only the output and recovers
-the ReLU mask from ``output > 0`` inside its own loads. ``conv2d_relu_maxpool2d_<backend>`` adds a
-max-pool epilogue (in both backends) and saves only the window positions of the maxima (1 byte for
-windows of up to 128 positions); its backward recomputes the activation.
+Each kernel backend has the ops ``vkernels::conv2d_<backend>`` / ``conv2d_backward_<backend>`` (any
+activation of ``ACTIVATIONS``, or none), ``conv2d_relu_<backend>`` / ``conv2d_relu_backward_<backend>``
+(ReLU) and ``conv2d_relu_maxpool2d_<backend>``, with one schema each written here. The Triton ops are
+implemented by ``vkernels.triton_kernels.conv``, the CUDA ops by ``csrc/cuda/conv.cu``; ReLU runs
+through the conv2d_relu ops, whose backward takes the mask from the output.
+
+Bias, residual and activation live in the kernel's epilogue. What the backward needs for the
+activation's derivative (``_saves_pre_activation``): for relu, relu6 and leaky_relu with a slope >= 0
+the output gives it, so nothing beyond the output (which autograd keeps anyway, usually as the next
+layer's saved input) is saved: 0 extra bytes per element; hardswish, silu, gelu, gelu_tanh and
+leaky_relu with a negative slope need the pre-activation, which the forward writes beside the output
+when a gradient will be needed: one more element of the input's dtype per output element (2 bytes
+in fp16/bf16, 4 in fp32), as eager PyTorch's separate activation saves its input. Without an
+activation the backward needs neither. (Transient, not saved: for activations other than ReLU the CUDA
+backward writes grad_out through the derivative once, one element per output element, which its GEMMs
+read; Triton's writes it only when two of its kernels would otherwise both compute it.) ``conv2d_relu_maxpool2d_<backend>`` adds a max-pool epilogue
+(in both backends) and saves only the window positions of the maxima (1 byte for windows of up to
+128 positions); its backward recomputes the activation.
 """
 from __future__ import annotations
 
@@ -30,7 +41,28 @@ from vkernels.triton_kernels import conv as triton_conv
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# activation name -> torch's function of (pre-activation, negative_slope): what the kernels match, the
+# torch backend's epilogue, and the tests' reference
+ACTIVATIONS = {
+    "relu": lambda x, negative_slope: F.relu(x),
+    "relu6": lambda x, negative_slope: F.relu6(x),
+    "leaky_relu": lambda x, negative_slope: F.leaky_relu(x, negative_slope),
+    "hardswish": lambda x, negative_slope: F.hardswish(x),
+    "silu": lambda x, negative_slope: F.silu(x),
+    "gelu": lambda x, negative_slope: F.gelu(x),
+    "gelu_tanh": lambda x, negative_slope: F.gelu(x, approximate="tanh"),
+}
+
 SCHEMAS = {
+    # activation: "none" or a key of ACTIVATIONS. Returns (out, pre-activation if save_pre_activation);
+    # the backend decides nothing about saving, the autograd below does.
+    "conv2d": "(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, "
+    "int[2] dilation, int groups, int[2] output_size, str activation, float negative_slope, "
+    "bool save_pre_activation) -> (Tensor, Tensor?)",
+    # saved = the output or the pre-activation, per _saves_pre_activation (None without an activation)
+    "conv2d_backward": "(Tensor grad_output, Tensor? saved, Tensor input, Tensor weight, int[2] stride, "
+    "int[2] padding, int[2] dilation, int groups, bool[4] needs, bool channels_last, str activation, "
+    "float negative_slope) -> (Tensor?, Tensor?, Tensor?, Tensor?)",
     "conv2d_relu": "(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, "
     "int[2] dilation, int groups, int[2] output_size) -> Tensor",
     # needs = which of (input, weight, bias, residual) want a gradient; the others come back None.
@@ -44,6 +76,8 @@ SCHEMAS = {
     "int[2] pool_padding, int[2] output_size) -> (Tensor, Tensor)",
 }
 TRITON_LAUNCHERS = {
+    "conv2d": triton_conv.conv2d_forward,
+    "conv2d_backward": triton_conv.conv2d_backward,
     "conv2d_relu": triton_conv.conv2d_relu_forward,
     "conv2d_relu_backward": triton_conv.conv2d_relu_backward,
     "conv2d_relu_maxpool2d": triton_conv.conv2d_relu_maxpool2d_forward,
@@ -59,15 +93,28 @@ def _conv2d_relu_fake(input, weight, bias, residual, stride, padding, dilation, 
     )
 
 
-def _conv2d_relu_backward_fake(grad_output, output, input, weight, stride, padding, dilation, groups, needs, channels_last):
+def _conv2d_fake(input, weight, bias, residual, stride, padding, dilation, groups, output_size, activation,
+                 negative_slope, save_pre_activation):
+    out = _conv2d_relu_fake(input, weight, bias, residual, stride, padding, dilation, groups, output_size)
+    return out, torch.empty_like(out) if save_pre_activation else None
+
+
+def _conv2d_backward_fake(grad_output, saved, input, weight, stride, padding, dilation, groups, needs, channels_last,
+                          activation, negative_slope):
     need_input, need_weight, need_bias, need_residual = needs
     forward_format = memory_format(channels_last)
     return (
         torch.empty_like(input, memory_format=forward_format) if need_input else None,
         torch.empty_like(weight, memory_format=memory_format(is_channels_last(weight))) if need_weight else None,
         weight.new_empty(weight.shape[0]) if need_bias else None,
-        torch.empty_like(output, memory_format=forward_format) if need_residual else None,
+        torch.empty_like(grad_output, memory_format=forward_format) if need_residual else None,
     )
+
+
+def _conv2d_relu_backward_fake(grad_output, output, input, weight, stride, padding, dilation, groups, needs,
+                               channels_last):
+    return _conv2d_backward_fake(grad_output, output, input, weight, stride, padding, dilation, groups, needs,
+                                 channels_last, "relu", 0.0)
 
 
 def _conv2d_relu_maxpool2d_fake(input, weight, bias, stride, padding, dilation, groups, conv_output_size,
@@ -79,10 +126,32 @@ def _conv2d_relu_maxpool2d_fake(input, weight, bias, stride, padding, dilation, 
             torch.empty(shape, dtype=argmax_dtype, device=input.device, memory_format=layout))
 
 
+def _saves_pre_activation(activation: str | None, negative_slope: float) -> bool:
+    """Whether the backward reads the activation's derivative from the pre-activation, which the forward
+    must then write; otherwise the output gives it (relu, relu6, leaky_relu with slope >= 0: the sign
+    and the [0, 6] band survive the activation) or there is no activation."""
+    return activation in ("hardswish", "silu", "gelu", "gelu_tanh") or (activation == "leaky_relu" and negative_slope < 0)
+
+
 def _save_for_backward(ctx, inputs, output):
     input, weight, bias, residual, stride, padding, dilation, groups, _ = inputs
     ctx.save_for_backward(output, input, weight)
     ctx.geometry = (stride, padding, dilation, groups)
+    ctx.channels_last = is_channels_last(input)
+
+
+def _save_conv2d_for_backward(ctx, inputs, output):
+    input, weight, bias, residual, stride, padding, dilation, groups, _, activation, negative_slope, _ = inputs
+    out, pre = output
+    if pre is not None:
+        ctx.mark_non_differentiable(pre)
+    saved = None
+    if activation != "none":
+        saved = pre if _saves_pre_activation(activation, negative_slope) else out
+    ctx.save_for_backward(saved, input, weight)
+    ctx.missing_pre_activation = activation != "none" and saved is None
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.activation = (activation, negative_slope)
     ctx.channels_last = is_channels_last(input)
 
 
@@ -103,6 +172,25 @@ def _register_autograd(backend: str) -> None:
         return *grads, None, None, None, None, None
 
     torch.library.register_autograd(f"vkernels::conv2d_relu_{backend}", backward, setup_context=_save_for_backward)
+
+    conv2d_backward_op = backend_op("conv2d_backward", backend)
+
+    def conv2d_backward(ctx, grad_output, _grad_pre_activation):
+        if ctx.missing_pre_activation:
+            raise RuntimeError(f"vkernels::conv2d_{backend}: activation {ctx.activation[0]!r} needs the pre-activation "
+                               "for its backward; call the op with save_pre_activation=True when gradients are needed")
+        saved, input, weight = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:4])
+        without_activation = ctx.activation[0] == "none"
+        if without_activation:  # the residual's gradient is grad_output itself
+            needs[3] = False
+        grads = conv2d_backward_op(grad_output, saved, input, weight, *ctx.geometry, needs, ctx.channels_last,
+                                   *ctx.activation)
+        grad_residual = grad_output if without_activation and ctx.needs_input_grad[3] else grads[3]
+        return *grads[:3], grad_residual, *([None] * 8)
+
+    torch.library.register_autograd(f"vkernels::conv2d_{backend}", conv2d_backward,
+                                    setup_context=_save_conv2d_for_backward)
 
     forward_op = backend_op("conv2d_relu", backend)
     max_pool_backward_op = backend_op("max_pool2d_backward", backend)
@@ -128,6 +216,8 @@ def _register_autograd(backend: str) -> None:
 define_backend_ops(
     SCHEMAS,
     {
+        "conv2d": _conv2d_fake,
+        "conv2d_backward": _conv2d_backward_fake,
         "conv2d_relu": _conv2d_relu_fake,
         "conv2d_relu_backward": _conv2d_relu_backward_fake,
         "conv2d_relu_maxpool2d": _conv2d_relu_maxpool2d_fake,
@@ -144,6 +234,70 @@ def _check_one_dtype(name: str, input: torch.Tensor, weight: torch.Tensor, bias:
                            f"{'' if bias is None else f' and {bias.dtype}'}")
 
 
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    negative_slope: float = 0.01,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``act(torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups) + residual)``.
+
+    Takes every argument of ``F.conv2d`` (int or pair stride/padding/dilation, padding ``'same'`` and
+    ``'valid'``, groups including depthwise), batched or unbatched input in NCHW, channels_last or
+    any strides; the output keeps the input's memory format. ``residual``, if given, has the output's
+    shape and is added before the activation. ``activation`` is None or one of ``"relu"``,
+    ``"relu6"``, ``"leaky_relu"`` (with ``negative_slope``, as ``F.leaky_relu``), ``"hardswish"``,
+    ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` (``F.gelu(approximate="tanh")``), computed as torch computes
+    them. Depthwise convs (groups == in == out channels) run direct kernels, the others implicit GEMMs.
+    """
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"conv2d: unknown activation {activation!r}; expected None or one of {list(ACTIVATIONS)}")
+    stride_hw, padding_hw, dilation_hw, output_size = conv2d_geometry(
+        input.shape, weight.shape, None if bias is None else bias.shape, stride, padding, dilation, groups
+    )
+    output_shape = (*input.shape[:-3], weight.shape[0], *output_size)
+    if residual is not None and tuple(residual.shape) != output_shape:
+        raise RuntimeError(f"conv2d: residual of shape {tuple(residual.shape)} does not match the output {output_shape}")
+    operands = autocast_inputs(input.device.type, input, weight, bias, residual)
+    # ReLU runs on the conv2d_relu ops, the conv2d ops serve every other activation
+    family = "conv2d_relu" if activation == "relu" else "conv2d"
+    chosen = dispatch.choose(backend, input.device, operands[0].dtype, DTYPES, op=family,
+                             shape_class=conv_shape_class(weight.shape[-2:], groups, input.shape[-3]))
+    if chosen == "torch":  # stock autocast semantics: conv in low precision, the add promotes
+        out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        out = out if residual is None else out + residual
+        return out if activation is None else ACTIVATIONS[activation](out, negative_slope)
+    input, weight, bias, residual = operands
+    _check_one_dtype(family, input, weight, bias)
+    batched = input.dim() == 4
+    arguments = (
+        input if batched else input.unsqueeze(0),
+        weight,
+        bias,
+        residual if residual is None or batched else residual.unsqueeze(0),
+        stride_hw,
+        padding_hw,
+        dilation_hw,
+        groups,
+        output_size,
+    )
+    if family == "conv2d_relu":
+        out = backend_op(family, chosen)(*arguments)
+    else:
+        grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands)
+        save_pre_activation = grad_needed and _saves_pre_activation(activation, negative_slope)
+        out, _ = backend_op(family, chosen)(*arguments, activation or "none", float(negative_slope), save_pre_activation)
+    return out if batched else out.squeeze(0)
+
+
 def conv2d_relu(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -156,40 +310,10 @@ def conv2d_relu(
     residual: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """``relu(torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups) + residual)``.
-
-    Takes every argument of ``F.conv2d`` (int or pair stride/padding/dilation, padding ``'same'`` and
-    ``'valid'``, groups including depthwise), batched or unbatched input in NCHW, channels_last or
-    any strides; the output keeps the input's memory format. ``residual``, if given, has the output's
-    shape and is added before the ReLU.
-    """
-    stride_hw, padding_hw, dilation_hw, output_size = conv2d_geometry(
-        input.shape, weight.shape, None if bias is None else bias.shape, stride, padding, dilation, groups
-    )
-    output_shape = (*input.shape[:-3], weight.shape[0], *output_size)
-    if residual is not None and tuple(residual.shape) != output_shape:
-        raise RuntimeError(f"conv2d_relu: residual of shape {tuple(residual.shape)} does not match the output {output_shape}")
-    operands = autocast_inputs(input.device.type, input, weight, bias, residual)
-    chosen = dispatch.choose(backend, input.device, operands[0].dtype, DTYPES, op="conv2d_relu",
-                             shape_class=conv_shape_class(weight.shape[-2:], groups, input.shape[-3]))
-    if chosen == "torch":  # stock autocast semantics: conv in low precision, the add promotes
-        out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-        return F.relu(out if residual is None else out + residual)
-    input, weight, bias, residual = operands
-    _check_one_dtype("conv2d_relu", input, weight, bias)
-    batched = input.dim() == 4
-    out = backend_op("conv2d_relu", chosen)(
-        input if batched else input.unsqueeze(0),
-        weight,
-        bias,
-        residual if residual is None or batched else residual.unsqueeze(0),
-        stride_hw,
-        padding_hw,
-        dilation_hw,
-        groups,
-        output_size,
-    )
-    return out if batched else out.squeeze(0)
+    """``relu(torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups) + residual)``:
+    :func:`conv2d` with ``activation="relu"``."""
+    return conv2d(input, weight, bias, stride, padding, dilation, groups, activation="relu", residual=residual,
+                  backend=backend)
 
 
 def conv2d_relu_maxpool2d(

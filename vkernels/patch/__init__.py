@@ -19,12 +19,15 @@ The walk (this file) is written once; what is replaced is data, one file per mec
   registered in transformers' ``AttentionInterface`` (``attn_implementation="vkernels"`` works
   too, after ``vkernels.patch.transformers.register_attention()``); Qwen2-VL's and Qwen2.5-VL's
   vision attention runs one ``vkernels.varlen_attention`` per block, the 2-D RoPE in the kernel.
-- ``resnet``: torchvision ``BasicBlock`` / ``Bottleneck`` whose BatchNorms are in eval mode ->
-  :class:`ResNetBlock`: conv -> BN -> ReLU is one ``conv2d_relu`` with the BN folded into the
-  weights, and the last conv -> BN -> add -> ReLU uses the kernel's residual epilogue. The ResNet stem
-  (``conv1`` / ``bn1`` / ``relu``) likewise. Patch after ``.eval()``: in train mode BN normalizes by
-  batch statistics, nothing folds, and blocks are left alone; a block patched in eval mode and put
-  back in train mode runs torchvision's own math.
+- ``conv``: every ``torch.nn.Conv2d`` -> ``vkernels.nn.Conv2dAct`` (no activation, same parameters),
+  and the conv chains' recognisers and runner.
+- ``fx``: the traced-graph pass. Each module's ``forward()`` is traced with torch.fx; every chain
+  conv -> (BatchNorm) -> (drops) -> (+ residual) -> (activation) in it, written in the forward or
+  spread over ``nn.Sequential``s (torchvision's ``Conv2dNormActivation``, timm's ``ConvNormAct``),
+  becomes one ``vkernels.conv2d``: in eval mode with the BN folded into the conv's weights, in
+  train mode (BN normalizes by batch statistics) the conv alone, the rest as before, so only exact
+  rewrites happen there. The module's forward is replaced on the instance; its class, attributes
+  and submodules stay. Modules torch.fx cannot trace are left as they are and reported.
 
 Rules that replace a module or its forward match exact types only (a subclass may have changed
 ``forward``, so it is left alone); the SDPA routing and transformers' registry keep the model's own
@@ -35,11 +38,10 @@ from __future__ import annotations
 
 import torch
 
-from vkernels.patch import attention, modules, resnet, swin, transformers
+from vkernels.patch import attention, conv, fx, modules, swin, transformers
 from vkernels.patch.report import Left, PatchReport
-from vkernels.patch.resnet import ResNetBlock
 
-__all__ = ["PatchReport", "ResNetBlock", "patch"]
+__all__ = ["PatchReport", "patch"]
 
 # rule(module, backend) -> (replacement, description), Left(why) for a module it knows but cannot
 # serve, or None; the first rule that answers wins.
@@ -50,16 +52,16 @@ MODULE_RULES = (
     attention.route_timm_attention,
     transformers.transformers_attention_rule,
     transformers.packed_vision_attention_rule,
-    resnet.replace_resnet_block,
+    conv.replace_conv,
 )
-# rule(module, path_prefix, backend, report): rewires a module's children in place before the walk
-# enters them (for chains that span several children, such as a ResNet's stem).
-CONTAINER_RULES = (resnet.fuse_resnet_stem,)
+# rule(module, path_prefix, backend, report): rewires a module before the walk enters its children
+# (for chains that span several children, such as conv -> BN -> ReLU in a forward()).
+CONTAINER_RULES = (fx.fuse_conv_chains,)
 
 
 def patch(model: torch.nn.Module, *, backend: str | None = None, report: bool = False):
-    """Rewrite ``model`` in place so its pooling, attention and (eval-mode) conv -> BN -> ReLU run
-    through vkernels ops, and return it.
+    """Rewrite ``model`` in place so its convs (with their BN folded in eval mode, activations and
+    residual adds fused), pooling and attention run through vkernels ops, and return it.
 
     ``backend`` is given to every replacement (``None``: chosen per call, see ``vkernels.use_backend``).
     With ``report=True`` returns ``(model, report)``, ``report`` a :class:`PatchReport`: a list of

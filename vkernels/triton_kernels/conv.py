@@ -1,14 +1,17 @@
-"""Fused conv2d + bias + residual + ReLU as Triton implicit GEMMs: forward, input and weight gradients.
+"""Fused conv2d + bias + residual + activation as Triton implicit GEMMs: forward, input and weight
+gradients, and the launchers of every conv kernel (depthwise convs go to depthwise_conv's direct kernels).
 
 A convolution is a GEMM whose operands are gathered on the fly, with no im2col buffer:
 - forward: out[pixel, cout] = sum over (tap, cin) of input[pixel moved by tap, cin] * weight[cout, cin, tap],
-  then bias, residual and ReLU in the epilogue, so the pre-activation never reaches memory;
+  then bias, residual and the activation in the epilogue (conv_common), so the pre-activation
+  reaches memory only when the backward needs it (see conv_common);
 - input gradient: the same kernel run transposed: grad_input[pixel, cin] = sum over (tap, cout) of
-  grad_out[pixel moved back by tap, cout] * weight[cout, cin, tap];
-- weight gradient: grad_weight[cout, (tap, cin)] = sum over output pixels of grad_out * moved input,
-  which also yields grad_bias and the materialised grad_residual from the same grad_out tiles.
-The fused max-pool runs the forward GEMM once per pool tap and keeps a running maximum.
-The ReLU mask (out > 0) is applied to grad_out as it is loaded.
+  grad_pre[pixel moved back by tap, cout] * weight[cout, cin, tap];
+- weight gradient: grad_weight[cout, (tap, cin)] = sum over output pixels of grad_pre * moved input,
+  which also yields grad_bias and the materialised grad_pre from the same grad_out tiles.
+grad_pre, the gradient w.r.t. the pre-activation, is grad_out through the activation's derivative,
+applied as grad_out is loaded. The fused max-pool runs the forward GEMM once per pool tap and keeps a
+running maximum.
 
 The kernels read and write activations channels_last (NHWC) and weights OHWI, as the CUDA backend
 does; NCHW tensors are copied once on the way in and results once on the way out. In NHWC every
@@ -28,6 +31,20 @@ import triton.language as tl
 
 from vkernels.shapes import is_channels_last, memory_format, window_index_dtype
 from vkernels.triton_kernels.autotuning import INTERPRETED, autotune
+from vkernels.triton_kernels.conv_common import (
+    ACTIVATION_CODES,
+    NONE,
+    RELU,
+    conv_epilogue,
+    load_grad,
+    output_pixels,
+    split_blocks,
+)
+from vkernels.triton_kernels.depthwise_conv import (
+    depthwise_conv2d_kernel,
+    depthwise_conv2d_weight_grad_kernel,
+    depthwise_tile,
+)
 
 # Channels per group from which K is walked tap by tap (every block of channels a contiguous load);
 # below it K runs over (tap, channel) pairs so that e.g. the RGB stem does not pad 3 channels to a block.
@@ -120,142 +137,111 @@ def _tap_shift(k, phase, pad, dilation, stride, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _load_nchw(ptr, s_n, s_c, s_h, s_w, relu_out_ptr, o_n, o_c, o_h, o_w, n, c, h, w, valid,
-               MASK_BY_RELU: tl.constexpr):
-    """tensor[n, c, h, w] for broadcastable index blocks, zero where not valid; with MASK_BY_RELU the
-    tensor is grad_out and the ReLU's mask (out > 0) is applied as it is loaded."""
-    # the pixel part first: it stays a column vector when only c varies along the block's columns
-    value = tl.load(ptr + ((n * s_n + h * s_h + w * s_w) + c * s_c), mask=valid, other=0.0)
-    if MASK_BY_RELU:
-        out = tl.load(relu_out_ptr + ((n * o_n + h * o_h + w * o_w) + c * o_c), mask=valid, other=0.0)
-        value = tl.where(out > 0, value, 0.0)
-    return value
+def _offsets(n, c, h, w, s_n, s_c, s_h, s_w):
+    """Element offsets of tensor[n, c, h, w] for broadcastable index blocks; the pixel part first, so
+    that it stays a column vector when only c varies along a block's columns."""
+    return (n * s_n + h * s_h + w * s_w) + c * s_c
 
 
 @triton.jit
 def _implicit_gemm_tile(
-    src_ptr, src_sn, src_sc, src_sh, src_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
+    src_ptr, src_sn, src_sc, src_sh, src_sw, saved_ptr,
     w_base, w_sk, w_sn, w_sh, w_sw,
     n, base_h, base_w, m_ok, offs_n, n_ok, group, SRC_H, SRC_W, K_CH,
     phase_h, phase_w, first_h, first_w, count_h, count_w,
-    SH, SW, PH, PW, DH, DW, TAP_STEP_H, TAP_STEP_W,
+    SH, SW, PH, PW, DH, DW, TAP_STEP_H, TAP_STEP_W, negative_slope,
     KH: tl.constexpr, KW: tl.constexpr,
-    TRANSPOSED: tl.constexpr, DEPTHWISE: tl.constexpr, POINTWISE: tl.constexpr, TAP_MAJOR: tl.constexpr,
-    MASK_SRC_BY_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TRANSPOSED: tl.constexpr, POINTWISE: tl.constexpr, TAP_MAJOR: tl.constexpr,
+    GRAD_ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The fp32 [BLOCK_M pixels, BLOCK_N n-channels] accumulator of the implicit GEMM: destination pixel
-    m reads source rows base_h[m] + tap shift (and columns alike); rows with m_ok False read zeros."""
+    m reads source rows base_h[m] + tap shift (and columns alike); rows with m_ok False read zeros.
+    With GRAD_ACTIVATION the source is grad_out, taken through the activation's derivative of the
+    saved tensor (addressed like the source) as it is loaded."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    if DEPTHWISE:
-        # groups == channels: each channel only meets itself, so per tap the GEMM is a multiply-add
-        # over a [pixels, channels] tile
-        for tap in range(count_h * count_w):
-            kh = first_h + (tap // count_w) * TAP_STEP_H
-            kw = first_w + (tap % count_w) * TAP_STEP_W
-            src_h = base_h + _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)
-            src_w = base_w + _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)
-            row_ok = m_ok & (src_h >= 0) & (src_h < SRC_H) & (src_w >= 0) & (src_w < SRC_W)
-            a = _load_nchw(src_ptr, src_sn, src_sc, src_sh, src_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
-                           n[:, None], offs_n[None, :], src_h[:, None], src_w[:, None],
-                           row_ok[:, None] & n_ok[None, :], MASK_SRC_BY_RELU)
-            b = tl.load(w_base + offs_n * w_sn + kh * w_sh + kw * w_sw, mask=n_ok, other=0.0)
-            acc += a.to(tl.float32) * b.to(tl.float32)[None, :]
+    if POINTWISE:
+        num_steps = tl.cdiv(K_CH, BLOCK_K)
+    elif TAP_MAJOR:
+        c_blocks = tl.cdiv(K_CH, BLOCK_K)
+        num_steps = count_h * count_w * c_blocks
     else:
+        k_total = count_h * count_w * K_CH
+        num_steps = tl.cdiv(k_total, BLOCK_K)
+    # one flat loop over K (not taps x channel blocks) so that the pipeliner overlaps every step
+    for step in range(num_steps):
         if POINTWISE:
-            num_steps = tl.cdiv(K_CH, BLOCK_K)
-        elif TAP_MAJOR:
-            c_blocks = tl.cdiv(K_CH, BLOCK_K)
-            num_steps = count_h * count_w * c_blocks
+            # 1x1, stride 1, no padding: a plain GEMM, row addresses loop-invariant, no bounds checks
+            c = step * BLOCK_K + offs_k
+            k_ok = c < K_CH
+            w_tap = 0
+            valid = m_ok[:, None] & k_ok[None, :]
+            src_h = base_h[:, None]
+            src_w = base_w[:, None]
         else:
-            k_total = count_h * count_w * K_CH
-            num_steps = tl.cdiv(k_total, BLOCK_K)
-        # one flat loop over K (not taps x channel blocks) so that the pipeliner overlaps every step
-        for step in range(num_steps):
-            if POINTWISE:
-                # 1x1, stride 1, no padding: a plain GEMM, row addresses loop-invariant, no bounds checks
-                c = step * BLOCK_K + offs_k
+            if TAP_MAJOR:
+                # K ordered (kh, kw, channel block): the tap is a scalar, bounds a column vector
+                tap = step // c_blocks
+                c = (step % c_blocks) * BLOCK_K + offs_k
                 k_ok = c < K_CH
-                w_tap = 0
-                valid = m_ok[:, None] & k_ok[None, :]
-                src_h = base_h[:, None]
-                src_w = base_w[:, None]
+                kh = first_h + (tap // count_w) * TAP_STEP_H
+                kw = first_w + (tap % count_w) * TAP_STEP_W
+                shift_h = _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)
+                shift_w = _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)
+                w_tap = kh * w_sh + kw * w_sw
             else:
-                if TAP_MAJOR:
-                    # K ordered (kh, kw, channel block): the tap is a scalar, bounds a column vector
-                    tap = step // c_blocks
-                    c = (step % c_blocks) * BLOCK_K + offs_k
-                    k_ok = c < K_CH
-                    kh = first_h + (tap // count_w) * TAP_STEP_H
-                    kw = first_w + (tap % count_w) * TAP_STEP_W
-                    shift_h = _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)
-                    shift_w = _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)
-                    w_tap = kh * w_sh + kw * w_sw
-                else:
-                    # K ordered (tap, channel) element by element: taps vary along the block's columns
-                    k = step * BLOCK_K + offs_k
-                    k_ok = k < k_total
-                    tap = k // K_CH
-                    c = k % K_CH
-                    kh = first_h + (tap // count_w) * TAP_STEP_H
-                    kw = first_w + (tap % count_w) * TAP_STEP_W
-                    shift_h = _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)[None, :]
-                    shift_w = _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)[None, :]
-                    w_tap = (kh * w_sh + kw * w_sw)[:, None]
-                src_h = base_h[:, None] + shift_h
-                src_w = base_w[:, None] + shift_w
-                valid = (m_ok[:, None] & k_ok[None, :]
-                         & (src_h >= 0) & (src_h < SRC_H) & (src_w >= 0) & (src_w < SRC_W))
-            a = _load_nchw(src_ptr, src_sn, src_sc, src_sh, src_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
-                           n[:, None], (group * K_CH + c)[None, :], src_h, src_w, valid, MASK_SRC_BY_RELU)
-            b = tl.load(w_base + c[:, None] * w_sk + w_tap + offs_n[None, :] * w_sn,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _conv_epilogue(acc, bias_ptr, residual_ptr, channel, n_ok, residual_offsets, out_ok,
-                   HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr):
-    """acc + bias + residual, then ReLU, in fp32: what the forward writes instead of the pre-activation."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + channel, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + residual_offsets, mask=out_ok, other=0.0).to(tl.float32)
-    if APPLY_RELU:
-        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as in torch.relu
+                # K ordered (tap, channel) element by element: taps vary along the block's columns
+                k = step * BLOCK_K + offs_k
+                k_ok = k < k_total
+                tap = k // K_CH
+                c = k % K_CH
+                kh = first_h + (tap // count_w) * TAP_STEP_H
+                kw = first_w + (tap % count_w) * TAP_STEP_W
+                shift_h = _tap_shift(kh, phase_h, PH, DH, SH, TRANSPOSED)[None, :]
+                shift_w = _tap_shift(kw, phase_w, PW, DW, SW, TRANSPOSED)[None, :]
+                w_tap = (kh * w_sh + kw * w_sw)[:, None]
+            src_h = base_h[:, None] + shift_h
+            src_w = base_w[:, None] + shift_w
+            valid = (m_ok[:, None] & k_ok[None, :]
+                     & (src_h >= 0) & (src_h < SRC_H) & (src_w >= 0) & (src_w < SRC_W))
+        a = load_grad(src_ptr, saved_ptr,
+                      _offsets(n[:, None], (group * K_CH + c)[None, :], src_h, src_w, src_sn, src_sc, src_sh, src_sw),
+                      valid, GRAD_ACTIVATION, negative_slope)
+        b = tl.load(w_base + c[:, None] * w_sk + w_tap + offs_n[None, :] * w_sn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
 
 
 @autotune(
     _autotune_configs(_CONV_BLOCKS),
     key=["BATCH", "SRC_H", "SRC_W", "DST_H", "DST_W", "K_CH", "N_CH", "SH", "SW", "DH", "DW", "KH", "KW",
-         "TRANSPOSED", "DEPTHWISE", "MASK_SRC_BY_RELU"],
+         "TRANSPOSED", "GRAD_ACTIVATION"],
     sizes=("BATCH", "SRC_H", "SRC_W", "DST_H", "DST_W", "K_CH", "N_CH"),
     prune=_FIT_GEMM_STAGES,
 )
 @triton.jit
 def _conv2d_implicit_gemm_kernel(
-    src_ptr, weight_ptr, dst_ptr, bias_ptr, residual_ptr, relu_out_ptr,
+    src_ptr, weight_ptr, dst_ptr, bias_ptr, residual_ptr, pre_ptr, saved_ptr,
     BATCH, SRC_H, SRC_W, DST_H, DST_W, K_CH, N_CH,
     src_sn, src_sc, src_sh, src_sw,
     w_sk, w_sn, w_sh, w_sw, w_group_stride,
     dst_sn, dst_sc, dst_sh, dst_sw,
-    res_sn, res_sc, res_sh, res_sw,
-    relu_sn, relu_sc, relu_sh, relu_sw,
-    SH, SW, PH, PW, DH, DW, TAP_STEP_H, TAP_STEP_W,
+    SH, SW, PH, PW, DH, DW, TAP_STEP_H, TAP_STEP_W, negative_slope,
     KH: tl.constexpr, KW: tl.constexpr,
-    TRANSPOSED: tl.constexpr, DEPTHWISE: tl.constexpr, POINTWISE: tl.constexpr, TAP_MAJOR: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_RELU: tl.constexpr,
-    MASK_SRC_BY_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    TRANSPOSED: tl.constexpr, POINTWISE: tl.constexpr, TAP_MAJOR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr, ACTIVATION: tl.constexpr,
+    GRAD_ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dst[pixel, n-channel] = sum over (tap, k-channel) of src[pixel moved by tap, k-channel] * weight.
 
-    Forward: src = input, dst = out, k-channels = cin of the group, n-channels = cout of the group.
-    TRANSPOSED (input gradient): src = grad_out, dst = grad_input, k = cout, n = cin; destination pixels
+    Forward: src = input, dst = out = act(acc + bias + residual) (and pre = acc + bias + residual with
+    STORE_PRE; residual and pre are addressed like dst), k-channels = cin of the group, n-channels =
+    cout of the group.
+    TRANSPOSED (input gradient): src = grad_out (through GRAD_ACTIVATION's derivative of the saved
+    tensor, addressed like src) or grad_pre, dst = grad_input, k = cout, n = cin; destination pixels
     are split by phase (position mod stride, grid axis 2), so that every pixel of a program meets the
     same taps and no MMA is spent on taps that fall between output pixels.
     Grid: (pixel tiles x n-channel tiles, groups, phases).
@@ -301,12 +287,12 @@ def _conv2d_implicit_gemm_kernel(
     n_ok = offs_n < N_CH
     w_base = weight_ptr + group * w_group_stride
     acc = _implicit_gemm_tile(
-        src_ptr, src_sn, src_sc, src_sh, src_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
+        src_ptr, src_sn, src_sc, src_sh, src_sw, saved_ptr,
         w_base, w_sk, w_sn, w_sh, w_sw,
         n, base_h, base_w, m_ok, offs_n, n_ok, group, SRC_H, SRC_W, K_CH,
         phase_h, phase_w, first_h, first_w, count_h, count_w,
-        SH, SW, PH, PW, DH, DW, TAP_STEP_H, TAP_STEP_W,
-        KH, KW, TRANSPOSED, DEPTHWISE, POINTWISE, TAP_MAJOR, MASK_SRC_BY_RELU, INPUT_PRECISION,
+        SH, SW, PH, PW, DH, DW, TAP_STEP_H, TAP_STEP_W, negative_slope,
+        KH, KW, TRANSPOSED, POINTWISE, TAP_MAJOR, GRAD_ACTIVATION, INPUT_PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_K,
     )
 
@@ -314,11 +300,10 @@ def _conv2d_implicit_gemm_kernel(
     dst_w = phase_w + i_w * dst_step_w
     channel = group * N_CH + offs_n
     out_ok = m_ok[:, None] & n_ok[None, :]
-    residual_offsets = (n * res_sn + dst_h * res_sh + dst_w * res_sw)[:, None] + channel[None, :] * res_sc
-    acc = _conv_epilogue(acc, bias_ptr, residual_ptr, channel, n_ok, residual_offsets, out_ok,
-                         HAS_BIAS, HAS_RESIDUAL, APPLY_RELU)
-    tl.store(dst_ptr + ((n * dst_sn + dst_h * dst_sh + dst_w * dst_sw)[:, None] + channel[None, :] * dst_sc),
-             acc.to(dst_ptr.dtype.element_ty), mask=out_ok)
+    out_offsets = _offsets(n[:, None], channel[None, :], dst_h[:, None], dst_w[:, None], dst_sn, dst_sc, dst_sh, dst_sw)
+    acc = conv_epilogue(acc, bias_ptr, channel, n_ok, residual_ptr, pre_ptr, out_offsets, out_ok, negative_slope,
+                        HAS_BIAS, HAS_RESIDUAL, STORE_PRE, ACTIVATION)
+    tl.store(dst_ptr + out_offsets, acc.to(dst_ptr.dtype.element_ty), mask=out_ok)
 
 
 @autotune(
@@ -369,17 +354,22 @@ def _conv2d_relu_maxpool2d_kernel(
         conv_h = pool_h * PSH - PPH + position // PKW
         conv_w = pool_w * PSW - PPW + position % PKW
         tap_ok = m_ok & (conv_h >= 0) & (conv_h < CONV_H) & (conv_w >= 0) & (conv_w < CONV_W)
-        acc = _implicit_gemm_tile(
-            input_ptr, x_sn, x_sc, x_sh, x_sw, input_ptr, x_sn, x_sc, x_sh, x_sw,
-            w_base, w_sk, w_sn, w_sh, w_sw,
-            n, conv_h * SH, conv_w * SW, tap_ok, offs_n, n_ok, group, H, W, K_CH,
-            0, 0, 0, 0, KH, KW,
-            SH, SW, PH, PW, DH, DW, 1, 1,
-            KH, KW, False, DEPTHWISE, POINTWISE, TAP_MAJOR, False, INPUT_PRECISION,
-            BLOCK_M, BLOCK_N, BLOCK_K,
-        )
-        acc = _conv_epilogue(acc, bias_ptr, bias_ptr, channel, n_ok, 0, tap_ok[:, None] & n_ok[None, :],
-                             HAS_BIAS, False, True)
+        if DEPTHWISE:  # one group of all channels (the launcher's grid), each channel its own weights
+            acc = depthwise_tile(input_ptr, x_sn, x_sc, x_sh, x_sw, input_ptr, w_base, w_sn, w_sh, w_sw,
+                                 n, conv_h, conv_w, tap_ok, channel, n_ok, H, W, SH, SW, PH, PW, DH, DW, 0.0,
+                                 KH, KW, False, NONE, BLOCK_M, BLOCK_N)
+        else:
+            acc = _implicit_gemm_tile(
+                input_ptr, x_sn, x_sc, x_sh, x_sw, input_ptr,
+                w_base, w_sk, w_sn, w_sh, w_sw,
+                n, conv_h * SH, conv_w * SW, tap_ok, offs_n, n_ok, group, H, W, K_CH,
+                0, 0, 0, 0, KH, KW,
+                SH, SW, PH, PW, DH, DW, 1, 1, 0.0,
+                KH, KW, False, POINTWISE, TAP_MAJOR, NONE, INPUT_PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+        acc = conv_epilogue(acc, bias_ptr, channel, n_ok, bias_ptr, bias_ptr, 0, tap_ok[:, None] & n_ok[None, :],
+                            0.0, HAS_BIAS, False, False, RELU)
         # compare what the unfused ops would: the activation rounded to the output dtype
         value = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         take = tap_ok[:, None] & ((value > best) | (value != value))
@@ -396,34 +386,34 @@ def _conv2d_relu_maxpool2d_kernel(
 
 @autotune(
     _autotune_configs(_WEIGHT_GRAD_BLOCKS),
-    key=["BATCH", "H", "W", "OH", "OW", "CIN_G", "COUT_G", "SH", "SW", "DH", "DW", "KH", "KW", "DEPTHWISE",
-         "COMPUTE_WEIGHT"],
+    key=["BATCH", "H", "W", "OH", "OW", "CIN_G", "COUT_G", "SH", "SW", "DH", "DW", "KH", "KW", "COMPUTE_WEIGHT"],
     sizes=("BATCH", "H", "W", "OH", "OW", "CIN_G", "COUT_G"),
     prune=_FIT_WEIGHT_GRAD_STAGES,
 )
 @triton.jit
 def _conv2d_weight_grad_kernel(
-    input_ptr, grad_ptr, relu_out_ptr, grad_weight_ptr, grad_bias_ptr, grad_residual_ptr,
+    input_ptr, grad_ptr, saved_ptr, grad_weight_ptr, grad_bias_ptr, grad_pre_ptr,
     BATCH, H, W, OH, OW, CIN_G, COUT_G,
     x_sn, x_sc, x_sh, x_sw,
     g_sn, g_sc, g_sh, g_sw,
-    relu_sn, relu_sc, relu_sh, relu_sw,
-    gr_sn, gr_sc, gr_sh, gr_sw,
     gw_split, gw_s0, gw_s1, gw_s2, gw_s3, gb_split,
-    SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr,
-    DEPTHWISE: tl.constexpr, TAP_MAJOR: tl.constexpr, COMPUTE_WEIGHT: tl.constexpr, COMPUTE_BIAS: tl.constexpr,
-    WRITE_MASKED_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SH, SW, PH, PW, DH, DW, negative_slope,
+    KH: tl.constexpr, KW: tl.constexpr, GRAD_ACTIVATION: tl.constexpr,
+    TAP_MAJOR: tl.constexpr, COMPUTE_WEIGHT: tl.constexpr, COMPUTE_BIAS: tl.constexpr,
+    WRITE_GRAD_PRE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grad_weight[cout, cin, kh, kw] = sum over output pixels of grad_out[pixel, cout] * input[pixel moved
-    by (kh, kw), cin]: a GEMM [couts x pixels] @ [pixels x (tap, cin)] reducing over N*OH*OW.
+    """grad_weight[cout, cin, kh, kw] = sum over output pixels of grad_pre[pixel, cout] * input[pixel moved
+    by (kh, kw), cin]: a GEMM [couts x pixels] @ [pixels x (tap, cin)] reducing over N*OH*OW, where
+    grad_pre is grad_out through GRAD_ACTIVATION's derivative of the saved tensor (grad_out, saved and
+    grad_pre are addressed alike).
 
     Grid: (cout tiles x column tiles, groups, splits). Split s sums a fixed contiguous range of pixel
     blocks into its own partial slice (no atomics); the launcher adds the slices in a fixed order.
-    grad_bias and grad_residual (the masked grad_out) come from the grad_out tiles loaded for the GEMM:
-    every program sums its tile (branch-free; cheap next to the MMA) but only column tile 0 stores the
-    sums and the masked tile, so each element is written exactly once and no extra pass reads grad_out.
+    grad_bias and grad_pre (for the residual and the input gradient) come from the grad_out tiles
+    loaded for the GEMM: every program sums its tile (branch-free; cheap next to the MMA) but only
+    column tile 0 stores the sums and grad_pre, so each element is written exactly once and no extra
+    pass reads grad_out.
     """
     num_pid_n = tl.cdiv(COUT_G, BLOCK_N)
     pid_n = tl.program_id(0) % num_pid_n  # cout tiles fastest: neighbours share the input columns in L2
@@ -434,78 +424,50 @@ def _conv2d_weight_grad_kernel(
     cout_ok = cout < COUT_G
     channel = group * COUT_G + cout
     m_total = BATCH * OH * OW
-    m_blocks = tl.cdiv(m_total, BLOCK_M)
-    blocks_per_split = tl.cdiv(m_blocks, tl.num_programs(2))
-    first_block = split * blocks_per_split
-    last_block = tl.minimum(first_block + blocks_per_split, m_blocks)
+    first_block, last_block = split_blocks(split, tl.num_programs(2), m_total, BLOCK_M)
 
     offs_k = tl.arange(0, BLOCK_K)
-    if DEPTHWISE:
-        kh = pid_k // KW
-        kw = pid_k % KW
+    if TAP_MAJOR:
+        c_blocks = tl.cdiv(CIN_G, BLOCK_K)
+        tap = pid_k // c_blocks
+        c = (pid_k % c_blocks) * BLOCK_K + offs_k
+        k_ok = c < CIN_G
+        kh = tap // KW
+        kw = tap % KW
         shift_h = kh * DH - PH
         shift_w = kw * DW - PW
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     else:
-        if TAP_MAJOR:
-            c_blocks = tl.cdiv(CIN_G, BLOCK_K)
-            tap = pid_k // c_blocks
-            c = (pid_k % c_blocks) * BLOCK_K + offs_k
-            k_ok = c < CIN_G
-            kh = tap // KW
-            kw = tap % KW
-            shift_h = kh * DH - PH
-            shift_w = kw * DW - PW
-        else:
-            k = pid_k * BLOCK_K + offs_k
-            k_ok = k < KH * KW * CIN_G
-            tap = k // CIN_G
-            c = k % CIN_G
-            kh = tap // KW
-            kw = tap % KW
-            shift_h = (kh * DH - PH)[None, :]
-            shift_w = (kw * DW - PW)[None, :]
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        k = pid_k * BLOCK_K + offs_k
+        k_ok = k < KH * KW * CIN_G
+        tap = k // CIN_G
+        c = k % CIN_G
+        kh = tap // KW
+        kw = tap % KW
+        shift_h = (kh * DH - PH)[None, :]
+        shift_w = (kw * DW - PW)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
     for block in range(first_block, last_block):
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_total
-        n = (offs_m // (OH * OW)).to(tl.int64)
-        oh = (offs_m % (OH * OW)) // OW
-        ow = offs_m % OW
+        m_ok, n, oh, ow = output_pixels(block, m_total, OH, OW, BLOCK_M)
         g_ok = cout_ok[:, None] & m_ok[None, :]
-        g = _load_nchw(grad_ptr, g_sn, g_sc, g_sh, g_sw, relu_out_ptr, relu_sn, relu_sc, relu_sh, relu_sw,
-                       n[None, :], channel[:, None], oh[None, :], ow[None, :], g_ok, True)
-        if WRITE_MASKED_GRAD:
-            tl.store(grad_residual_ptr + ((n * gr_sn + oh * gr_sh + ow * gr_sw)[None, :] + channel[:, None] * gr_sc),
-                     g, mask=g_ok & (pid_k == 0))
+        g_offsets = _offsets(n[None, :], channel[:, None], oh[None, :], ow[None, :], g_sn, g_sc, g_sh, g_sw)
+        g = load_grad(grad_ptr, saved_ptr, g_offsets, g_ok, GRAD_ACTIVATION, negative_slope)
+        if WRITE_GRAD_PRE:
+            tl.store(grad_pre_ptr + g_offsets, g, mask=g_ok & (pid_k == 0))
         if COMPUTE_BIAS:
             bias_acc += tl.sum(g.to(tl.float32), axis=1)
         if COMPUTE_WEIGHT:
-            if DEPTHWISE:
-                ih = oh * SH + shift_h
-                iw = ow * SW + shift_w
-                x_ok = g_ok & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
-                x = _load_nchw(input_ptr, x_sn, x_sc, x_sh, x_sw, input_ptr, x_sn, x_sc, x_sh, x_sw,
-                               n[None, :], channel[:, None], ih[None, :], iw[None, :], x_ok, False)
-                acc += tl.sum(g.to(tl.float32) * x.to(tl.float32), axis=1)
-            else:
-                ih = (oh * SH)[:, None] + shift_h
-                iw = (ow * SW)[:, None] + shift_w
-                x_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x = _load_nchw(input_ptr, x_sn, x_sc, x_sh, x_sw, input_ptr, x_sn, x_sc, x_sh, x_sw,
-                               n[:, None], (group * CIN_G + c)[None, :], ih, iw, x_ok, False)
-                acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION)
+            ih = (oh * SH)[:, None] + shift_h
+            iw = (ow * SW)[:, None] + shift_w
+            x_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x = tl.load(input_ptr + _offsets(n[:, None], (group * CIN_G + c)[None, :], ih, iw, x_sn, x_sc, x_sh, x_sw),
+                        mask=x_ok, other=0.0)
+            acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION)
 
     if COMPUTE_WEIGHT:
-        weight_ptrs = grad_weight_ptr + split * gw_split
-        if DEPTHWISE:
-            tl.store(weight_ptrs + channel * gw_s0 + kh * gw_s2 + kw * gw_s3,
-                     acc.to(grad_weight_ptr.dtype.element_ty), mask=cout_ok)
-        else:
-            tl.store(weight_ptrs + channel[:, None] * gw_s0 + (c * gw_s1 + kh * gw_s2 + kw * gw_s3)[None, :],
-                     acc.to(grad_weight_ptr.dtype.element_ty), mask=cout_ok[:, None] & k_ok[None, :])
+        tl.store(grad_weight_ptr + split * gw_split + channel[:, None] * gw_s0 + (c * gw_s1 + kh * gw_s2 + kw * gw_s3)[None, :],
+                 acc.to(grad_weight_ptr.dtype.element_ty), mask=cout_ok[:, None] & k_ok[None, :])
     if COMPUTE_BIAS:
         tl.store(grad_bias_ptr + split * gb_split + channel, bias_acc.to(grad_bias_ptr.dtype.element_ty),
                  mask=cout_ok & (pid_k == 0))
@@ -530,14 +492,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _check_operands(*tensors: torch.Tensor) -> None:
     dtype = tensors[0].dtype
     assert dtype in (torch.float16, torch.bfloat16, torch.float32), (
-        f"conv2d_relu Triton kernels take float16, bfloat16 or float32, not {dtype}; route float64 to torch"
+        f"conv2d Triton kernels take float16, bfloat16 or float32, not {dtype}; route float64 to torch"
     )
-    assert all(t.dtype == dtype for t in tensors), "conv2d_relu: all tensors must share one dtype"
-    assert all(t.dim() == 4 for t in tensors), "conv2d_relu Triton kernels take 4-D tensors"
+    assert all(t.dtype == dtype for t in tensors), "conv2d: all tensors must share one dtype"
+    assert all(t.dim() == 4 for t in tensors), "conv2d Triton kernels take 4-D tensors"
 
 
 def _is_depthwise(weight: torch.Tensor, groups: int) -> bool:
-    """One input and one output channel per group: the GEMM degenerates to a per-channel stencil."""
+    """One input and one output channel per group: no channel reduction, a per-channel stencil that
+    the direct depthwise kernels compute."""
     return weight.shape[1] == 1 and weight.shape[0] == groups
 
 
@@ -549,7 +512,7 @@ def _is_pointwise(weight: torch.Tensor, groups: int, stride, padding) -> bool:
 
 def _forward_gemm_channels(weight: torch.Tensor, groups: int):
     """(k_channels, n_channels, weight stride along k, weight stride along n, grid groups) of the
-    forward GEMM; depthwise runs every channel in one group of the grid."""
+    fused max-pool's forward; depthwise runs every channel in one group of the grid."""
     cout, cin_per_group = weight.shape[:2]
     if _is_depthwise(weight, groups):
         return cin_per_group, cout, weight.stride(1), weight.stride(0), 1
@@ -575,48 +538,60 @@ def _in_format(result: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return torch.empty(result.shape, dtype=result.dtype, device=result.device).copy_(result)
 
 
-def _launch_implicit_gemm(src, weight, dst, bias, residual, relu_out, stride, padding, dilation, groups,
-                          transposed):
+def _launch_conv(src, weight, dst, stride, padding, dilation, groups, transposed, *, bias=None, residual=None,
+                 pre=None, activation="none", saved=None, grad_activation="none", negative_slope=0.0):
+    """dst = the forward conv of src with its epilogue (bias, residual, activation, pre stored), or
+    with ``transposed`` the input gradient of grad_pre (src, taken through grad_activation's derivative
+    of ``saved`` as it loads); depthwise convs run the direct kernels, the others the implicit GEMM.
+    Every tensor NHWC-dense (made by _nhwc or _empty_nhwc): the kernels address residual and pre
+    with dst's offsets, saved with src's."""
     batch = dst.shape[0]
     cout, cin_per_group = weight.shape[:2]
     kh, kw = weight.shape[2:]
     w_s0, w_s1, w_s2, w_s3 = weight.stride()
-    depthwise = _is_depthwise(weight, groups)
+    # an operand not given gets a placeholder pointer that its constexpr switch never touches
+    epilogue_args = (dst if bias is None else bias, dst if residual is None else residual, dst if pre is None else pre,
+                     src if saved is None else saved)
+    epilogue_flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, STORE_PRE=pre is not None,
+                          ACTIVATION=ACTIVATION_CODES[activation], GRAD_ACTIVATION=ACTIVATION_CODES[grad_activation])
+    if _is_depthwise(weight, groups):
+        m_total = batch * dst.shape[2] * dst.shape[3]
+
+        def depthwise_grid(meta):
+            return (triton.cdiv(m_total, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_C"]))
+
+        depthwise_conv2d_kernel[depthwise_grid](
+            src, weight, dst, *epilogue_args,
+            batch, src.shape[2], src.shape[3], dst.shape[2], dst.shape[3], cout,
+            *src.stride(), w_s0, w_s2, w_s3, *dst.stride(),
+            *stride, *padding, *dilation, negative_slope,
+            KH=kh, KW=kw, TRANSPOSED=transposed, **epilogue_flags,
+        )
+        return
     if transposed:
         k_channels, n_channels, w_sk, w_sn = cout // groups, cin_per_group, w_s0, w_s1
         dst_step = stride
         # taps reaching one stride phase are spaced stride / gcd(stride, dilation) apart
         tap_step = tuple(s // math.gcd(s, d) for s, d in zip(stride, dilation))
         phases = stride[0] * stride[1]
-        grid_groups = groups
-        if depthwise:
-            n_channels, w_sn, grid_groups = cout, w_s0, 1
     else:
-        k_channels, n_channels, w_sk, w_sn, grid_groups = _forward_gemm_channels(weight, groups)
+        k_channels, n_channels, w_sk, w_sn = cin_per_group, cout // groups, w_s1, w_s0
         dst_step, tap_step, phases = (1, 1), (1, 1), 1
-    pointwise = _is_pointwise(weight, groups, stride, padding)
     m_max = batch * triton.cdiv(dst.shape[2], dst_step[0]) * triton.cdiv(dst.shape[3], dst_step[1])
 
     def grid(meta):
-        return (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(n_channels, meta["BLOCK_N"]), grid_groups, phases)
+        return (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(n_channels, meta["BLOCK_N"]), groups, phases)
 
-    absent = (0, 0, 0, 0)  # strides of a tensor not given; its pointer is a never-read placeholder
     _conv2d_implicit_gemm_kernel[grid](
-        src, weight, dst,
-        dst if bias is None else bias,
-        dst if residual is None else residual,
-        dst if relu_out is None else relu_out,
+        src, weight, dst, *epilogue_args,
         batch, src.shape[2], src.shape[3], dst.shape[2], dst.shape[3], k_channels, n_channels,
         *src.stride(),
         w_sk, w_sn, w_s2, w_s3, (cout // groups) * w_s0,
         *dst.stride(),
-        *(absent if residual is None else residual.stride()),
-        *(absent if relu_out is None else relu_out.stride()),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], tap_step[0], tap_step[1],
-        KH=kh, KW=kw, TRANSPOSED=transposed, DEPTHWISE=depthwise, POINTWISE=pointwise,
-        TAP_MAJOR=k_channels % _TAP_MAJOR_CHANNELS == 0,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_RELU=not transposed,
-        MASK_SRC_BY_RELU=relu_out is not None, INPUT_PRECISION=_dot_precision(src.dtype), GROUP_M=8,
+        *stride, *padding, *dilation, *tap_step, negative_slope,
+        KH=kh, KW=kw, TRANSPOSED=transposed, POINTWISE=_is_pointwise(weight, groups, stride, padding),
+        TAP_MAJOR=k_channels % _TAP_MAJOR_CHANNELS == 0, INPUT_PRECISION=_dot_precision(src.dtype), GROUP_M=8,
+        **epilogue_flags,
     )
 
 
@@ -635,26 +610,29 @@ def _weight_grad_splits(pixels: int, tiles: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(target, tiles), pixels // min_pixels))
 
 
-def _launch_weight_grad(grad_out, out, input, weight, grad_weight, grad_bias, grad_residual,
-                        stride, padding, dilation, groups):
+def _launch_weight_grad(grad_out, saved, input, weight, grad_weight, grad_bias, grad_pre,
+                        stride, padding, dilation, groups, activation, negative_slope):
+    """grad_weight and grad_bias (each None when not needed) of grad_pre = grad_out through the
+    activation's derivative of ``saved``, and grad_pre itself when a tensor is given for it. grad_out,
+    saved and grad_pre are NHWC-dense tensors of one shape: the kernels address them alike."""
     batch, _, out_h, out_w = grad_out.shape
     cout, cin_per_group, kh, kw = weight.shape
     depthwise = _is_depthwise(weight, groups)
     tap_major = cin_per_group % _TAP_MAJOR_CHANNELS == 0
-    couts, grid_groups = (cout, 1) if depthwise else (cout // groups, groups)
     compute_weight = grad_weight is not None
 
     def column_tiles(block_k):
         if not compute_weight:
             return 1
-        if depthwise:
-            return kh * kw
         if tap_major:
             return kh * kw * triton.cdiv(cin_per_group, block_k)
         return triton.cdiv(kh * kw * cin_per_group, block_k)
 
     nominal_block = 16 if INTERPRETED else 64
-    tiles = triton.cdiv(couts, nominal_block) * column_tiles(nominal_block) * grid_groups
+    if depthwise:
+        tiles = triton.cdiv(cout, nominal_block)
+    else:
+        tiles = triton.cdiv(cout // groups, nominal_block) * column_tiles(nominal_block) * groups
     splits = _weight_grad_splits(batch * out_h * out_w, tiles, grad_out.device)
 
     # one split writes straight into the gradients; more write float32 partials summed below
@@ -666,26 +644,37 @@ def _launch_weight_grad(grad_out, out, input, weight, grad_weight, grad_bias, gr
     if splits > 1 and grad_bias is not None:
         bias_target = torch.empty((splits, cout), dtype=torch.float32, device=weight.device)
 
-    def grid(meta):
-        return (triton.cdiv(couts, meta["BLOCK_N"]) * column_tiles(meta["BLOCK_K"]), grid_groups, splits)
+    tensors = (input, grad_out, grad_out if saved is None else saved,
+               grad_out if weight_target is None else weight_target,
+               grad_out if bias_target is None else bias_target,
+               grad_out if grad_pre is None else grad_pre)
+    flags = dict(KH=kh, KW=kw, GRAD_ACTIVATION=ACTIVATION_CODES[activation], COMPUTE_WEIGHT=compute_weight,
+                 COMPUTE_BIAS=grad_bias is not None, WRITE_GRAD_PRE=grad_pre is not None)
+    bias_split = cout if splits > 1 else 0
+    if depthwise:
+        split_stride, w_sc, _, w_sh, w_sw = weight_strides
 
-    # an output not asked for gets a placeholder pointer that its constexpr switch never touches
-    _conv2d_weight_grad_kernel[grid](
-        input, grad_out, out,
-        grad_out if weight_target is None else weight_target,
-        grad_out if bias_target is None else bias_target,
-        grad_out if grad_residual is None else grad_residual,
-        batch, input.shape[2], input.shape[3], out_h, out_w, cin_per_group, couts,
-        *input.stride(),
-        *grad_out.stride(),
-        *out.stride(),
-        *((0, 0, 0, 0) if grad_residual is None else grad_residual.stride()),
-        *weight_strides, cout if splits > 1 else 0,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=kh, KW=kw, DEPTHWISE=depthwise, TAP_MAJOR=tap_major, COMPUTE_WEIGHT=compute_weight,
-        COMPUTE_BIAS=grad_bias is not None, WRITE_MASKED_GRAD=grad_residual is not None,
-        INPUT_PRECISION=_dot_precision(input.dtype),
-    )
+        def depthwise_grid(meta):
+            return (triton.cdiv(cout, meta["BLOCK_C"]), splits)
+
+        depthwise_conv2d_weight_grad_kernel[depthwise_grid](
+            *tensors, batch, input.shape[2], input.shape[3], out_h, out_w, cout,
+            *input.stride(), *grad_out.stride(),
+            split_stride, w_sc, w_sh, w_sw, bias_split,
+            *stride, *padding, *dilation, negative_slope,
+            TAPS=triton.next_power_of_2(kh * kw), **flags,
+        )
+    else:
+        def grid(meta):
+            return (triton.cdiv(cout // groups, meta["BLOCK_N"]) * column_tiles(meta["BLOCK_K"]), groups, splits)
+
+        _conv2d_weight_grad_kernel[grid](
+            *tensors, batch, input.shape[2], input.shape[3], out_h, out_w, cin_per_group, cout // groups,
+            *input.stride(), *grad_out.stride(),
+            *weight_strides, bias_split,
+            *stride, *padding, *dilation, negative_slope,
+            TAP_MAJOR=tap_major, INPUT_PRECISION=_dot_precision(input.dtype), **flags,
+        )
     if splits > 1:
         # the partial slices are added in index order: the same sum every run
         if compute_weight:
@@ -694,26 +683,38 @@ def _launch_weight_grad(grad_out, out, input, weight, grad_weight, grad_bias, gr
             grad_bias.copy_(bias_target.sum(0))
 
 
-def conv2d_relu_forward(input, weight, bias, residual, stride, padding, dilation, groups, output_size):
-    """out = relu(conv2d(input, weight, bias, stride, padding, dilation, groups) + residual).
+def conv2d_forward(input, weight, bias, residual, stride, padding, dilation, groups, output_size, activation,
+                   negative_slope, save_pre_activation):
+    """(out, pre): out = act(conv2d(input, weight, bias, stride, padding, dilation, groups) + residual),
+    pre = the pre-activation conv2d(...) + residual when save_pre_activation, else None.
 
     input (N, Cin, H, W) and weight (Cout, Cin/groups, KH, KW) with any strides; bias (Cout,) or None;
     residual None or out's shape (any strides); padding = (top, left); positions past the input on
     any side read as zero, so torch's asymmetric 'same' padding is expressed through output_size.
-    out has input's dtype and memory format (channels_last iff shapes.is_channels_last(input)).
+    activation is one of conv_common.ACTIVATIONS (negative_slope is leaky_relu's). out and pre have
+    input's dtype and memory format (channels_last iff shapes.is_channels_last(input)).
     """
     _check_operands(input, weight)
     batch, in_channels = input.shape[:2]
     cout, cin_per_group = weight.shape[:2]
-    assert in_channels == cin_per_group * groups and cout % groups == 0, "conv2d_relu: channels do not match groups"
+    assert in_channels == cin_per_group * groups and cout % groups == 0, "conv2d: channels do not match groups"
     channels_last = is_channels_last(input)
     out = _empty_nhwc((batch, cout, *output_size), input.dtype, input.device)
-    assert residual is None or residual.shape == out.shape, "conv2d_relu: residual must have the output's shape"
-    assert bias is None or bias.shape == (cout,), "conv2d_relu: bias must have shape (Cout,)"
+    pre = _empty_nhwc(out.shape, input.dtype, input.device) if save_pre_activation else None
+    assert residual is None or residual.shape == out.shape, "conv2d: residual must have the output's shape"
+    assert bias is None or bias.shape == (cout,), "conv2d: bias must have shape (Cout,)"
     if out.numel() > 0:
-        _launch_implicit_gemm(_nhwc(input), _nhwc(weight), out, bias, None if residual is None else _nhwc(residual),
-                              None, stride, padding, dilation, groups, transposed=False)
-    return _in_format(out, channels_last)
+        _launch_conv(_nhwc(input), _nhwc(weight), out, stride, padding, dilation, groups, transposed=False, bias=bias,
+                     residual=None if residual is None else _nhwc(residual), pre=pre, activation=activation,
+                     negative_slope=negative_slope)
+    return _in_format(out, channels_last), None if pre is None else _in_format(pre, channels_last)
+
+
+def conv2d_relu_forward(input, weight, bias, residual, stride, padding, dilation, groups, output_size):
+    """conv2d_forward's out with activation "relu"."""
+    out, _ = conv2d_forward(input, weight, bias, residual, stride, padding, dilation, groups, output_size, "relu",
+                            0.0, False)
+    return out
 
 
 def conv2d_relu_maxpool2d_forward(input, weight, bias, stride, padding, dilation, groups, conv_output_size,
@@ -756,20 +757,25 @@ def conv2d_relu_maxpool2d_forward(input, weight, bias, stride, padding, dilation
     return _in_format(out, channels_last), _in_format(argmax, channels_last)
 
 
-def conv2d_relu_backward(grad_out, out, input, weight, stride, padding, dilation, groups, needs, channels_last):
-    """(grad_input, grad_weight, grad_bias, grad_residual) of conv2d_relu_forward, None where
-    needs = (input, weight, bias, residual) is False; the ReLU mask is recovered from out > 0.
+def conv2d_backward(grad_out, saved, input, weight, stride, padding, dilation, groups, needs, channels_last,
+                    activation, negative_slope):
+    """(grad_input, grad_weight, grad_bias, grad_residual) of conv2d_forward, None where
+    needs = (input, weight, bias, residual) is False. ``saved`` is what the activation's derivative is
+    read from (the output or the pre-activation, see conv_common; None for "none").
     grad_input and grad_residual are channels_last iff ``channels_last`` (the forward's format).
 
-    When grad_residual is needed it is the masked grad_out, written by the weight-gradient kernel
-    while it reads grad_out anyway; the input-gradient kernel then reads that one tensor instead of
-    grad_out and out. Otherwise each kernel masks grad_out as it loads it. All sums are
-    deterministic: the weight and bias reductions are split into slices added in a fixed order.
+    grad_pre (grad_out through the derivative) is written once by the weight-gradient kernel, which
+    reads grad_out anyway, when it is needed beside the weight or bias gradients: as grad_residual, or
+    as the input-gradient kernel's source, which then reads one tensor instead of grad_out and saved
+    (the same bytes as writing it, and the derivative is not recomputed at every tap). Otherwise the
+    input-gradient kernel takes the derivative as it loads. All sums are deterministic: the weight and
+    bias reductions are split into slices added in a fixed order.
     """
-    _check_operands(grad_out, out, input, weight)
+    _check_operands(grad_out, input, weight, *([] if saved is None else [saved]))
+    assert (saved is None) == (activation == "none"), "conv2d_backward: saved is needed exactly when there is an activation"
     need_input, need_weight, need_bias, need_residual = needs
     device = input.device
-    grad_input = grad_weight = grad_bias = grad_residual = None
+    grad_input = grad_weight = grad_bias = grad_pre = None
     if need_input:
         grad_input = _empty_nhwc(input.shape, input.dtype, device)
     if need_weight:
@@ -777,23 +783,32 @@ def conv2d_relu_backward(grad_out, out, input, weight, stride, padding, dilation
                                   memory_format=memory_format(is_channels_last(weight)))
     if need_bias:
         grad_bias = torch.empty(weight.shape[0], dtype=weight.dtype, device=device)
-    if need_residual:
-        grad_residual = _empty_nhwc(out.shape, grad_out.dtype, device)
+    if activation != "none" and (need_residual or (need_input and (need_weight or need_bias))):
+        grad_pre = _empty_nhwc(grad_out.shape, grad_out.dtype, device)
     if grad_out.numel() == 0 or input.numel() == 0:
         for grad in (grad_input, grad_weight, grad_bias):
             if grad is not None:
                 grad.zero_()
     else:
-        grad_out, out, input, weight = _nhwc(grad_out), _nhwc(out), _nhwc(input), _nhwc(weight)
-        if need_weight or need_bias or need_residual:
-            _launch_weight_grad(grad_out, out, input, weight, grad_weight, grad_bias, grad_residual,
-                                stride, padding, dilation, groups)
+        grad_out, input, weight = _nhwc(grad_out), _nhwc(input), _nhwc(weight)
+        saved = None if saved is None else _nhwc(saved)
+        if need_weight or need_bias or grad_pre is not None:
+            _launch_weight_grad(grad_out, saved, input, weight, grad_weight, grad_bias, grad_pre,
+                                stride, padding, dilation, groups, activation, negative_slope)
         if need_input:
-            if grad_residual is not None:
-                _launch_implicit_gemm(grad_residual, weight, grad_input, None, None, None,
-                                      stride, padding, dilation, groups, transposed=True)
+            if grad_pre is not None:
+                _launch_conv(grad_pre, weight, grad_input, stride, padding, dilation, groups, transposed=True)
             else:
-                _launch_implicit_gemm(grad_out, weight, grad_input, None, None, out,
-                                      stride, padding, dilation, groups, transposed=True)
+                _launch_conv(grad_out, weight, grad_input, stride, padding, dilation, groups, transposed=True,
+                             saved=saved, grad_activation=activation, negative_slope=negative_slope)
+    grad_residual = None
+    if need_residual:  # without an activation grad_pre is grad_out: a copy, since an op's output never aliases
+        grad_residual = grad_pre if activation != "none" else grad_out.clone(memory_format=torch.channels_last)
     return (None if grad_input is None else _in_format(grad_input, channels_last), grad_weight, grad_bias,
             None if grad_residual is None else _in_format(grad_residual, channels_last))
+
+
+def conv2d_relu_backward(grad_out, out, input, weight, stride, padding, dilation, groups, needs, channels_last):
+    """conv2d_backward with activation "relu", whose derivative the output gives."""
+    return conv2d_backward(grad_out, out, input, weight, stride, padding, dilation, groups, needs, channels_last,
+                           "relu", 0.0)

@@ -1,11 +1,13 @@
-"""conv2d + bias + ReLU at the issue's ResNet-50 layer shapes on CUDA (bf16, channels_last, batch
-256), and at tiny fp32 shapes on CPU.
+"""conv2d + bias + activation at ResNet-50's layer shapes (ReLU) and at MobileNetV3-Large's and
+EfficientNet-B0's (depthwise 3x3 and 5x5 with ReLU, hardswish or SiLU, their 1x1 expansions and
+projections) on CUDA (bf16, channels_last, batch 256), and at tiny fp32 shapes on CPU.
 
-Stock eager runs cuDNN's conv, then the ReLU as its own kernel; torch.compile (default mode) fuses
+Stock eager runs cuDNN's conv, then the activation as its own kernel; torch.compile (default mode) fuses
 what Inductor can around cuDNN; with ``max_autotune`` the forward cases also time
 ``torch.compile(mode="max-autotune")``, which benchmarks Inductor's Triton conv templates against
 cuDNN and keeps the faster. FLOPs: 2·N·OH·OW·Cout·Cin/groups·KH·KW forward, 3× that for
-forward+backward (the input and the weight gradients are one such GEMM each).
+forward+backward (the input and the weight gradients are one such GEMM each); bytes: the input and
+output activations once forward, three times forward+backward (depthwise convs are bound by these).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 import vkernels
 from vkernels.bench.case import DTYPE_NAMES, Case, compiled, dtype_name, forward_backward, forward_only, tolerance, vkernels_impls
+from vkernels.ops.conv import ACTIVATIONS
 from vkernels.shapes import conv_shape_class
 
 ARGS = ("x", "weight", "bias")
@@ -30,6 +33,7 @@ class Layer(NamedTuple):
     kernel: int
     stride: int = 1
     groups: int = 1
+    activation: str | None = "relu"  # as vkernels.conv2d takes it
     headline: bool = False  # timed in bench/gpu_run.sh's headline stage: one layer per shape class
 
     @property
@@ -46,13 +50,30 @@ CUDA_LAYERS = [
     Layer("3x3 256->256 @14", 256, 256, 14, 3),
     Layer("3x3/2 128->128 @56", 128, 128, 56, 3, stride=2),
     Layer("depthwise 3x3 64 @56", 64, 64, 56, 3, groups=64),
+    # MobileNetV3-Large: depthwise convs (the direct kernels) with ReLU early and hardswish late
+    Layer("MobileNetV3-L depthwise 3x3 64 @112", 64, 64, 112, 3, stride=2, groups=64),
+    Layer("MobileNetV3-L depthwise 5x5 72 @56", 72, 72, 56, 5, stride=2, groups=72),
+    Layer("MobileNetV3-L depthwise 3x3 200 @14", 200, 200, 14, 3, groups=200, activation="hardswish"),
+    Layer("MobileNetV3-L depthwise 5x5 960 @7", 960, 960, 7, 5, groups=960, activation="hardswish"),
+    Layer("MobileNetV3-L 1x1 80->200 @14", 80, 200, 14, 1, activation="hardswish"),
+    # EfficientNet-B0: SiLU everywhere; the projection convs have no activation
+    Layer("EfficientNet-B0 depthwise 3x3 32 @112", 32, 32, 112, 3, groups=32, activation="silu"),
+    Layer("EfficientNet-B0 depthwise 3x3 96 @112", 96, 96, 112, 3, stride=2, groups=96, activation="silu"),
+    Layer("EfficientNet-B0 depthwise 5x5 240 @28", 240, 240, 28, 5, groups=240, activation="silu"),
+    Layer("EfficientNet-B0 depthwise 5x5 1152 @7", 1152, 1152, 7, 5, groups=1152, activation="silu"),
+    Layer("EfficientNet-B0 1x1 24->144 @56", 24, 144, 56, 1, activation="silu"),
+    Layer("EfficientNet-B0 1x1 144->24 @56", 144, 24, 56, 1, activation=None),
 ]
 CPU_BATCH = 2
-CPU_LAYERS = [Layer("3x3 8->16 @12", 8, 16, 12, 3, headline=True)]  # tiny: the Triton interpreter runs each program in numpy
+CPU_LAYERS = [  # tiny: the Triton interpreter runs each program in numpy
+    Layer("3x3 8->16 @12", 8, 16, 12, 3, headline=True),
+    Layer("depthwise 3x3 8 @12", 8, 8, 12, 3, groups=8, activation="silu"),
+]
 
 
 def stock(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, layer: Layer) -> torch.Tensor:
-    return F.relu(F.conv2d(x, weight, bias, layer.stride, layer.padding, 1, layer.groups))
+    out = F.conv2d(x, weight, bias, layer.stride, layer.padding, 1, layer.groups)
+    return out if layer.activation is None else ACTIVATIONS[layer.activation](out, 0.01)
 
 
 def cases(device: torch.device, max_autotune: bool) -> list[Case]:
@@ -84,10 +105,12 @@ def conv_case(layer: Layer, batch: int, dtype: torch.dtype, device: torch.device
         return {**{name: t.requires_grad_(training) for name, t in tensors.items()}, "grad_out": grad_out}
 
     wrap = functools.partial(forward_backward if training else forward_only, args=ARGS)
+    # ReLU runs on the conv2d_relu ops, the other activations on the conv2d ops (see vkernels.ops.conv)
+    op = "conv2d_relu" if layer.activation == "relu" else "conv2d"
     impls, skipped = vkernels_impls(
-        "conv2d_relu",
-        lambda backend: functools.partial(vkernels.conv2d_relu, stride=layer.stride, padding=layer.padding,
-                                          groups=layer.groups, backend=backend),
+        op,
+        lambda backend: functools.partial(vkernels.conv2d, stride=layer.stride, padding=layer.padding,
+                                          groups=layer.groups, activation=layer.activation, backend=backend),
         wrap)
     if compile_skip:
         skipped["torch.compile"] = compile_skip
@@ -97,16 +120,22 @@ def conv_case(layer: Layer, batch: int, dtype: torch.dtype, device: torch.device
             impls = {"torch.compile max-autotune": wrap(compiled(forward, mode="max-autotune")), **impls}
 
     flops = 2 * out_shape.numel() * weight_shape[1] * layer.kernel * layer.kernel
+    # activations moved once each way: forward x in, out out; backward grad_out, the saved output and
+    # x in, grad_x out (weights are small next to them). Depthwise convs are bound by these bytes.
+    activation_elements = x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3] + out_shape.numel()
+    bytes_moved = (3 if training else 1) * activation_elements * dtype.itemsize
     return Case(
-        name=f"conv2d_relu {layer.label} N{batch} {DTYPE_NAMES[dtype]} channels_last {direction}",
+        name=f"{'conv2d_relu' if op == 'conv2d_relu' else f'conv2d {layer.activation}'} {layer.label} N{batch} "
+             f"{DTYPE_NAMES[dtype]} channels_last {direction}",
         family="conv",
         direction=direction,
         make_inputs=make_inputs,
         impls={"pytorch": wrap(forward), **impls},
         skipped=skipped,
         flops=flops * (3 if training else 1),
+        bytes_moved=bytes_moved,
         tolerance=tolerance(dtype),
-        op="conv2d_relu",
+        op=op,
         dtype=dtype_name(dtype),
         shape_class=conv_shape_class((layer.kernel, layer.kernel), layer.groups, layer.in_channels),
         headline=layer.headline,

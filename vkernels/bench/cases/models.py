@@ -1,14 +1,15 @@
-"""Whole models: inference throughput and training steps of ResNet-50 (torchvision, channels_last),
-ViT-B/16 at 224 (timm) and CLIP ViT-B/32, both towers (open_clip; our models.multimodal.CLIP at the
-same size when open_clip is missing), and the seeds' SoundImageFusion and Detector (models/, at the
-sizes the training example uses), batch 128 under bf16 autocast on CUDA; one tiny fp32 model per
-family on CPU, inference only.
+"""Whole models: inference throughput and training steps of ResNet-50, MobileNetV3-Large and
+EfficientNet-B0 (torchvision, channels_last), ViT-B/16 at 224 (timm) and CLIP ViT-B/32, both towers
+(open_clip; our models.multimodal.CLIP at the same size when open_clip is missing), and the seeds'
+SoundImageFusion and Detector (models/, at the sizes the training example uses), batch 128 under
+bf16 autocast on CUDA; one tiny fp32 model per family on CPU, inference only.
 
 ``pytorch`` is the stock model in eager mode, ``torch.compile`` the stock model compiled (its own
 copy), ``vk.<backend>`` a deep copy rewritten by ``vkernels.patch(model, backend=...)`` (our own
 models are not patched: they already call vkernels, so they get ``model.backend = ...``). Inference
-runs in eval mode under ``torch.no_grad``, where patch folds ResNet's BatchNorms; training runs in
-train mode, where patch makes only the exact rewrites (pooling, attention).
+runs in eval mode under ``torch.no_grad``, where patch folds the CNNs' BatchNorms into their convs;
+training runs in train mode, where patch makes only the exact rewrites (convs and their activations
+without BN, pooling, attention).
 
 A training step is forward, loss, backward and an SGD (momentum 0.9) step with **lr = 0**: every
 kernel of the step runs (the momentum and parameter updates included) but the weights stay put, so
@@ -153,19 +154,26 @@ def _mean_square(outputs: torch.Tensor, inputs: Inputs) -> torch.Tensor:
     return outputs.float().square().mean()
 
 
+_CNN_LABELS = {"resnet50": "ResNet-50", "resnet18": "ResNet-18", "mobilenet_v3_large": "MobileNetV3-Large",
+               "efficientnet_b0": "EfficientNet-B0"}
+
+
 def _models(on_gpu: bool) -> list[Model | tuple[str, str]]:
-    """The three model families for this device; a family whose library is missing is (label, reason)."""
+    """The model families for this device; a family whose library is missing is (label, reason)."""
     found: list[Model | tuple[str, str]] = []
 
     torchvision, reason = _optional("torchvision")
     if torchvision is None:
-        found.append(("ResNet (torchvision)", reason))
-    elif on_gpu:
-        found.append(Model("ResNet-50 (torchvision) 224x224", lambda: torchvision.models.resnet50(weights=None),
-                           _images(224, 1000, True), _classify, _cross_entropy, channels_last=True))
+        found.append(("CNNs (torchvision)", reason))
     else:
-        found.append(Model("ResNet-18 (torchvision) 32x32", lambda: torchvision.models.resnet18(weights=None, num_classes=10),
-                           _images(32, 10, True), _classify, _cross_entropy, channels_last=True))
+        # ResNet-18 stands in for ResNet-50 on CPU; the mobile nets are small enough to keep
+        cnns = (["resnet50", "mobilenet_v3_large", "efficientnet_b0"] if on_gpu
+                else ["resnet18", "mobilenet_v3_large", "efficientnet_b0"])
+        size, classes = (224, 1000) if on_gpu else (32, 10)
+        for name in cnns:
+            label = f"{_CNN_LABELS[name]} (torchvision) {size}x{size}"
+            build = functools.partial(getattr(torchvision.models, name), weights=None, num_classes=classes)
+            found.append(Model(label, build, _images(size, classes, True), _classify, _cross_entropy, channels_last=True))
 
     timm, reason = _optional("timm")
     if timm is None:
@@ -323,7 +331,7 @@ def model_case(model: Model, device: torch.device, direction: str) -> Case:
             skipped[name] = status.reason
         elif not on_gpu and backend == "triton" and model.channels_last:
             # Measured: ~190 s for one ResNet-18 forward at 16x16, batch 1, in the Triton interpreter.
-            skipped[name] = "ResNet convs take minutes per forward in the Triton interpreter: timed on GPUs only"
+            skipped[name] = "a CNN's convs take minutes per forward in the Triton interpreter: timed on GPUs only"
         else:
             impls[name] = runner(functools.partial(patched, backend))
 
