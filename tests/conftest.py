@@ -63,6 +63,11 @@ def pytest_report_header(config):
     return lines
 
 
+def pytest_terminal_summary(terminalreporter):
+    # again at the end, where -q and a long run's scrollback do not hide it
+    terminalreporter.write_line(f"vkernels test seed: VKERNELS_TEST_SEED={SESSION_SEED} replays this run")
+
+
 def pytest_runtest_setup(item):
     deadline = os.environ.get("VKERNELS_TEST_DEADLINE")
     if deadline and time.time() > float(deadline):
