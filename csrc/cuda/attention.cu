@@ -4,7 +4,10 @@
 //       -> (out, lse)
 //   attention_backward_cuda(dout, q, k, v, out, lse, mask?, bias?, is_causal, scale, bias_requires_grad,
 //       rotary_cos?, rotary_sin?, rotary_interleaved) -> (dq, dk, dv, dbias?)
-// The rotary tables must be None until issue 16's phase 2 (the public functions refuse them first).
+//   varlen_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+//       rotary_cos?, rotary_sin?, rotary_interleaved) -> (out, lse)
+//   varlen_attention_backward_cuda(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+//       max_seqlen_k, is_causal, scale, rotary_cos?, rotary_sin?, rotary_interleaved) -> (dq, dk, dv)
 // q (B0,B1,H,Lq,D), k (B0,B1,H,Lk,D), v (B0,B1,H,Lk,Dv), or 4-D (B0 = 1), read through their strides
 // (copied when the head dim's is not 1): three batch levels, so that windows of an image batch (Swin:
 // B0 images, B1 windows) index a per-window mask and a per-head bias without copies. The mask (bool, True = attend, or
@@ -15,6 +18,17 @@
 // masked row gives out = 0 and lse = +inf, so the backward's P = exp(s - lse) is 0 there.
 // dbias = dS = P (dP - delta) summed over the batch entries, rows and columns the bias broadcasts
 // over, by its own kernel (bias gradient, below). The backward is deterministic: no atomics.
+//
+// Packed batches (varlen_attention): q (total_q, Hq, D), k and v (total_k, Hkv, .) are read as
+// (1, batch, H, total, .) views with stride 0 over the sequences, and each block finds its sequence's
+// first rows and lengths in cu_seqlens (Problem, sequence_of); grids span the longest sequence and
+// blocks past their sequence's end return, so one launch serves every sequence. Query head h reads
+// key/value head h / kv_group; the dK/dV kernels run over key/value heads and step through the group's
+// query heads in head order (a fixed summation order). lse is (Hq, total_q).
+// Rotary embeddings: the tensor-core kernels rotate the q and k tiles in shared memory once they have
+// landed (fp32 math, rounded to the input dtype as q and k rotated before the kernels would be), and
+// un-rotate dQ and dK from their fp32 accumulators through fp32 staging rows before the stores; the
+// fp32 kernels get q and k rotated in ATen first (rotated_columns) and their dq, dk un-rotated after.
 //
 // fp16/bf16 run on tensor cores (mma.sync m16n8k16, fp32 accumulators in registers); fp32 runs a
 // plain-FMA kernel (a warp per query or key row) that serves as the exact reference path.
@@ -1546,6 +1560,9 @@ void dispatch_bool(bool value, Fn&& fn) {
 // A (B, H, L, X) operand as (1, B, H, L, X); a (B0, B1, H, L, X) one unchanged.
 at::Tensor five_dims(const at::Tensor& t) { return t.dim() == 5 ? t : t.unsqueeze(0); }
 
+// A (B, H, L) row statistic (lse, delta) as (1, B, H, L); a (B0, B1, H, L) one unchanged.
+at::Tensor four_dims(const at::Tensor& t) { return t.dim() == 4 ? t : t.unsqueeze(0); }
+
 // A 5-D result as the query's rank.
 at::Tensor like_query(const at::Tensor& t, const at::Tensor& query) { return query.dim() == 5 ? t : t.squeeze(0); }
 
@@ -1986,8 +2003,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
                           masks_of(attn_mask, attn_bias, query, key),
                           p,
                           rotated.rotary,
-                          operand(five_dims(lse_rows)),
-                          output(five_dims(delta)),
+                          operand(four_dims(lse_rows)),
+                          output(four_dims(delta)),
                           output(five_dims(grad_q)),
                           output(five_dims(grad_k)),
                           output(five_dims(grad_v))};
