@@ -151,6 +151,20 @@ def test_vit_lengths_packed(backend, wide_tiles_on_cpu):
     check(backend, Packing((197, 257, 577), heads=1, head_dim=16, rotary="half"), device_for(backend))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_no_key_at_all_gives_zeros(backend):
+    """total_k = 0: every output row and dq are zeros (written, not left to the allocator)."""
+    device = device_for(backend)
+    (query, key, value), cu_seqlens, _, _ = Packing((3, 2), (0, 0), head_dim=16).inputs(device)
+    leaves = [t.requires_grad_() for t in (query, key, value)]
+    poison_allocator(device)
+    out = vkernels.varlen_attention(*leaves, *cu_seqlens, 3, 0, backend=backend)
+    poison_allocator(device)
+    out.backward(torch.randn_like(out))
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(query.grad, torch.zeros_like(query))
+    assert key.grad.shape == key.shape and value.grad.shape == value.shape
+
+
 def test_torch_backend_matches_float64_reference():
     """The per-sequence SDPA loop behind backend='torch' (auto's choice on CPU), rotation included."""
     check("torch", Packing((0, 4, 9), heads=4, kv_heads=2, head_dim=16, rotary="half", per_head=True), torch.device("cpu"))

@@ -258,19 +258,19 @@ __device__ __forceinline__ RotaryRows rotary_rows(const Rotary& r, const Entry& 
           r.sin.stride_row, r.dim, r.interleaved};
 }
 
-// Column c (< R) of a row rotated: with p its pair partner, y_c = x_c cos_c - x_p sin_c for the pair's
-// first column (c of rotate-half's first half, even c interleaved) and + x_p sin_c for its second;
-// inverse (the gradient of a rotated column, un-rotated): y_c = x_c cos_c + x_p sin_p, - x_p sin_p.
-// In fp32; tables are read per column (their halves need not repeat).
+// The other column of column c's rotary pair (c < R): c ^ 1 interleaved, c -+ R/2 rotate-half.
 __device__ __forceinline__ int rotary_partner(const RotaryRows& t, int c) {
   return t.interleaved ? c ^ 1 : (c < t.dim / 2 ? c + t.dim / 2 : c - t.dim / 2);
 }
 
+// Column c (< R) of a row rotated: with p its pair partner, y_c = x_c cos_c - x_p sin_c for the pair's
+// first column (c of rotate-half's first half, even c interleaved) and + x_p sin_c for its second;
+// inverse (the gradient of a rotated column, un-rotated): y_c = x_c cos_c + x_p sin_p, - x_p sin_p.
+// In fp32; tables are read per column (their halves need not repeat).
 __device__ __forceinline__ float rotated_column(const RotaryRows& t, int row, int c, float x, float x_partner,
                                                 bool inverse) {
   const bool first = t.interleaved ? c % 2 == 0 : c < t.dim / 2;
-  const float sin = t.sin[row * t.sin_stride + (inverse ? rotary_partner(t, c) : c)];
-  const float product = x_partner * sin;
+  const float product = x_partner * t.sin[row * t.sin_stride + (inverse ? rotary_partner(t, c) : c)];
   return x * t.cos[row * t.cos_stride + c] + (first == inverse ? product : -product);
 }
 
@@ -466,7 +466,9 @@ __device__ __forceinline__ void store_warp_tile_unrotated(const float (&acc)[kTi
 #pragma unroll
   for (int j = 0; j < kTiles; ++j) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) stage[(group + 8 * (r / 2)) * kCols + j * 8 + 2 * quad_lane + (r & 1)] = acc[j][r] * factor;
+    for (int r = 0; r < 4; ++r) {
+      stage[(group + 8 * (r / 2)) * kCols + j * 8 + 2 * quad_lane + (r & 1)] = acc[j][r] * factor;
+    }
   }
   __syncwarp();
   for (int i = lane; i < 16 * kCols; i += 32) {
@@ -913,9 +915,10 @@ __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
   T* grad_k = at_entry<T>(args.grad_k, entry, sequence.k_begin);
   if (rotary) {  // dK of the rotated k, un-rotated through fp32 rows over the Q tiles (free now)
     static_assert(kBlockN * kSliceDim * sizeof(float) <= 4 * kBlockM * kLd * 2, "the dK stage fits in the Q/dO tiles");
-    store_warp_tile_unrotated<T, kSliceTiles>(acc_dk, p.scale, reinterpret_cast<float*>(q_tiles) + warp * 16 * kSliceDim,
-                                              grad_k, args.grad_k.stride_row, key_first, p.len_k, slice * kSliceDim,
-                                              p.dim_qk, rotary_rows(args.rotary, entry, sequence.k_begin), lane);
+    float* const stage = reinterpret_cast<float*>(q_tiles) + warp * 16 * kSliceDim;
+    store_warp_tile_unrotated<T, kSliceTiles>(acc_dk, p.scale, stage, grad_k, args.grad_k.stride_row, key_first,
+                                              p.len_k, slice * kSliceDim, p.dim_qk,
+                                              rotary_rows(args.rotary, entry, sequence.k_begin), lane);
   } else {
     store_warp_tile<T, kSliceTiles, kLd>(acc_dk, p.scale, k_tile + warp * 16 * kLd, grad_k, args.grad_k.stride_row,
                                          key_first, p.len_k, slice * kSliceDim, p.dim_qk, lane);
@@ -1188,7 +1191,8 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_forward_exact_kern
   store_columns(acc, row_sum > 0.0f ? 1.0f / row_sum : 0.0f,
                 at_entry<float>(args.out, entry, sequence.q_begin) + row * args.out.stride_row, p.dim_v, lane);
   if (lane == 0) {
-    at_entry<float>(args.lse, entry, sequence.q_begin)[row] = row_sum > 0.0f ? row_max * kLn2 + logf(row_sum) : INFINITY;
+    float* lse = at_entry<float>(args.lse, entry, sequence.q_begin);
+    lse[row] = row_sum > 0.0f ? row_max * kLn2 + logf(row_sum) : INFINITY;
   }
 }
 
@@ -1718,8 +1722,8 @@ Problem check_inputs(const at::Tensor& query, const at::Tensor& key, const at::T
     std::vector<int64_t> tables = scores_shape(query, key);
     tables.back() = rotary_cos->size(-1);
     TORCH_CHECK(rotary_cos->dim() <= 5 && at::is_expandable_to(rotary_cos->sizes(), tables),
-                "attention_cuda: rotary tables of shape ", rotary_cos->sizes(), " do not broadcast to (B0, B1, H, L, R) = ",
-                at::IntArrayRef(tables));
+                "attention_cuda: rotary tables of shape ", rotary_cos->sizes(),
+                " do not broadcast to (B0, B1, H, L, R) = ", at::IntArrayRef(tables));
   }
   Problem p;
   p.batch1 = static_cast<int>(scores[1]);
@@ -1995,27 +1999,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
   const at::Tensor dout = kernel_operand(grad_out, tensor_cores), out_rows = kernel_operand(out, false);
   const at::Tensor lse_rows = lse.contiguous();
   at::Tensor delta = at::empty(lse.sizes(), lse.options());
-  const BackwardArgs args{operand(q),
-                          operand(k),
-                          operand(v),
-                          operand(out_rows),
-                          operand(dout),
-                          masks_of(attn_mask, attn_bias, query, key),
-                          p,
-                          rotated.rotary,
-                          operand(four_dims(lse_rows)),
-                          output(four_dims(delta)),
-                          output(five_dims(grad_q)),
-                          output(five_dims(grad_k)),
-                          output(five_dims(grad_v))};
+  const BackwardArgs args{operand(q), operand(k), operand(v), operand(out_rows), operand(dout),
+                          masks_of(attn_mask, attn_bias, query, key), p, rotated.rotary,
+                          operand(four_dims(lse_rows)), output(four_dims(delta)),
+                          output(five_dims(grad_q)), output(five_dims(grad_k)), output(five_dims(grad_v))};
   launch_backward(args, args, batch_heads * p.len_q, batch_heads, query.scalar_type(),
                   attn_mask.has_value() || attn_bias.has_value());
   if (bias_requires_grad && p.len_q > 0 && p.len_k > 0) {
     grad_bias = bias_grad(args, *attn_bias, batch0, query.scalar_type());
   }
   if (tables.has_value() && !tensor_cores) {  // the fp32 kernels' dq and dk are of the rotated q and k
-    grad_q = like_query(rotated_columns(five_dims(grad_q), tables->first, tables->second, rotary_interleaved, true), query);
-    grad_k = like_query(rotated_columns(five_dims(grad_k), tables->first, tables->second, rotary_interleaved, true), query);
+    auto unrotated = [&](const at::Tensor& grad) {
+      const at::Tensor rotated_back =
+          rotated_columns(five_dims(grad), tables->first, tables->second, rotary_interleaved, true);
+      return like_query(rotated_back, query);
+    };
+    grad_q = unrotated(grad_q);
+    grad_k = unrotated(grad_k);
   }
   return {grad_q, grad_k, grad_v, grad_bias};
 }
@@ -2087,8 +2087,8 @@ Problem check_packed_inputs(const at::Tensor& query, const at::Tensor& key, cons
   }
   for (const at::Tensor* t : {&cu_seqlens_q, &cu_seqlens_k}) {
     TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->numel() >= 1 && t->is_contiguous(),
-                "varlen_attention_cuda: cu_seqlens must be contiguous 1-D int32 tensors of batch + 1 >= 1 entries, got ",
-                t->scalar_type(), " ", t->sizes());
+                "varlen_attention_cuda: cu_seqlens must be contiguous 1-D int32 tensors of batch + 1 >= 1 entries, "
+                "got ", t->scalar_type(), " ", t->sizes());
   }
   TORCH_CHECK_VALUE(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
                     "varlen_attention: cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got ",
@@ -2158,7 +2158,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cuda(
   const at::Tensor k = packed_view(readable_operand(rotated.key, tensor_cores), p.batch1, kv_heads);
   const at::Tensor v = packed_view(readable_operand(value, tensor_cores), p.batch1, kv_heads);
   const ForwardArgs args{operand(q), operand(k), operand(v), Masks{}, p, rotated.rotary,
-                         output(packed_view(out, p.batch1, p.heads)), output(packed_view(lse, p.batch1, p.heads, true))};
+                         output(packed_view(out, p.batch1, p.heads)),
+                         output(packed_view(lse, p.batch1, p.heads, true))};
   launch_forward(args, static_cast<int64_t>(p.batch1) * p.heads, query.scalar_type(), false);
   return {out, lse};
 }
@@ -2186,7 +2187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cuda(
   at::Tensor grad_q = at::empty(query.sizes(), query.options());
   at::Tensor grad_k = at::empty(key.sizes(), key.options());
   at::Tensor grad_v = at::empty(value.sizes(), value.options());
-  if (key.size(0) * kv_heads == 0) return {grad_q, grad_k, grad_v};  // (no key rows: no query sees one)
+  // (no early return on empty totals: the kernels write every row, dq = 0 where a sequence has no keys)
   const bool tensor_cores = query.scalar_type() != at::kFloat;
   if (tensor_cores) check_tensor_core_device(query);
   const auto [kernel_tables, tables] = packed_tables(rotary_cos, rotary_sin, p);
@@ -2199,19 +2200,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cuda(
   const at::Tensor out_rows = view(readable_operand(out, false), p.heads);
   const at::Tensor lse_rows = lse.contiguous();
   at::Tensor delta = at::empty(lse.sizes(), lse.options());
-  const BackwardArgs args{operand(q),
-                          operand(k),
-                          operand(v),
-                          operand(out_rows),
-                          operand(dout),
-                          Masks{},
-                          p,
-                          rotated.rotary,
-                          operand(packed_view(lse_rows, p.batch1, p.heads, true)),
-                          output(packed_view(delta, p.batch1, p.heads, true)),
-                          output(view(grad_q, p.heads)),
-                          output(view(grad_k, kv_heads)),
-                          output(view(grad_v, kv_heads))};
+  const BackwardArgs args{operand(q), operand(k), operand(v), operand(out_rows), operand(dout), Masks{}, p,
+                          rotated.rotary, operand(packed_view(lse_rows, p.batch1, p.heads, true)),
+                          output(packed_view(delta, p.batch1, p.heads, true)), output(view(grad_q, p.heads)),
+                          output(view(grad_k, kv_heads)), output(view(grad_v, kv_heads))};
   // delta per (head, token): the tokens as one sequence (the views' B1 stride is 0)
   BackwardArgs delta_args = args;
   delta_args.p.batch1 = 1;

@@ -146,7 +146,8 @@ for _backend in dispatch.KERNEL_BACKENDS:
     _register_varlen_autograd(_backend)
 
 
-def _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p, rotary=None, rotary_interleaved=False) -> dict[str, str]:
+def _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p, rotary=None,
+                   rotary_interleaved=False) -> dict[str, str]:
     """Why each kernel backend cannot serve this call, for the inputs that only stock SDPA takes."""
     head_dim, value_dim = query.shape[-1], value.shape[-1]
     shared = None
