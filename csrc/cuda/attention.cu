@@ -566,8 +566,6 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
   const T* v = at_entry<T>(args.v, kv, sequence.k_begin);
   const MaskOffsets masks_at = mask_offsets(args.masks, entry);
   const bool rotary = args.rotary.dim > 0;
-  const RotaryRows q_rotary = rotary_rows(args.rotary, entry, sequence.q_begin);
-  const RotaryRows k_rotary = rotary_rows(args.rotary, kv, sequence.k_begin);
 
   int n_end = ceil_div(p.len_k, kBlockN);
   if (p.causal) n_end = min(n_end, ceil_div(min(m0 + kBlockM, p.len_q), kBlockN));
@@ -603,8 +601,11 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
     }
     cp_async_commit();
     if (rotary) {  // q and k rotated as they land in shared memory
-      if (n_block == 0) rotate_tile<kBlockM, HD, kThreads>(q_tile, q_rotary, m0, p.len_q);
-      rotate_tile<kBlockN, HD, kThreads>(k_tiles + (n_block & 1) * kBlockN * kLd, k_rotary, n_block * kBlockN, p.len_k);
+      if (n_block == 0) {
+        rotate_tile<kBlockM, HD, kThreads>(q_tile, rotary_rows(args.rotary, entry, sequence.q_begin), m0, p.len_q);
+      }
+      rotate_tile<kBlockN, HD, kThreads>(k_tiles + (n_block & 1) * kBlockN * kLd,
+                                         rotary_rows(args.rotary, kv, sequence.k_begin), n_block * kBlockN, p.len_k);
       __syncthreads();
     }
 
@@ -1011,7 +1012,6 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
   const T* grad_out = at_entry<T>(args.grad_out, entry, sequence.q_begin);
   const MaskOffsets masks_at = mask_offsets(args.masks, entry);
   const bool rotary = args.rotary.dim > 0;
-  const RotaryRows q_rotary = rotary_rows(args.rotary, entry, sequence.q_begin);
 
   int n_end = ceil_div(p.len_k, kBlockN);
   if (p.causal) n_end = min(n_end, ceil_div(min(m0 + kBlockM, p.len_q), kBlockN));
@@ -1052,7 +1052,9 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
     }
     cp_async_commit();
     if (rotary) {  // q and k rotated as they land in shared memory
-      if (n_block == 0) rotate_tile<kBlockM, HD, kThreads>(q_tile, q_rotary, m0, p.len_q);
+      if (n_block == 0) {
+        rotate_tile<kBlockM, HD, kThreads>(q_tile, rotary_rows(args.rotary, entry, sequence.q_begin), m0, p.len_q);
+      }
       rotate_tile<kBlockN, HD, kThreads>(k_tiles + (n_block & 1) * kBlockN * kLd,
                                          rotary_rows(args.rotary, kv, sequence.k_begin), n_block * kBlockN, p.len_k);
       __syncthreads();
@@ -1087,7 +1089,8 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
   if (rotary) {  // dQ of the rotated q, un-rotated through fp32 rows over the Q and dO tiles (free now)
     static_assert(kBlockM * HD * sizeof(float) <= 2 * kBlockM * kLd * 2, "the dQ stage fits in the Q/dO tiles");
     store_warp_tile_unrotated<T, kOutTiles>(acc_dq, p.scale, reinterpret_cast<float*>(shared) + warp * 16 * HD, grad_q,
-                                            args.grad_q.stride_row, row_first, p.len_q, 0, p.dim_qk, q_rotary, lane);
+                                            args.grad_q.stride_row, row_first, p.len_q, 0, p.dim_qk,
+                                            rotary_rows(args.rotary, entry, sequence.q_begin), lane);
   } else {
     store_warp_tile<T, kOutTiles, kLd>(acc_dq, p.scale, q_tile + warp * 16 * kLd, grad_q, args.grad_q.stride_row,
                                        row_first, p.len_q, 0, p.dim_qk, lane);
@@ -1327,7 +1330,9 @@ __device__ __forceinline__ float* partial_sum_of(const BiasGradSum& sum, const B
 // Tensor cores: a block owns a kBlockM x kBlockN bias tile (every query block when the bias has one
 // row, every key block when it has one column) and one chunk; each warp adds dS of its 16 rows of
 // the tile in registers, entry after entry, then the tile is summed along the bias's reduced axes.
-template <typename T, int HD>
+// kRotary: a template flag here (the other kernels test args.rotary at run time), since the rotation
+// code pushed this kernel's registers into spills (sm_90 ptxas) also for calls without tables.
+template <typename T, int HD, bool kRotary>
 __global__ void __launch_bounds__(BiasGradTiles<HD>::kThreads)
     attention_bias_grad_kernel(const BackwardArgs args, const BiasGradSum sum) {
   using Tiles = BiasGradTiles<HD>;
@@ -1365,7 +1370,6 @@ __global__ void __launch_bounds__(BiasGradTiles<HD>::kThreads)
     const T* v = at_entry<T>(args.v, entry);
     const T* grad_out = at_entry<T>(args.grad_out, entry);
     const MaskOffsets masks_at = mask_offsets(args.masks, entry);
-    const RotaryRows rotary = rotary_rows(args.rotary, entry, 0);
     for (int m_block = m_begin; m_block < m_end; ++m_block) {
       const int row_first = m_block * kBlockM + warp * 16;
       float lse2[2], row_delta[2];
@@ -1386,7 +1390,8 @@ __global__ void __launch_bounds__(BiasGradTiles<HD>::kThreads)
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
-        if (rotary.dim > 0) {  // q and k rotated as they land in shared memory
+        if constexpr (kRotary) {  // q and k rotated as they land in shared memory
+          const RotaryRows rotary = rotary_rows(args.rotary, summed_entry(sum, task.group, e), 0);
           if (n_block == n_begin) rotate_tile<kBlockM, HD, kThreads>(q_tile, rotary, m_block * kBlockM, p.len_q);
           rotate_tile<kBlockN, HD, kThreads>(k_tile, rotary, n_block * kBlockN, p.len_k);
           __syncthreads();
@@ -1912,7 +1917,10 @@ at::Tensor bias_grad(const BackwardArgs& args, const at::Tensor& bias, int64_t b
         using Tiles = BiasGradTiles<HD>;
         const int64_t blocks = chunks * groups * (sum.reduce_rows ? 1 : ceil_div(p.len_q, Tiles::kBlockM)) *
                                (sum.reduce_cols ? 1 : ceil_div(p.len_k, Tiles::kBlockN));
-        launch(attention_bias_grad_kernel<T, HD>, blocks, Tiles::kThreads, Tiles::kSmemBytes, args, sum);
+        dispatch_bool(args.rotary.dim > 0, [&](auto rotary) {
+          launch(attention_bias_grad_kernel<T, HD, decltype(rotary)::value>, blocks, Tiles::kThreads, Tiles::kSmemBytes,
+                 args, sum);
+        });
       });
     }
   });
