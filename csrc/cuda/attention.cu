@@ -452,6 +452,18 @@ __device__ __forceinline__ void rotate_tile(T* tile, const RotaryRows& t, int ro
   }
 }
 
+// q and k rotated as they land in shared memory (forward, dQ, bias gradient): once the block has
+// synchronised on the copies, rotates the key tile (tokens n0..) and, with its first key tile, the
+// query tile (tokens m0..), then synchronises again.
+template <int kBlockM, int kBlockN, int HD, int kThreads, typename T>
+__device__ __forceinline__ void rotate_landed_tiles(T* q_tile, T* k_tile, const RotaryRows& q_rows,
+                                                    const RotaryRows& k_rows, int m0, int n0, const Problem& p,
+                                                    bool first_key_tile) {
+  if (first_key_tile) rotate_tile<kBlockM, HD, kThreads>(q_tile, q_rows, m0, p.len_q);
+  rotate_tile<kBlockN, HD, kThreads>(k_tile, k_rows, n0, p.len_k);
+  __syncthreads();
+}
+
 // store_warp_tile for the gradient of a rotated q or k: the warp's fp32 tile times `factor` is staged
 // in `stage` (16 x 8 kTiles floats that only this warp uses), un-rotated in fp32 by the tables' rows of
 // its tokens (row0 + r of `t`; the pairs of columns col0.. must lie inside the tile), and stored
@@ -600,13 +612,11 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
                                              (n_block + 1) * kBlockN, p.len_k, p.dim_v, v_cols);
     }
     cp_async_commit();
-    if (rotary) {  // q and k rotated as they land in shared memory
-      if (n_block == 0) {
-        rotate_tile<kBlockM, HD, kThreads>(q_tile, rotary_rows(args.rotary, entry, sequence.q_begin), m0, p.len_q);
-      }
-      rotate_tile<kBlockN, HD, kThreads>(k_tiles + (n_block & 1) * kBlockN * kLd,
-                                         rotary_rows(args.rotary, kv, sequence.k_begin), n_block * kBlockN, p.len_k);
-      __syncthreads();
+    if (rotary) {
+      rotate_landed_tiles<kBlockM, kBlockN, HD, kThreads>(q_tile, k_tiles + (n_block & 1) * kBlockN * kLd,
+                                                          rotary_rows(args.rotary, entry, sequence.q_begin),
+                                                          rotary_rows(args.rotary, kv, sequence.k_begin), m0,
+                                                          n_block * kBlockN, p, n_block == 0);
     }
 
     // S = Q K^T
@@ -1051,13 +1061,11 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
                                              (n_block + 1) * kBlockN, p.len_k, p.dim_v, v_cols);
     }
     cp_async_commit();
-    if (rotary) {  // q and k rotated as they land in shared memory
-      if (n_block == 0) {
-        rotate_tile<kBlockM, HD, kThreads>(q_tile, rotary_rows(args.rotary, entry, sequence.q_begin), m0, p.len_q);
-      }
-      rotate_tile<kBlockN, HD, kThreads>(k_tiles + (n_block & 1) * kBlockN * kLd,
-                                         rotary_rows(args.rotary, kv, sequence.k_begin), n_block * kBlockN, p.len_k);
-      __syncthreads();
+    if (rotary) {
+      rotate_landed_tiles<kBlockM, kBlockN, HD, kThreads>(q_tile, k_tiles + (n_block & 1) * kBlockN * kLd,
+                                                          rotary_rows(args.rotary, entry, sequence.q_begin),
+                                                          rotary_rows(args.rotary, kv, sequence.k_begin), m0,
+                                                          n_block * kBlockN, p, n_block == 0);
     }
 
     float grad_s[kScoreTiles][4];
@@ -1390,11 +1398,10 @@ __global__ void __launch_bounds__(BiasGradTiles<HD>::kThreads)
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
-        if constexpr (kRotary) {  // q and k rotated as they land in shared memory
-          const RotaryRows rotary = rotary_rows(args.rotary, summed_entry(sum, task.group, e), 0);
-          if (n_block == n_begin) rotate_tile<kBlockM, HD, kThreads>(q_tile, rotary, m_block * kBlockM, p.len_q);
-          rotate_tile<kBlockN, HD, kThreads>(k_tile, rotary, n_block * kBlockN, p.len_k);
-          __syncthreads();
+        if constexpr (kRotary) {
+          const RotaryRows rows = rotary_rows(args.rotary, summed_entry(sum, task.group, e), 0);
+          rotate_landed_tiles<kBlockM, kBlockN, HD, kThreads>(q_tile, k_tile, rows, rows, m_block * kBlockM,
+                                                              n_block * kBlockN, p, n_block == n_begin);
         }
 
         float grad_s[kScoreTiles][4];
