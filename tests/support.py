@@ -43,6 +43,19 @@ def backends_and_dtypes(dtypes: tuple[torch.dtype, ...] = ALL_DTYPES, backends=(
     ]
 
 
+def backend_case_params(cases: Mapping[str, object], dtype_of: Callable[[object], torch.dtype]) -> list:
+    """(backend, dtype, case) parameters over named cases: the Triton backend runs each case in its own
+    dtype where it is tested here, the CUDA kernels in every dtype they are tested in (dtypes_for)."""
+    params = []
+    for param in KERNEL_BACKENDS:
+        backend = param.values[0]
+        for name, case in cases.items():
+            dtypes = dtypes_for(backend) if backend == "cuda" else [dtype_of(case)]
+            params += [pytest.param(backend, dtype, case, id=f"{param.id}-{str(dtype).removeprefix('torch.')}-{name}",
+                                    marks=param.marks) for dtype in dtypes if dtype in dtypes_for(backend)]
+    return params
+
+
 def device_for(backend: str) -> torch.device:
     """The device a backend's kernels run on here; skips the test when the backend is unavailable.
     The emulated CUDA kernels (VKERNELS_CUDA_EMULATE=1, set by conftest without a GPU) take CPU tensors."""

@@ -29,9 +29,12 @@ CI_MODELS = {
     "timm DINOv3 ViT-S/16 (RoPE, 4 registers)": "timm",  # rotate-half rope, unrotated prefix tokens
     "timm EVA-02-Ti (RoPE)": "timm",  # interleaved rope
 }
-# The CUDA kernels (emulated: 2-6 s each) on the models with a learned bias; their masks and
-# causal attention have kernel tests of their own, packed and rotary attention come in issue 16's phase 2.
-CUDA_MODELS = ("timm Swin-T", "torchvision swin_v2_t", "timm BEiT (relative position bias)")
+# The CUDA kernels (emulated: 2-6 s each) on the models with a learned bias, packed windows and images
+# with 2-D RoPE, and rotate-half RoPE beside unrotated prefix tokens; their masks and causal attention
+# have kernel tests of their own.
+CUDA_MODELS = ("timm Swin-T", "torchvision swin_v2_t", "timm BEiT (relative position bias)",
+               "transformers Qwen2.5-VL vision tower", "timm DINOv3 ViT-S/16 (RoPE, 4 registers)",
+               "transformers Qwen2-VL vision tower", "timm EVA-02-Ti (RoPE)")
 
 
 @pytest.mark.parametrize("backend, name", [

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import vkernels
-from support import GPU, assert_as_accurate, device_for, relative_error, rounding_floor, tolerance
+from support import (KERNEL_BACKENDS, assert_as_accurate, backend_case_params, device_for, relative_error,
+                     rounding_floor, tolerance)
 from test_varlen_attention import rotated
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -67,24 +68,26 @@ def reference(query, key, value, cos, sin, interleaved, **kwargs):
     return F.scaled_dot_product_attention(rotate(query), rotate(key), value, **kwargs)
 
 
-# name -> (q/k/v shape, table shape, interleaved, dtype, extra kwargs)
+# name -> (q/k/v shape, table shape, interleaved, dtype (the Triton backend's; the CUDA kernels run
+# every case in every dtype), extra kwargs)
 TABLES = {
-    "shared (L, R) rotate-half fp32": ((2, 3, 20, 32), (20, 32), False, FP32, {}),
-    "per batch (B, L, R) interleaved fp16": ((2, 3, 20, 40), (2, 20, 40), True, FP16, {}),
-    "per head (1, H, L, R), partial 16 of 24, causal fp32": ((2, 3, 20, 24), (1, 3, 20, 16), False, FP32,
-                                                             {"is_causal": True}),
-    "shared, learned bias and key padding fp32": ((2, 2, 17, 16), (17, 16), True, FP32, {"bias": (1, 2, 17, 17)}),
+    "shared (L, R) rotate-half": ((2, 3, 20, 32), (20, 32), False, FP32, {}),
+    "per batch (B, L, R) interleaved": ((2, 3, 20, 40), (2, 20, 40), True, FP16, {}),
+    "per head (1, H, L, R), partial 16 of 24, causal": ((2, 3, 20, 24), (1, 3, 20, 16), False, FP32,
+                                                        {"is_causal": True}),
+    "shared, learned bias and key padding": ((2, 2, 17, 16), (17, 16), True, FP32, {"bias": (1, 2, 17, 17)}),
+    # bf16: not in the Triton interpreter (GPU only there), in the CUDA emulator
+    "per batch (B, L, R) rotate-half, ViT length, d80": ((2, 4, 197, 80), (2, 197, 80), False, BF16, {}),
 }
-if GPU:  # bf16 arithmetic: not in the Triton interpreter
-    TABLES["per batch (B, L, R) rotate-half, ViT length, d80 bf16"] = ((2, 4, 197, 80), (2, 197, 80), False, BF16, {})
 
 
-@pytest.mark.parametrize("case", TABLES.values(), ids=TABLES.keys())
-def test_attention_with_rotary_equals_rotate_then_attend(case):
+@pytest.mark.parametrize("backend, dtype, case", backend_case_params(TABLES, lambda case: case[3]))
+def test_attention_with_rotary_equals_rotate_then_attend(backend, dtype, case):
     """Output and gradients (q, k, v; a learned bias's too) against float64, as tests/test_attention.py
-    bounds them (measured over 6 seeds against this reference: fp32 <= 2.8e-7, fp16 <= 4.9e-4)."""
-    device = device_for("triton")
-    shape, table, interleaved, dtype, kwargs = case
+    bounds them (measured over 6 seeds against this reference: fp32 <= 2.8e-7, fp16 <= 4.9e-4; the
+    CUDA kernels in every dtype, 10 seeds: fp32 <= 5.4e-7, fp16 <= 6.6e-4, bf16 <= 4.2e-3)."""
+    device = device_for(backend)
+    shape, table, interleaved, _, kwargs = case
     angles = torch.rand(table, device=device) * 12 - 6
     cos, sin = angles.cos(), angles.sin()
     leaves = [torch.randn(shape, device=device).to(dtype).requires_grad_() for _ in range(3)]
@@ -97,7 +100,7 @@ def test_attention_with_rotary_equals_rotate_then_attend(case):
         ours.update(attn_mask=padding, attn_bias=bias)
         ref_bias = bias.detach().double().requires_grad_()
         theirs["attn_mask"] = ref_bias.masked_fill(~padding, float("-inf"))
-    out = vkernels.attention(*leaves, rotary=(cos, sin), rotary_interleaved=interleaved, backend="triton", **ours)
+    out = vkernels.attention(*leaves, rotary=(cos, sin), rotary_interleaved=interleaved, backend=backend, **ours)
     expected = reference(*ref_leaves, cos, sin, interleaved, **theirs)
     assert out.dtype == dtype and relative_error(out, expected) < tolerance(dtype)
     grad = torch.randn_like(out)
@@ -148,8 +151,10 @@ def test_bad_rotary_tables_raise(case):
         vkernels.attention(q, q[:, :, :5], q[:, :, :5], rotary=(torch.rand(6, 8),) * 2, backend="triton")
 
 
-def test_opcheck_with_rotary():
-    device = device_for("triton")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck_with_rotary(backend):
+    device = device_for(backend)
     q, k, v = (torch.randn(1, 2, 2, 6, 16, device=device, requires_grad=True) for _ in range(3))
     cos, sin = (torch.rand(1, 2, 1, 6, 16, device=device) for _ in range(2))
-    torch.library.opcheck(torch.ops.vkernels.attention_triton.default, (q, k, v, None, None, True, 0.25, cos, sin, True))
+    op = getattr(torch.ops.vkernels, f"attention_{backend}").default
+    torch.library.opcheck(op, (q, k, v, None, None, True, 0.25, cos, sin, True))

@@ -4,7 +4,10 @@
 //       -> (out, lse)
 //   attention_backward_cuda(dout, q, k, v, out, lse, mask?, bias?, is_causal, scale, bias_requires_grad,
 //       rotary_cos?, rotary_sin?, rotary_interleaved) -> (dq, dk, dv, dbias?)
-// The rotary tables must be None until issue 16's phase 2 (the public functions refuse them first).
+//   varlen_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+//       rotary_cos?, rotary_sin?, rotary_interleaved) -> (out, lse)
+//   varlen_attention_backward_cuda(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+//       max_seqlen_k, is_causal, scale, rotary_cos?, rotary_sin?, rotary_interleaved) -> (dq, dk, dv)
 // q (B0,B1,H,Lq,D), k (B0,B1,H,Lk,D), v (B0,B1,H,Lk,Dv), or 4-D (B0 = 1), read through their strides
 // (copied when the head dim's is not 1): three batch levels, so that windows of an image batch (Swin:
 // B0 images, B1 windows) index a per-window mask and a per-head bias without copies. The mask (bool, True = attend, or
@@ -15,6 +18,17 @@
 // masked row gives out = 0 and lse = +inf, so the backward's P = exp(s - lse) is 0 there.
 // dbias = dS = P (dP - delta) summed over the batch entries, rows and columns the bias broadcasts
 // over, by its own kernel (bias gradient, below). The backward is deterministic: no atomics.
+//
+// Packed batches (varlen_attention): q (total_q, Hq, D), k and v (total_k, Hkv, .) are read as
+// (1, batch, H, total, .) views with stride 0 over the sequences, and each block finds its sequence's
+// first rows and lengths in cu_seqlens (Problem, sequence_of); grids span the longest sequence and
+// blocks past their sequence's end return, so one launch serves every sequence. Query head h reads
+// key/value head h / kv_group; the dK/dV kernels run over key/value heads and step through the group's
+// query heads in head order (a fixed summation order). lse is (Hq, total_q).
+// Rotary embeddings: the tensor-core kernels rotate the q and k tiles in shared memory once they have
+// landed (fp32 math, rounded to the input dtype as q and k rotated before the kernels would be), and
+// un-rotate dQ and dK from their fp32 accumulators through fp32 staging rows before the stores; the
+// fp32 kernels get q and k rotated in ATen first (rotated_columns) and their dq, dk un-rotated after.
 //
 // fp16/bf16 run on tensor cores (mma.sync m16n8k16, fp32 accumulators in registers); fp32 runs a
 // plain-FMA kernel (a warp per query or key row) that serves as the exact reference path.
@@ -57,8 +71,16 @@
 // C tiles of S (keys 16c..16c+15) are exactly the A fragment of P for the k-chunk c, so P never
 // leaves registers.
 #include <ATen/ExpandUtils.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/clone.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_copy.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -75,6 +97,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <type_traits>
@@ -119,27 +142,40 @@ struct Masks {
 
 struct Problem {
   int batch1, heads, len_q, len_k, dim_qk, dim_v;  // batch1 = B1, heads = H (the batch levels but B0)
+  int kv_group;  // query heads per key/value head: query head h reads key/value head h / kv_group
+  // A packed batch (varlen_attention): B0 = 1, B1 = the sequences, len_q/len_k their maximum lengths,
+  // and sequence b is rows cu_seqlens[b] to cu_seqlens[b + 1] (int32); nullptr otherwise.
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
   bool causal;
   float scale, scale_log2;
 };
 
+// Rotary tables (float32, unit column stride) as (B0, B1, H, L, R) strides; dim = R, 0 without rotation.
+struct Rotary {
+  Operand cos, sin;
+  int dim;
+  bool interleaved;
+};
+
+// lse and delta are (B0, B1, H, Lq) row statistics with a unit row stride (packed: (H, total_q)).
 struct ForwardArgs {
   Operand q, k, v;
   Masks masks;
   Problem p;
+  Rotary rotary;
   Output out;  // laid out (B0, B1, Lq, H, Dv)
-  float* lse;  // (B0, B1, H, Lq) contiguous
+  Output lse;
 };
 
 struct BackwardArgs {
   Operand q, k, v, out, grad_out;
   Masks masks;
   Problem p;
-  const float* lse;  // (B0, B1, H, Lq) contiguous
-  float* delta;      // (B0, B1, H, Lq): rowsum(dO * O)
-  void* grad_q;      // contiguous, shapes of q, k, v
-  void* grad_k;
-  void* grad_v;
+  Rotary rotary;
+  Operand lse;
+  Output delta;                  // rowsum(dO * O)
+  Output grad_q, grad_k, grad_v;  // shapes of q, k, v
 };
 
 // How the bias gradient sums dS: the bias has kept0 x kept1 x kept2 batch entries ("groups"; each
@@ -165,8 +201,30 @@ struct Entry {
   int64_t i0, i1, i2;
 };
 
-__device__ __forceinline__ Entry batch_entry(const Problem& p, int64_t bh) {
-  return {bh / (static_cast<int64_t>(p.batch1) * p.heads), (bh / p.heads) % p.batch1, bh % p.heads};
+// (heads: the key/value heads for the grids over them)
+__device__ __forceinline__ Entry batch_entry(const Problem& p, int64_t bh, int heads) {
+  return {bh / (static_cast<int64_t>(p.batch1) * heads), (bh / heads) % p.batch1, bh % heads};
+}
+__device__ __forceinline__ Entry batch_entry(const Problem& p, int64_t bh) { return batch_entry(p, bh, p.heads); }
+
+// The key/value head that query entry e reads.
+__device__ __forceinline__ Entry kv_entry(const Problem& p, const Entry& e) { return {e.i0, e.i1, e.i2 / p.kv_group}; }
+
+// One batch entry's problem: for a packed batch its sequence's lengths and first query and key rows.
+struct Sequence {
+  Problem p;
+  int q_begin, k_begin;
+};
+
+__device__ __forceinline__ Sequence sequence_of(const Problem& p, const Entry& e) {
+  Sequence s{p, 0, 0};
+  if (p.cu_seqlens_q != nullptr) {
+    s.q_begin = p.cu_seqlens_q[e.i1];
+    s.k_begin = p.cu_seqlens_k[e.i1];
+    s.p.len_q = p.cu_seqlens_q[e.i1 + 1] - s.q_begin;
+    s.p.len_k = p.cu_seqlens_k[e.i1 + 1] - s.k_begin;
+  }
+  return s;
 }
 
 // Element offset of batch entry e in a tensor with strides stride0..2 (a Strided or a Mask).
@@ -175,14 +233,45 @@ __device__ __forceinline__ int64_t entry_offset(const Tensor& t, const Entry& e)
   return e.i0 * t.stride0 + e.i1 * t.stride1 + e.i2 * t.stride2;
 }
 
+// Row first_row of batch entry e (a packed sequence's rows start at its first token).
 template <typename T>
-__device__ __forceinline__ const T* at_entry(const Operand& o, const Entry& e) {
-  return static_cast<const T*>(o.data) + entry_offset(o, e);
+__device__ __forceinline__ const T* at_entry(const Operand& o, const Entry& e, int64_t first_row = 0) {
+  return static_cast<const T*>(o.data) + entry_offset(o, e) + first_row * o.stride_row;
 }
 
 template <typename T>
-__device__ __forceinline__ T* at_entry(const Output& o, const Entry& e) {
-  return static_cast<T*>(o.data) + entry_offset(o, e);
+__device__ __forceinline__ T* at_entry(const Output& o, const Entry& e, int64_t first_row = 0) {
+  return static_cast<T*>(o.data) + entry_offset(o, e) + first_row * o.stride_row;
+}
+
+// One batch entry's rotary tables: row r (a token of the entry's sequence) at cos + r * cos_stride.
+struct RotaryRows {
+  const float* cos;
+  const float* sin;
+  int64_t cos_stride, sin_stride;
+  int dim;
+  bool interleaved;
+};
+
+__device__ __forceinline__ RotaryRows rotary_rows(const Rotary& r, const Entry& e, int64_t first_row) {
+  return {at_entry<float>(r.cos, e, first_row), at_entry<float>(r.sin, e, first_row), r.cos.stride_row,
+          r.sin.stride_row, r.dim, r.interleaved};
+}
+
+// The other column of column c's rotary pair (c < R): c ^ 1 interleaved, c -+ R/2 rotate-half.
+__device__ __forceinline__ int rotary_partner(const RotaryRows& t, int c) {
+  return t.interleaved ? c ^ 1 : (c < t.dim / 2 ? c + t.dim / 2 : c - t.dim / 2);
+}
+
+// Column c (< R) of a row rotated: with p its pair partner, y_c = x_c cos_c - x_p sin_c for the pair's
+// first column (c of rotate-half's first half, even c interleaved) and + x_p sin_c for its second;
+// inverse (the gradient of a rotated column, un-rotated): y_c = x_c cos_c + x_p sin_p, - x_p sin_p.
+// In fp32; tables are read per column (their halves need not repeat).
+__device__ __forceinline__ float rotated_column(const RotaryRows& t, int row, int c, float x, float x_partner,
+                                                bool inverse) {
+  const bool first = t.interleaved ? c % 2 == 0 : c < t.dim / 2;
+  const float product = x_partner * t.sin[row * t.sin_stride + (inverse ? rotary_partner(t, c) : c)];
+  return x * t.cos[row * t.cos_stride + c] + (first == inverse ? product : -product);
 }
 
 // Element offsets of one batch entry into the mask and the bias.
@@ -346,6 +435,63 @@ __device__ __forceinline__ void store_warp_tile(const float (&acc)[kTiles][4], f
   }
 }
 
+// Rotates rows [0, kRows) of a [kRows][HD + 8] shared tile in place, pair by pair, rounding to T
+// (as q and k rotated before the kernels would be): tile row r is token row0 + r of the tables `t`.
+// Rows past len (zero-filled) are left. The caller synchronises the block before and after.
+template <int kRows, int HD, int kThreads, typename T>
+__device__ __forceinline__ void rotate_tile(T* tile, const RotaryRows& t, int row0, int len) {
+  const int pairs = t.dim / 2;
+  for (int i = threadIdx.x; i < kRows * pairs; i += kThreads) {
+    const int r = i / pairs, pair = i % pairs;
+    if (row0 + r >= len) break;  // i grows with r
+    const int a = t.interleaved ? 2 * pair : pair, b = rotary_partner(t, a);
+    T* row = tile + r * (HD + 8);
+    const float x_a = to_float(row[a]), x_b = to_float(row[b]);
+    row[a] = from_float<T>(rotated_column(t, row0 + r, a, x_a, x_b, false));
+    row[b] = from_float<T>(rotated_column(t, row0 + r, b, x_b, x_a, false));
+  }
+}
+
+// q and k rotated as they land in shared memory (forward, dQ, bias gradient): once the block has
+// synchronised on the copies, rotates the key tile (tokens n0..) and, with its first key tile, the
+// query tile (tokens m0..), then synchronises again.
+template <int kBlockM, int kBlockN, int HD, int kThreads, typename T>
+__device__ __forceinline__ void rotate_landed_tiles(T* q_tile, T* k_tile, const RotaryRows& q_rows,
+                                                    const RotaryRows& k_rows, int m0, int n0, const Problem& p,
+                                                    bool first_key_tile) {
+  if (first_key_tile) rotate_tile<kBlockM, HD, kThreads>(q_tile, q_rows, m0, p.len_q);
+  rotate_tile<kBlockN, HD, kThreads>(k_tile, k_rows, n0, p.len_k);
+  __syncthreads();
+}
+
+// store_warp_tile for the gradient of a rotated q or k: the warp's fp32 tile times `factor` is staged
+// in `stage` (16 x 8 kTiles floats that only this warp uses), un-rotated in fp32 by the tables' rows of
+// its tokens (row0 + r of `t`; the pairs of columns col0.. must lie inside the tile), and stored
+// element by element. Rows past len and columns past dim are dropped.
+template <typename T, int kTiles>
+__device__ __forceinline__ void store_warp_tile_unrotated(const float (&acc)[kTiles][4], float factor, float* stage,
+                                                          T* dst, int64_t row_stride, int row0, int len, int col0,
+                                                          int dim, const RotaryRows& t, int lane) {
+  constexpr int kCols = 8 * kTiles;
+  const int group = lane / 4, quad_lane = lane % 4;
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      stage[(group + 8 * (r / 2)) * kCols + j * 8 + 2 * quad_lane + (r & 1)] = acc[j][r] * factor;
+    }
+  }
+  __syncwarp();
+  for (int i = lane; i < 16 * kCols; i += 32) {
+    const int r = i / kCols, c = i % kCols, row = row0 + r, col = col0 + c;
+    if (row >= len || col >= dim) continue;
+    float x = stage[i];
+    if (col < t.dim) x = rotated_column(t, row, col, x, stage[r * kCols + rotary_partner(t, col) - col0], true);
+    dst[row * row_stride + col] = from_float<T>(x);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tile configurations (one per head-dim class; tuning knobs for the GPU)
 // ---------------------------------------------------------------------------------------------
@@ -412,23 +558,26 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
   T* const k_tiles = q_tile + kBlockM * kLd;
   T* const v_tiles = k_tiles + 2 * kBlockN * kLd;
 
-  const Problem& p = args.p;
-  const int num_m_blocks = ceil_div(p.len_q, kBlockM);
+  const int num_m_blocks = ceil_div(args.p.len_q, kBlockM);
   // Last query blocks first: under causal masking they are the longest.
   const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
   const int64_t bh = blockIdx.x / num_m_blocks;
-  const Entry entry = batch_entry(p, bh);
+  const Entry entry = batch_entry(args.p, bh), kv = kv_entry(args.p, entry);
+  const Sequence sequence = sequence_of(args.p, entry);
+  const Problem& p = sequence.p;
   const int m0 = m_block * kBlockM;
+  if (m0 >= p.len_q) return;  // past the end of a packed sequence
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / 4, quad_lane = lane % 4;
   const int warp_row0 = warp * 16 * kWarpTiles;  // first query row of the warp inside the block
   const int qk_cols = round_up(p.dim_qk, 16), v_cols = round_up(p.dim_v, 16);
   const int qk_chunks = qk_cols / 16, v_chunks = v_cols / 16;
 
-  const T* q = at_entry<T>(args.q, entry);
-  const T* k = at_entry<T>(args.k, entry);
-  const T* v = at_entry<T>(args.v, entry);
+  const T* q = at_entry<T>(args.q, entry, sequence.q_begin);
+  const T* k = at_entry<T>(args.k, kv, sequence.k_begin);
+  const T* v = at_entry<T>(args.v, kv, sequence.k_begin);
   const MaskOffsets masks_at = mask_offsets(args.masks, entry);
+  const bool rotary = args.rotary.dim > 0;
 
   int n_end = ceil_div(p.len_k, kBlockN);
   if (p.causal) n_end = min(n_end, ceil_div(min(m0 + kBlockM, p.len_q), kBlockN));
@@ -463,6 +612,12 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
                                              (n_block + 1) * kBlockN, p.len_k, p.dim_v, v_cols);
     }
     cp_async_commit();
+    if (rotary) {
+      rotate_landed_tiles<kBlockM, kBlockN, HD, kThreads>(q_tile, k_tiles + (n_block & 1) * kBlockN * kLd,
+                                                          rotary_rows(args.rotary, entry, sequence.q_begin),
+                                                          rotary_rows(args.rotary, kv, sequence.k_begin), m0,
+                                                          n_block * kBlockN, p, n_block == 0);
+    }
 
     // S = Q K^T
     float acc_s[kWarpTiles][kScoreTiles][4] = {};
@@ -556,8 +711,8 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
   // Without any key tile, the Q copies (issued by all threads) were never waited for.
   cp_async_wait_all();
   __syncthreads();
-  const int64_t row_base = bh * p.len_q;
-  T* out = at_entry<T>(args.out, entry);
+  float* lse = at_entry<float>(args.lse, entry, sequence.q_begin);
+  T* out = at_entry<T>(args.out, entry, sequence.q_begin);
 #pragma unroll
   for (int mi = 0; mi < kWarpTiles; ++mi) {
     float inv_sum[2];
@@ -567,7 +722,7 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
       inv_sum[half] = sum > 0.0f ? 1.0f / sum : 0.0f;
       const int row = m0 + warp_row0 + mi * 16 + group + 8 * half;
       if (quad_lane == 0 && row < p.len_q) {
-        args.lse[row_base + row] = sum > 0.0f ? row_max[mi][half] * kLn2 + logf(sum) : INFINITY;
+        lse[row] = sum > 0.0f ? row_max[mi][half] * kLn2 + logf(sum) : INFINITY;
       }
     }
 #pragma unroll
@@ -586,7 +741,8 @@ __global__ void __launch_bounds__(ForwardTiles<HD>::kThreads) attention_forward_
 // Tensor-core backward
 // ---------------------------------------------------------------------------------------------
 
-// delta[row] = sum_d dO[row, d] * O[row, d], one warp per query row (all dtypes).
+// delta[row] = sum_d dO[row, d] * O[row, d], one warp per query row (all dtypes). Packed batches
+// come as one sequence of all tokens (their sequences do not matter here).
 template <typename T>
 __global__ void __launch_bounds__(256) attention_backward_delta_kernel(const BackwardArgs args, int64_t rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
@@ -600,7 +756,7 @@ __global__ void __launch_bounds__(256) attention_backward_delta_kernel(const Bac
   float sum = 0.0f;
   for (int d = lane; d < p.dim_v; d += 32) sum += to_float(grad_out[d]) * to_float(out[d]);
   sum = warp_sum(sum);
-  if (lane == 0) args.delta[row] = sum;
+  if (lane == 0) at_entry<float>(args.delta, entry)[i] = sum;
 }
 
 template <typename T, int HD, bool kHasMasks>
@@ -619,49 +775,63 @@ __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
   float* const lse_tiles = reinterpret_cast<float*>(grad_out_tiles + 2 * kBlockM * kLd);
   float* const delta_tiles = lse_tiles + 2 * kBlockM;
 
-  const Problem& p = args.p;
-  const int num_n_blocks = ceil_div(p.len_k, kBlockN);
-  const int num_slices = ceil_div(max(p.dim_qk, p.dim_v), kSliceDim);
+  const int kv_heads = args.p.heads / args.p.kv_group;
+  const int num_n_blocks = ceil_div(args.p.len_k, kBlockN);
+  const int num_slices = ceil_div(max(args.p.dim_qk, args.p.dim_v), kSliceDim);
   const int n_block = static_cast<int>(blockIdx.x % num_n_blocks);
   const int slice = static_cast<int>(blockIdx.x / num_n_blocks) % num_slices;
   const int64_t bh = blockIdx.x / num_n_blocks / num_slices;
-  const Entry entry = batch_entry(p, bh);
+  const Entry entry = batch_entry(args.p, bh, kv_heads);  // a key/value head's
+  const Sequence sequence = sequence_of(args.p, entry);
+  const Problem& p = sequence.p;
   const int n0 = n_block * kBlockN;
+  if (n0 >= p.len_k) return;  // past the end of a packed sequence
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / 4, quad_lane = lane % 4;
   const int qk_cols = round_up(p.dim_qk, 16), v_cols = round_up(p.dim_v, 16);
   const int qk_chunks = qk_cols / 16, v_chunks = v_cols / 16;
   const int slice_chunk0 = slice * (kSliceDim / 16);
 
-  const T* q = at_entry<T>(args.q, entry);
-  const T* k = at_entry<T>(args.k, entry);
-  const T* v = at_entry<T>(args.v, entry);
-  const T* grad_out = at_entry<T>(args.grad_out, entry);
-  const float* lse = args.lse + bh * p.len_q;
-  const float* delta = args.delta + bh * p.len_q;
-  const MaskOffsets masks_at = mask_offsets(args.masks, entry);
+  // The group's query heads follow one another: head j of it at + j * stride2 from the first.
+  const Entry first_query = {entry.i0, entry.i1, entry.i2 * p.kv_group};
+  const T* q = at_entry<T>(args.q, first_query, sequence.q_begin);
+  const T* k = at_entry<T>(args.k, entry, sequence.k_begin);
+  const T* v = at_entry<T>(args.v, entry, sequence.k_begin);
+  const T* grad_out = at_entry<T>(args.grad_out, first_query, sequence.q_begin);
+  const float* lse = at_entry<float>(args.lse, first_query, sequence.q_begin);
+  const float* delta = at_entry<float>(args.delta, first_query, sequence.q_begin);
+  const MaskOffsets masks_at = mask_offsets(args.masks, entry);  // (masks come with kv_group = 1)
+  const bool rotary = args.rotary.dim > 0;
 
-  // Queries before the block's first key see none of its keys under causal masking.
+  // Queries before the block's first key see none of its keys under causal masking. The steps run
+  // over the group's query heads in head order, each over its query blocks, so that dK and dV sum the
+  // heads in a fixed order and the pipeline runs on from one head to the next.
   const int m_begin = p.causal ? n0 / kBlockM : 0;
-  const int m_end = ceil_div(p.len_q, kBlockM);
+  const int m_blocks = max(ceil_div(p.len_q, kBlockM) - m_begin, 0);
+  const int steps = m_blocks * p.kv_group;
+  auto step_head = [&](int step) { return m_blocks > 0 ? step / m_blocks : 0; };
+  auto step_block = [&](int step) { return m_begin + (m_blocks > 0 ? step % m_blocks : 0); };
 
-  auto load_query_tile = [&](int m_block, int stage) {
-    const int row0 = m_block * kBlockM;
-    load_tile_async<kBlockM, HD, kThreads>(q_tiles + stage * kBlockM * kLd, q, args.q.stride_row, row0, p.len_q,
-                                           p.dim_qk, qk_cols);
-    load_tile_async<kBlockM, HD, kThreads>(grad_out_tiles + stage * kBlockM * kLd, grad_out,
-                                           args.grad_out.stride_row, row0, p.len_q, p.dim_v, v_cols);
+  auto load_query_tile = [&](int step, int stage) {
+    const int head = step_head(step), row0 = step_block(step) * kBlockM;
+    const float* lse_head = lse + head * args.lse.stride2;
+    const float* delta_head = delta + head * args.delta.stride2;
+    load_tile_async<kBlockM, HD, kThreads>(q_tiles + stage * kBlockM * kLd, q + head * args.q.stride2,
+                                           args.q.stride_row, row0, p.len_q, p.dim_qk, qk_cols);
+    load_tile_async<kBlockM, HD, kThreads>(grad_out_tiles + stage * kBlockM * kLd,
+                                           grad_out + head * args.grad_out.stride2, args.grad_out.stride_row, row0,
+                                           p.len_q, p.dim_v, v_cols);
     if (threadIdx.x < kBlockM) {
       const int row = row0 + threadIdx.x;
       const bool valid = row < p.len_q;
-      cp_async_4(smem_u32(lse_tiles + stage * kBlockM + threadIdx.x), valid ? lse + row : lse, valid);
-      cp_async_4(smem_u32(delta_tiles + stage * kBlockM + threadIdx.x), valid ? delta + row : delta, valid);
+      cp_async_4(smem_u32(lse_tiles + stage * kBlockM + threadIdx.x), valid ? lse_head + row : lse, valid);
+      cp_async_4(smem_u32(delta_tiles + stage * kBlockM + threadIdx.x), valid ? delta_head + row : delta, valid);
     }
   };
 
   load_tile_async<kBlockN, HD, kThreads>(k_tile, k, args.k.stride_row, n0, p.len_k, p.dim_qk, qk_cols);
   load_tile_async<kBlockN, HD, kThreads>(v_tile, v, args.v.stride_row, n0, p.len_k, p.dim_v, v_cols);
-  if (m_begin < m_end) load_query_tile(m_begin, 0);
+  if (steps > 0) load_query_tile(0, 0);
   cp_async_commit();
 
   const uint32_t k_addr = smem_u32(k_tile) + warp * 16 * kLd * 2 + a_lane_offset<kLd>(lane);
@@ -676,13 +846,22 @@ __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
   float acc_dv[kSliceTiles][4] = {};
   const int key_first = n0 + warp * 16;
 
-  for (int m_block = m_begin; m_block < m_end; ++m_block) {
-    const int stage_index = (m_block - m_begin) & 1;
+  for (int step = 0; step < steps; ++step) {
+    const int m_block = step_block(step);
+    const int stage_index = step & 1;
     const uint32_t stage = stage_index * kStageBytes;
     cp_async_wait_all();
     __syncthreads();
-    if (m_block + 1 < m_end) load_query_tile(m_block + 1, stage_index ^ 1);
+    if (step + 1 < steps) load_query_tile(step + 1, stage_index ^ 1);
     cp_async_commit();
+    if (rotary) {  // q and k rotated as they land in shared memory
+      if (step == 0) rotate_tile<kBlockN, HD, kThreads>(k_tile, rotary_rows(args.rotary, entry, sequence.k_begin), n0,
+                                                        p.len_k);
+      const Entry query = {first_query.i0, first_query.i1, first_query.i2 + step_head(step)};
+      rotate_tile<kBlockM, HD, kThreads>(q_tiles + stage_index * kBlockM * kLd,
+                                         rotary_rows(args.rotary, query, sequence.q_begin), m_block * kBlockM, p.len_q);
+      __syncthreads();
+    }
 
     // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys.
     float acc_s[kScoreTiles][4] = {};
@@ -744,40 +923,46 @@ __global__ void __launch_bounds__(KeyValueGradTiles<HD>::kThreads)
   // Without any query tile, the K/V copies (issued by all threads) were never waited for.
   cp_async_wait_all();
   __syncthreads();
-  const int64_t row_base_k = bh * p.len_k;
-  store_warp_tile<T, kSliceTiles, kLd>(acc_dk, p.scale, k_tile + warp * 16 * kLd,
-                                       static_cast<T*>(args.grad_k) + row_base_k * p.dim_qk, p.dim_qk, key_first,
-                                       p.len_k, slice * kSliceDim, p.dim_qk, lane);
+  T* grad_k = at_entry<T>(args.grad_k, entry, sequence.k_begin);
+  if (rotary) {  // dK of the rotated k, un-rotated through fp32 rows over the Q tiles (free now)
+    static_assert(kBlockN * kSliceDim * sizeof(float) <= 4 * kBlockM * kLd * 2, "the dK stage fits in the Q/dO tiles");
+    float* const stage = reinterpret_cast<float*>(q_tiles) + warp * 16 * kSliceDim;
+    store_warp_tile_unrotated<T, kSliceTiles>(acc_dk, p.scale, stage, grad_k, args.grad_k.stride_row, key_first,
+                                              p.len_k, slice * kSliceDim, p.dim_qk,
+                                              rotary_rows(args.rotary, entry, sequence.k_begin), lane);
+  } else {
+    store_warp_tile<T, kSliceTiles, kLd>(acc_dk, p.scale, k_tile + warp * 16 * kLd, grad_k, args.grad_k.stride_row,
+                                         key_first, p.len_k, slice * kSliceDim, p.dim_qk, lane);
+  }
   store_warp_tile<T, kSliceTiles, kLd>(acc_dv, 1.0f, v_tile + warp * 16 * kLd,
-                                       static_cast<T*>(args.grad_v) + row_base_k * p.dim_v, p.dim_v, key_first,
-                                       p.len_k, slice * kSliceDim, p.dim_v, lane);
+                                       at_entry<T>(args.grad_v, entry, sequence.k_begin), args.grad_v.stride_row,
+                                       key_first, p.len_k, slice * kSliceDim, p.dim_v, lane);
 }
 
-// lse (base 2) and delta of this thread's rows row_first + group and row_first + group + 8 of the
-// batch entry bh. Rows past Lq get lse = +inf, hence P = 0.
-__device__ __forceinline__ void load_row_statistics(float (&lse2)[2], float (&row_delta)[2], const BackwardArgs& args,
-                                                    int64_t bh, int row_first, int group) {
-  const int64_t row_base = bh * args.p.len_q;
+// lse (base 2) and delta of this thread's rows row_first + group and row_first + group + 8 of one
+// batch entry's (lse and delta at its first row). Rows past len_q get lse = +inf, hence P = 0.
+__device__ __forceinline__ void load_row_statistics(float (&lse2)[2], float (&row_delta)[2], const float* lse,
+                                                    const float* delta, int len_q, int row_first, int group) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = row_first + group + 8 * half;
-    lse2[half] = row < args.p.len_q ? args.lse[row_base + row] * kLog2e : INFINITY;
-    row_delta[half] = row < args.p.len_q ? args.delta[row_base + row] : 0.0f;
+    lse2[half] = row < len_q ? lse[row] * kLog2e : INFINITY;
+    row_delta[half] = row < len_q ? delta[row] : 0.0f;
   }
 }
 
 // dS = P (dP - delta) of a warp's 16 queries (from row_first) x kBlockN keys (from n0), in C-fragment
 // layout: S = Q K^T and dP = dO V^T from the warp's Q and dO rows (A operands at q_addr and
 // grad_out_addr, with a_lane_offset) and the block's K and V tiles (B operands at k_addr and v_addr,
-// with b_lane_offset) in [.][kLd] shared tiles; lse2 and row_delta from load_row_statistics.
+// with b_lane_offset) in [.][kLd] shared tiles; lse2 and row_delta from load_row_statistics; p the
+// entry's problem.
 template <typename T, int HD, int kBlockN, int kLd, bool kHasMasks>
 __device__ __forceinline__ void score_grad_tile(float (&grad_s)[kBlockN / 8][4], uint32_t q_addr,
                                                 uint32_t grad_out_addr, uint32_t k_addr, uint32_t v_addr,
                                                 int row_first, int n0, const float (&lse2)[2],
-                                                const float (&row_delta)[2], const BackwardArgs& args,
+                                                const float (&row_delta)[2], const Problem& p, const Masks& masks,
                                                 const MaskOffsets& masks_at, int lane) {
   constexpr int kScoreTiles = kBlockN / 8;
-  const Problem& p = args.p;
   const int group = lane / 4, quad_lane = lane % 4;
   const int qk_chunks = ceil_div(p.dim_qk, 16), v_chunks = ceil_div(p.dim_v, 16);
   float acc_s[kScoreTiles][4] = {};
@@ -798,7 +983,7 @@ __device__ __forceinline__ void score_grad_tile(float (&grad_s)[kBlockN / 8][4],
       const int half = r / 2;
       const int row = row_first + group + 8 * half;
       const int col = n0 + nj * 8 + 2 * quad_lane + (r & 1);
-      const float s = logit2<T, kHasMasks>(acc_s[nj][r], row, col, edge, p, args.masks, masks_at);
+      const float s = logit2<T, kHasMasks>(acc_s[nj][r], row, col, edge, p, masks, masks_at);
       const float prob = exp2_approx(s - lse2[half]);
       acc_dp[nj][r] = prob * (acc_dp[nj][r] - row_delta[half]);
     }
@@ -819,21 +1004,24 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
   T* const k_tiles = grad_out_tile + kBlockM * kLd;
   T* const v_tiles = k_tiles + 2 * kBlockN * kLd;
 
-  const Problem& p = args.p;
-  const int num_m_blocks = ceil_div(p.len_q, kBlockM);
+  const int num_m_blocks = ceil_div(args.p.len_q, kBlockM);
   const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
   const int64_t bh = blockIdx.x / num_m_blocks;
-  const Entry entry = batch_entry(p, bh);
+  const Entry entry = batch_entry(args.p, bh), kv = kv_entry(args.p, entry);
+  const Sequence sequence = sequence_of(args.p, entry);
+  const Problem& p = sequence.p;
   const int m0 = m_block * kBlockM;
+  if (m0 >= p.len_q) return;  // past the end of a packed sequence
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int qk_cols = round_up(p.dim_qk, 16), v_cols = round_up(p.dim_v, 16);
   const int qk_chunks = qk_cols / 16;
 
-  const T* q = at_entry<T>(args.q, entry);
-  const T* k = at_entry<T>(args.k, entry);
-  const T* v = at_entry<T>(args.v, entry);
-  const T* grad_out = at_entry<T>(args.grad_out, entry);
+  const T* q = at_entry<T>(args.q, entry, sequence.q_begin);
+  const T* k = at_entry<T>(args.k, kv, sequence.k_begin);
+  const T* v = at_entry<T>(args.v, kv, sequence.k_begin);
+  const T* grad_out = at_entry<T>(args.grad_out, entry, sequence.q_begin);
   const MaskOffsets masks_at = mask_offsets(args.masks, entry);
+  const bool rotary = args.rotary.dim > 0;
 
   int n_end = ceil_div(p.len_k, kBlockN);
   if (p.causal) n_end = min(n_end, ceil_div(min(m0 + kBlockM, p.len_q), kBlockN));
@@ -849,7 +1037,8 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
 
   const int row_first = m0 + warp * 16;
   float lse2[2], row_delta[2];
-  load_row_statistics(lse2, row_delta, args, bh, row_first, lane / 4);
+  load_row_statistics(lse2, row_delta, at_entry<float>(args.lse, entry, sequence.q_begin),
+                      at_entry<float>(args.delta, entry, sequence.q_begin), p.len_q, row_first, lane / 4);
 
   const uint32_t q_addr = smem_u32(q_tile) + warp * 16 * kLd * 2 + a_lane_offset<kLd>(lane);
   const uint32_t grad_out_addr = smem_u32(grad_out_tile) + warp * 16 * kLd * 2 + a_lane_offset<kLd>(lane);
@@ -872,11 +1061,17 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
                                              (n_block + 1) * kBlockN, p.len_k, p.dim_v, v_cols);
     }
     cp_async_commit();
+    if (rotary) {
+      rotate_landed_tiles<kBlockM, kBlockN, HD, kThreads>(q_tile, k_tiles + (n_block & 1) * kBlockN * kLd,
+                                                          rotary_rows(args.rotary, entry, sequence.q_begin),
+                                                          rotary_rows(args.rotary, kv, sequence.k_begin), m0,
+                                                          n_block * kBlockN, p, n_block == 0);
+    }
 
     float grad_s[kScoreTiles][4];
     score_grad_tile<T, HD, kBlockN, kLd, kHasMasks>(grad_s, q_addr, grad_out_addr, k_addr_b + stage, v_addr_b + stage,
-                                                    row_first, n_block * kBlockN, lse2, row_delta, args, masks_at,
-                                                    lane);
+                                                    row_first, n_block * kBlockN, lse2, row_delta, p, args.masks,
+                                                    masks_at, lane);
 
     // dQ += dS K
 #pragma unroll
@@ -898,9 +1093,16 @@ __global__ void __launch_bounds__(QueryGradTiles<HD>::kThreads)
   // Without any key tile, the Q/dO copies (issued by all threads) were never waited for.
   cp_async_wait_all();
   __syncthreads();
-  store_warp_tile<T, kOutTiles, kLd>(acc_dq, p.scale, q_tile + warp * 16 * kLd,
-                                     static_cast<T*>(args.grad_q) + bh * p.len_q * p.dim_qk, p.dim_qk, row_first,
-                                     p.len_q, 0, p.dim_qk, lane);
+  T* grad_q = at_entry<T>(args.grad_q, entry, sequence.q_begin);
+  if (rotary) {  // dQ of the rotated q, un-rotated through fp32 rows over the Q and dO tiles (free now)
+    static_assert(kBlockM * HD * sizeof(float) <= 2 * kBlockM * kLd * 2, "the dQ stage fits in the Q/dO tiles");
+    store_warp_tile_unrotated<T, kOutTiles>(acc_dq, p.scale, reinterpret_cast<float*>(shared) + warp * 16 * HD, grad_q,
+                                            args.grad_q.stride_row, row_first, p.len_q, 0, p.dim_qk,
+                                            rotary_rows(args.rotary, entry, sequence.q_begin), lane);
+  } else {
+    store_warp_tile<T, kOutTiles, kLd>(acc_dq, p.scale, q_tile + warp * 16 * kLd, grad_q, args.grad_q.stride_row,
+                                       row_first, p.len_q, 0, p.dim_qk, lane);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -960,18 +1162,19 @@ __device__ __forceinline__ float exact_score_grad(const float* q_row, const floa
 
 __global__ void __launch_bounds__(32 * kExactWarps) attention_forward_exact_kernel(const ForwardArgs args) {
   VKERNELS_SHARED(float, q_rows, [kExactWarps][kMaxHeadDim]);
-  const Problem& p = args.p;
-  const int num_m_blocks = ceil_div(p.len_q, kExactWarps);
+  const int num_m_blocks = ceil_div(args.p.len_q, kExactWarps);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.x / num_m_blocks;
   const int row = static_cast<int>(blockIdx.x % num_m_blocks) * kExactWarps + warp;
+  const Entry entry = batch_entry(args.p, bh), kv = kv_entry(args.p, entry);
+  const Sequence sequence = sequence_of(args.p, entry);
+  const Problem& p = sequence.p;
   if (row >= p.len_q) return;
-  const Entry entry = batch_entry(p, bh);
-  const float* k = at_entry<float>(args.k, entry);
-  const float* v = at_entry<float>(args.v, entry);
+  const float* k = at_entry<float>(args.k, kv, sequence.k_begin);
+  const float* v = at_entry<float>(args.v, kv, sequence.k_begin);
   const MaskOffsets masks_at = mask_offsets(args.masks, entry);
   float* q_row = q_rows[warp];
-  load_row_to_shared(q_row, at_entry<float>(args.q, entry) + row * args.q.stride_row, p.dim_qk, lane);
+  load_row_to_shared(q_row, at_entry<float>(args.q, entry, sequence.q_begin) + row * args.q.stride_row, p.dim_qk, lane);
 
   const int key_end = p.causal ? min(p.len_k, row + 1) : p.len_k;
   float acc[kExactColumns] = {};
@@ -997,31 +1200,35 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_forward_exact_kern
     }
   }
   store_columns(acc, row_sum > 0.0f ? 1.0f / row_sum : 0.0f,
-                at_entry<float>(args.out, entry) + row * args.out.stride_row, p.dim_v, lane);
-  if (lane == 0) args.lse[bh * p.len_q + row] = row_sum > 0.0f ? row_max * kLn2 + logf(row_sum) : INFINITY;
+                at_entry<float>(args.out, entry, sequence.q_begin) + row * args.out.stride_row, p.dim_v, lane);
+  if (lane == 0) {
+    float* lse = at_entry<float>(args.lse, entry, sequence.q_begin);
+    lse[row] = row_sum > 0.0f ? row_max * kLn2 + logf(row_sum) : INFINITY;
+  }
 }
 
 __global__ void __launch_bounds__(32 * kExactWarps) attention_backward_query_exact_kernel(const BackwardArgs args) {
   VKERNELS_SHARED(float, q_rows, [kExactWarps][kMaxHeadDim]);
   VKERNELS_SHARED(float, grad_out_rows, [kExactWarps][kMaxHeadDim]);
-  const Problem& p = args.p;
-  const int num_m_blocks = ceil_div(p.len_q, kExactWarps);
+  const int num_m_blocks = ceil_div(args.p.len_q, kExactWarps);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.x / num_m_blocks;
   const int row = static_cast<int>(blockIdx.x % num_m_blocks) * kExactWarps + warp;
+  const Entry entry = batch_entry(args.p, bh), kv = kv_entry(args.p, entry);
+  const Sequence sequence = sequence_of(args.p, entry);
+  const Problem& p = sequence.p;
   if (row >= p.len_q) return;
-  const Entry entry = batch_entry(p, bh);
-  const float* k = at_entry<float>(args.k, entry);
-  const float* v = at_entry<float>(args.v, entry);
+  const float* k = at_entry<float>(args.k, kv, sequence.k_begin);
+  const float* v = at_entry<float>(args.v, kv, sequence.k_begin);
   const MaskOffsets masks_at = mask_offsets(args.masks, entry);
-  const int64_t q_row_index = bh * p.len_q + row;
   float* q_row = q_rows[warp];
   float* grad_out_row = grad_out_rows[warp];
-  load_row_to_shared(q_row, at_entry<float>(args.q, entry) + row * args.q.stride_row, p.dim_qk, lane);
-  load_row_to_shared(grad_out_row, at_entry<float>(args.grad_out, entry) + row * args.grad_out.stride_row, p.dim_v,
+  load_row_to_shared(q_row, at_entry<float>(args.q, entry, sequence.q_begin) + row * args.q.stride_row, p.dim_qk, lane);
+  load_row_to_shared(grad_out_row,
+                     at_entry<float>(args.grad_out, entry, sequence.q_begin) + row * args.grad_out.stride_row, p.dim_v,
                      lane);
-  const float lse2 = args.lse[q_row_index] * kLog2e;
-  const float row_delta = args.delta[q_row_index];
+  const float lse2 = at_entry<float>(args.lse, entry, sequence.q_begin)[row] * kLog2e;
+  const float row_delta = at_entry<float>(args.delta, entry, sequence.q_begin)[row];
 
   const int key_end = p.causal ? min(p.len_k, row + 1) : p.len_k;
   float acc[kExactColumns] = {};
@@ -1037,52 +1244,59 @@ __global__ void __launch_bounds__(32 * kExactWarps) attention_backward_query_exa
       axpy_columns(acc, __shfl_sync(0xffffffffu, grad_score, j), k + (key0 + j) * args.k.stride_row, p.dim_qk, lane);
     }
   }
-  store_columns(acc, p.scale, static_cast<float*>(args.grad_q) + q_row_index * p.dim_qk, p.dim_qk, lane);
+  store_columns(acc, p.scale, at_entry<float>(args.grad_q, entry, sequence.q_begin) + row * args.grad_q.stride_row,
+                p.dim_qk, lane);
 }
 
 __global__ void __launch_bounds__(32 * kExactWarps) attention_backward_key_value_exact_kernel(const BackwardArgs args) {
   VKERNELS_SHARED(float, k_rows, [kExactWarps][kMaxHeadDim]);
   VKERNELS_SHARED(float, v_rows, [kExactWarps][kMaxHeadDim]);
-  const Problem& p = args.p;
-  const int num_n_blocks = ceil_div(p.len_k, kExactWarps);
+  const int kv_heads = args.p.heads / args.p.kv_group;
+  const int num_n_blocks = ceil_div(args.p.len_k, kExactWarps);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.x / num_n_blocks;
   const int key = static_cast<int>(blockIdx.x % num_n_blocks) * kExactWarps + warp;
+  const Entry entry = batch_entry(args.p, bh, kv_heads);  // a key/value head's
+  const Sequence sequence = sequence_of(args.p, entry);
+  const Problem& p = sequence.p;
   if (key >= p.len_k) return;
-  const Entry entry = batch_entry(p, bh);
-  const float* q = at_entry<float>(args.q, entry);
-  const float* grad_out = at_entry<float>(args.grad_out, entry);
-  const int64_t row_base_q = bh * p.len_q;
-  const MaskOffsets masks_at = mask_offsets(args.masks, entry);
+  const MaskOffsets masks_at = mask_offsets(args.masks, entry);  // (masks come with kv_group = 1)
   float* k_row = k_rows[warp];
   float* v_row = v_rows[warp];
-  load_row_to_shared(k_row, at_entry<float>(args.k, entry) + key * args.k.stride_row, p.dim_qk, lane);
-  load_row_to_shared(v_row, at_entry<float>(args.v, entry) + key * args.v.stride_row, p.dim_v, lane);
+  load_row_to_shared(k_row, at_entry<float>(args.k, entry, sequence.k_begin) + key * args.k.stride_row, p.dim_qk, lane);
+  load_row_to_shared(v_row, at_entry<float>(args.v, entry, sequence.k_begin) + key * args.v.stride_row, p.dim_v, lane);
 
   const int query_begin = p.causal ? key : 0;  // causal: only queries at or after the key see it
   float acc_dk[kExactColumns] = {}, acc_dv[kExactColumns] = {};
-  for (int query0 = query_begin; query0 < p.len_q; query0 += 32) {
-    const int query = query0 + lane;
-    float prob = 0.0f, grad_score = 0.0f;
-    if (query < p.len_q) {
-      const float s = exact_logit2(dot_shared_global(k_row, q + query * args.q.stride_row, p.dim_qk), query, key, p,
-                                   args.masks, masks_at);
-      prob = exp2f(s - args.lse[row_base_q + query] * kLog2e);
-      const float grad_prob =
-          dot_shared_global(v_row, grad_out + query * args.grad_out.stride_row, p.dim_v);
-      grad_score = prob * (grad_prob - args.delta[row_base_q + query]);
-    }
-    const int count = min(32, p.len_q - query0);
-    for (int j = 0; j < count; ++j) {
-      const int other = query0 + j;
-      axpy_columns(acc_dv, __shfl_sync(0xffffffffu, prob, j), grad_out + other * args.grad_out.stride_row, p.dim_v,
-                   lane);
-      axpy_columns(acc_dk, __shfl_sync(0xffffffffu, grad_score, j), q + other * args.q.stride_row, p.dim_qk, lane);
+  for (int head = 0; head < p.kv_group; ++head) {  // the group's query heads, in head order
+    const Entry query_entry = {entry.i0, entry.i1, entry.i2 * p.kv_group + head};
+    const float* q = at_entry<float>(args.q, query_entry, sequence.q_begin);
+    const float* grad_out = at_entry<float>(args.grad_out, query_entry, sequence.q_begin);
+    const float* lse = at_entry<float>(args.lse, query_entry, sequence.q_begin);
+    const float* delta = at_entry<float>(args.delta, query_entry, sequence.q_begin);
+    for (int query0 = query_begin; query0 < p.len_q; query0 += 32) {
+      const int query = query0 + lane;
+      float prob = 0.0f, grad_score = 0.0f;
+      if (query < p.len_q) {
+        const float s = exact_logit2(dot_shared_global(k_row, q + query * args.q.stride_row, p.dim_qk), query, key, p,
+                                     args.masks, masks_at);
+        prob = exp2f(s - lse[query] * kLog2e);
+        const float grad_prob = dot_shared_global(v_row, grad_out + query * args.grad_out.stride_row, p.dim_v);
+        grad_score = prob * (grad_prob - delta[query]);
+      }
+      const int count = min(32, p.len_q - query0);
+      for (int j = 0; j < count; ++j) {
+        const int other = query0 + j;
+        axpy_columns(acc_dv, __shfl_sync(0xffffffffu, prob, j), grad_out + other * args.grad_out.stride_row, p.dim_v,
+                     lane);
+        axpy_columns(acc_dk, __shfl_sync(0xffffffffu, grad_score, j), q + other * args.q.stride_row, p.dim_qk, lane);
+      }
     }
   }
-  const int64_t k_row_index = bh * p.len_k + key;
-  store_columns(acc_dk, p.scale, static_cast<float*>(args.grad_k) + k_row_index * p.dim_qk, p.dim_qk, lane);
-  store_columns(acc_dv, 1.0f, static_cast<float*>(args.grad_v) + k_row_index * p.dim_v, p.dim_v, lane);
+  store_columns(acc_dk, p.scale, at_entry<float>(args.grad_k, entry, sequence.k_begin) + key * args.grad_k.stride_row,
+                p.dim_qk, lane);
+  store_columns(acc_dv, 1.0f, at_entry<float>(args.grad_v, entry, sequence.k_begin) + key * args.grad_v.stride_row,
+                p.dim_v, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1117,10 +1331,6 @@ __device__ __forceinline__ Entry summed_entry(const BiasGradSum& sum, const Entr
           group.i2 + e % sum.reduced2};
 }
 
-__device__ __forceinline__ int64_t flat_index(const Problem& p, const Entry& e) {
-  return (e.i0 * p.batch1 + e.i1) * p.heads + e.i2;
-}
-
 __device__ __forceinline__ float* partial_sum_of(const BiasGradSum& sum, const BiasGradTask& task) {
   return sum.partial + (static_cast<int64_t>(task.chunk) * sum.groups + task.group_index) * sum.rows * sum.cols;
 }
@@ -1128,7 +1338,9 @@ __device__ __forceinline__ float* partial_sum_of(const BiasGradSum& sum, const B
 // Tensor cores: a block owns a kBlockM x kBlockN bias tile (every query block when the bias has one
 // row, every key block when it has one column) and one chunk; each warp adds dS of its 16 rows of
 // the tile in registers, entry after entry, then the tile is summed along the bias's reduced axes.
-template <typename T, int HD>
+// kRotary: a template flag here (the other kernels test args.rotary at run time), since the rotation
+// code pushed this kernel's registers into spills (sm_90 ptxas) also for calls without tables.
+template <typename T, int HD, bool kRotary>
 __global__ void __launch_bounds__(BiasGradTiles<HD>::kThreads)
     attention_bias_grad_kernel(const BackwardArgs args, const BiasGradSum sum) {
   using Tiles = BiasGradTiles<HD>;
@@ -1161,7 +1373,6 @@ __global__ void __launch_bounds__(BiasGradTiles<HD>::kThreads)
   const int e_end = min((task.chunk + 1) * sum.chunk_size, sum.num_entries);
   for (int e = task.chunk * sum.chunk_size; e < e_end; ++e) {
     const Entry entry = summed_entry(sum, task.group, e);
-    const int64_t bh = flat_index(p, entry);
     const T* q = at_entry<T>(args.q, entry);
     const T* k = at_entry<T>(args.k, entry);
     const T* v = at_entry<T>(args.v, entry);
@@ -1170,7 +1381,8 @@ __global__ void __launch_bounds__(BiasGradTiles<HD>::kThreads)
     for (int m_block = m_begin; m_block < m_end; ++m_block) {
       const int row_first = m_block * kBlockM + warp * 16;
       float lse2[2], row_delta[2];
-      load_row_statistics(lse2, row_delta, args, bh, row_first, group);
+      load_row_statistics(lse2, row_delta, at_entry<float>(args.lse, entry), at_entry<float>(args.delta, entry),
+                          p.len_q, row_first, group);
       for (int n_block = n_begin; n_block < n_end; ++n_block) {
         __syncthreads();  // every warp is done reading the previous step's tiles
         if (n_block == n_begin) {
@@ -1186,10 +1398,15 @@ __global__ void __launch_bounds__(BiasGradTiles<HD>::kThreads)
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
+        if constexpr (kRotary) {
+          const RotaryRows rows = rotary_rows(args.rotary, summed_entry(sum, task.group, e), 0);
+          rotate_landed_tiles<kBlockM, kBlockN, HD, kThreads>(q_tile, k_tile, rows, rows, m_block * kBlockM,
+                                                              n_block * kBlockN, p, n_block == n_begin);
+        }
 
         float grad_s[kScoreTiles][4];
         score_grad_tile<T, HD, kBlockN, kLd, true>(grad_s, q_addr, grad_out_addr, k_addr, v_addr, row_first,
-                                                   n_block * kBlockN, lse2, row_delta, args, masks_at, lane);
+                                                   n_block * kBlockN, lse2, row_delta, p, args.masks, masks_at, lane);
 #pragma unroll
         for (int nj = 0; nj < kScoreTiles; ++nj) {
 #pragma unroll
@@ -1279,7 +1496,8 @@ __global__ void __launch_bounds__(32 * kExactWarps)
   const int e_end = min((task.chunk + 1) * sum.chunk_size, sum.num_entries);
   for (int e = task.chunk * sum.chunk_size; e < e_end; ++e) {
     const Entry entry = summed_entry(sum, task.group, e);
-    const int64_t row_base = flat_index(p, entry) * p.len_q;
+    const float* lse = at_entry<float>(args.lse, entry);
+    const float* delta = at_entry<float>(args.delta, entry);
     const float* q = at_entry<float>(args.q, entry);
     const float* k = at_entry<float>(args.k, entry);
     const float* v = at_entry<float>(args.v, entry);
@@ -1289,8 +1507,8 @@ __global__ void __launch_bounds__(32 * kExactWarps)
       __syncwarp();  // every lane is done reading the previous row
       load_row_to_shared(q_row, q + row * args.q.stride_row, p.dim_qk, lane);
       load_row_to_shared(grad_out_row, grad_out + row * args.grad_out.stride_row, p.dim_v, lane);
-      const float lse2 = args.lse[row_base + row] * kLog2e;
-      const float row_delta = args.delta[row_base + row];
+      const float lse2 = lse[row] * kLog2e;
+      const float row_delta = delta[row];
       for (int block = block_begin; block < block_end; ++block) {
         const int key = block * 32 + lane;
         if (key < p.len_k) {
@@ -1358,6 +1576,9 @@ void dispatch_bool(bool value, Fn&& fn) {
 // A (B, H, L, X) operand as (1, B, H, L, X); a (B0, B1, H, L, X) one unchanged.
 at::Tensor five_dims(const at::Tensor& t) { return t.dim() == 5 ? t : t.unsqueeze(0); }
 
+// A (B, H, L) row statistic (lse, delta) as (1, B, H, L); a (B0, B1, H, L) one unchanged.
+at::Tensor four_dims(const at::Tensor& t) { return t.dim() == 4 ? t : t.unsqueeze(0); }
+
 // A 5-D result as the query's rank.
 at::Tensor like_query(const at::Tensor& t, const at::Tensor& query) { return query.dim() == 5 ? t : t.squeeze(0); }
 
@@ -1367,7 +1588,7 @@ Output output(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride
 // q, k, v (and out, dO) as the kernels read them: 5-D with a unit stride along the head dim, and for
 // the tensor cores (cp.async moves 16-byte chunks) a data pointer and strides that are multiples of
 // 16 bytes. Views that break this (rare: transposed heads, odd storage offsets or row strides) are copied.
-at::Tensor kernel_operand(const at::Tensor& t, bool tensor_cores) {
+at::Tensor readable_operand(const at::Tensor& t, bool tensor_cores) {
   bool readable = t.stride(-1) == 1;
   if (tensor_cores) {
     readable = readable && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
@@ -1375,7 +1596,21 @@ at::Tensor kernel_operand(const at::Tensor& t, bool tensor_cores) {
       readable = readable && (t.size(d) == 1 || (t.stride(d) * t.element_size()) % 16 == 0);
     }
   }
-  return five_dims(readable ? t : t.contiguous());
+  return readable ? t : t.contiguous();
+}
+at::Tensor kernel_operand(const at::Tensor& t, bool tensor_cores) {
+  return five_dims(readable_operand(t, tensor_cores));
+}
+
+// A packed (total, H, X) tensor, an (H, total) row statistic or a (total, [H,] R) rotary table as the
+// kernels' (1, batch, H, total, .) view: every sequence reads the same rows (stride 0 over B1) from
+// its first token on (Problem::cu_seqlens_q / _k), tables shared by the heads with stride 0 over H.
+at::Tensor packed_view(const at::Tensor& t, int64_t batch, int64_t heads, bool statistic = false) {
+  at::Tensor heads_first = statistic ? t : (t.dim() == 3 ? t.transpose(0, 1) : t.unsqueeze(0));
+  std::vector<int64_t> shape = heads_first.sizes().vec();
+  shape[0] = heads;
+  shape.insert(shape.begin(), {1, batch});
+  return heads_first.unsqueeze(0).unsqueeze(0).expand(shape);
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& query, const char* name) {
@@ -1402,6 +1637,57 @@ void check_mask(const std::optional<at::Tensor>& mask, const char* name, bool ma
               " of shape ", mask->sizes(), " does not broadcast to (B0, B1, H, Lq, Lk) = ", at::IntArrayRef(scores));
 }
 
+// cos and sin: both or neither, of one shape, floating point, on the query's device, R = their last dim
+// even and at most the head dim. The dK/dV kernels of head dims above 128 accumulate 128-column slices:
+// rotate-half pairs (c, c + R/2) then stay inside one for R <= 128 only.
+void check_rotary_tables(const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                         const at::Tensor& query) {
+  TORCH_CHECK(cos.has_value() && sin.has_value(), "attention_cuda: rotary_cos and rotary_sin come together");
+  check_same_device(*cos, query, "rotary_cos");
+  check_same_device(*sin, query, "rotary_sin");
+  TORCH_CHECK(cos->sizes() == sin->sizes(), "attention_cuda: rotary cos and sin differ in shape: ", cos->sizes(),
+              " and ", sin->sizes());
+  TORCH_CHECK(cos->is_floating_point() && sin->is_floating_point() && cos->dim() >= 2,
+              "attention_cuda: rotary tables must be floating point, (..., L, R), got ", cos->scalar_type(), " ",
+              cos->sizes());
+  const int64_t rotary_dim = cos->size(-1), head_dim = query.size(-1);
+  TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
+              "attention_cuda: rotary_dim (the tables' last dim) must be even and in 2..", head_dim,
+              " (the head dim), got ", rotary_dim);
+}
+
+// Rotary tables as the kernels read them: float32 with a unit column stride (broadcast views keep
+// their stride-0 dims).
+at::Tensor float_table(const at::Tensor& t) {
+  const at::Tensor table = t.to(at::kFloat);
+  return table.stride(-1) == 1 ? table : table.contiguous();
+}
+
+// cos and sin as views of shape `shape` ((B0, B1, H, L, R), or packed (1, batch, H, total, R)).
+Rotary rotary_of(const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+  return {operand(cos), operand(sin), static_cast<int>(cos.size(-1)), interleaved};
+}
+
+constexpr Rotary kNoRotary = {{nullptr, 0, 0, 0, 0}, {nullptr, 0, 0, 0, 0}, 0, false};
+
+// x (..., D) with its first R columns rotated by cos and sin (..., R) broadcasting against it, or
+// (inverse) a gradient of rotated columns un-rotated: rotated_column's formulas in ATen, for the fp32
+// kernels (the exact path; the tensor-core kernels rotate inside).
+at::Tensor rotated_columns(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved,
+                           bool inverse) {
+  const int64_t rotary_dim = cos.size(-1);
+  const at::TensorOptions indices = x.options().dtype(at::kLong);
+  const at::Tensor first = interleaved ? at::arange(0, rotary_dim, 2, indices) : at::arange(0, rotary_dim / 2, indices);
+  const at::Tensor second = first + (interleaved ? 1 : rotary_dim / 2);
+  const at::Tensor x_a = x.index_select(-1, first), x_b = x.index_select(-1, second);
+  const at::Tensor cos_a = cos.index_select(-1, first), cos_b = cos.index_select(-1, second);
+  const at::Tensor sin_a = sin.index_select(-1, first), sin_b = sin.index_select(-1, second);
+  at::Tensor y = x.contiguous().clone();
+  y.index_copy_(-1, first, inverse ? x_a * cos_a + x_b * sin_b : x_a * cos_a - x_b * sin_a);
+  y.index_copy_(-1, second, inverse ? x_b * cos_b - x_a * sin_a : x_b * cos_b + x_a * sin_b);
+  return y;
+}
+
 // Checks query/key/value/mask/bias and fills the problem description.
 Problem check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                      const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
@@ -1409,8 +1695,6 @@ Problem check_inputs(const at::Tensor& query, const at::Tensor& key, const at::T
                      const std::optional<at::Tensor>& rotary_sin) {
   TORCH_CHECK(on_kernel_device(query), "attention_cuda: query must be a ", kKernelDevice, " tensor, got one on ",
               query.device());
-  TORCH_CHECK(!rotary_cos.has_value() && !rotary_sin.has_value(),
-              "attention_cuda: the CUDA kernels apply no rotary embedding before issue 16's phase 2");
   check_same_device(key, query, "key");
   check_same_device(value, query, "value");
   const int64_t rank = query.dim();
@@ -1443,6 +1727,16 @@ Problem check_inputs(const at::Tensor& query, const at::Tensor& key, const at::T
               "attention_cuda: sizes must fit in 32 bits, got ", query.sizes(), " and ", key.sizes());
   check_mask(attn_mask, "attn_mask", true, query, key);
   check_mask(attn_bias, "attn_bias", false, query, key);
+  if (rotary_cos.has_value() || rotary_sin.has_value()) {
+    TORCH_CHECK(query.size(-2) == key.size(-2), "attention_cuda: rotary tables need query and key of one length, got ",
+                query.size(-2), " and ", key.size(-2));
+    check_rotary_tables(rotary_cos, rotary_sin, query);
+    std::vector<int64_t> tables = scores_shape(query, key);
+    tables.back() = rotary_cos->size(-1);
+    TORCH_CHECK(rotary_cos->dim() <= 5 && at::is_expandable_to(rotary_cos->sizes(), tables),
+                "attention_cuda: rotary tables of shape ", rotary_cos->sizes(),
+                " do not broadcast to (B0, B1, H, L, R) = ", at::IntArrayRef(tables));
+  }
   Problem p;
   p.batch1 = static_cast<int>(scores[1]);
   p.heads = static_cast<int>(scores[2]);
@@ -1450,6 +1744,8 @@ Problem check_inputs(const at::Tensor& query, const at::Tensor& key, const at::T
   p.len_k = static_cast<int>(scores[4]);
   p.dim_qk = static_cast<int>(query.size(-1));
   p.dim_v = static_cast<int>(value.size(-1));
+  p.kv_group = 1;
+  p.cu_seqlens_q = p.cu_seqlens_k = nullptr;
   p.causal = is_causal;
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
@@ -1478,13 +1774,74 @@ void check_tensor_core_device(const at::Tensor& query) {
   TORCH_CHECK(major >= 8, "attention_cuda: float16/bfloat16 need a GPU of compute capability 8.0 or newer");
 }
 
+// The dK/dV kernels of head dims above 128 accumulate 128-column slices: rotate-half pairs (c, c + R/2)
+// stay inside one for R <= 128 only.
+void check_rotary_slices(const Problem& p, int64_t rotary_dim, bool interleaved) {
+  TORCH_CHECK(interleaved || rotary_dim <= 128 || std::max(p.dim_qk, p.dim_v) <= 128,
+              "attention_cuda: rotate-half tables of more than 128 columns need head dims of at most 128, got "
+              "rotary_dim ", rotary_dim, " and head dims ", p.dim_qk, ", ", p.dim_v);
+}
+
+// The operands and tables the kernels read: q and k rotated first on the fp32 path (through
+// rotated_columns), the tables passed on to the tensor-core kernels. cos and sin: views broadcast to the
+// kernels' (B0, B1, H, L, R) shape (query_tables) and, for the fp32 rotation, against q and k (`tables`).
+struct RotaryOperands {
+  at::Tensor query, key;
+  Rotary rotary;
+};
+
+RotaryOperands rotary_operands(const at::Tensor& query, const at::Tensor& key, bool tensor_cores,
+                               const std::optional<std::pair<at::Tensor, at::Tensor>>& kernel_tables,
+                               const std::optional<std::pair<at::Tensor, at::Tensor>>& tables, bool interleaved) {
+  if (!kernel_tables.has_value()) return {query, key, kNoRotary};
+  if (tensor_cores) return {query, key, rotary_of(kernel_tables->first, kernel_tables->second, interleaved)};
+  return {rotated_columns(query, tables->first, tables->second, interleaved, false),
+          rotated_columns(key, tables->first, tables->second, interleaved, false), kNoRotary};
+}
+
+// Forward kernels over `entries` query batch entries of up to p.len_q queries each.
+void launch_forward(const ForwardArgs& args, int64_t entries, at::ScalarType dtype, bool has_masks) {
+  const Problem& p = args.p;
+  dispatch_dtype(dtype, "attention_cuda", [&](auto element) {
+    using T = decltype(element);
+    if constexpr (std::is_same_v<T, float>) {
+      launch(attention_forward_exact_kernel, ceil_div(p.len_q, kExactWarps) * entries, 32 * kExactWarps, 0, args);
+    } else {
+      dispatch_head_dim_class(std::max(p.dim_qk, p.dim_v), [&](auto head_dim) {
+        constexpr int HD = decltype(head_dim)::value;
+        using Tiles = ForwardTiles<HD>;
+        dispatch_bool(has_masks, [&](auto masks) {
+          launch(attention_forward_kernel<T, HD, decltype(masks)::value>, ceil_div(p.len_q, Tiles::kBlockM) * entries,
+                 Tiles::kThreads, Tiles::kSmemBytes, args);
+        });
+      });
+    }
+  });
+}
+
+// The dense tables: cos and sin broadcast to (B0, B1, H, L, R).
+std::optional<std::pair<at::Tensor, at::Tensor>> dense_tables(const std::optional<at::Tensor>& cos,
+                                                              const std::optional<at::Tensor>& sin,
+                                                              const at::Tensor& query, const at::Tensor& key) {
+  if (!cos.has_value()) return std::nullopt;
+  std::vector<int64_t> shape = scores_shape(query, key);
+  shape.back() = cos->size(-1);
+  auto broadcast = [&](const at::Tensor& t) {
+    at::Tensor table = float_table(t);
+    while (table.dim() < 5) table = table.unsqueeze(0);
+    return table.expand(shape);
+  };
+  return std::make_pair(broadcast(*cos), broadcast(*sin));
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& query, const at::Tensor& key,
                                                   const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
                                                   const std::optional<at::Tensor>& attn_bias, bool is_causal,
                                                   double scale, const std::optional<at::Tensor>& rotary_cos,
                                                   const std::optional<at::Tensor>& rotary_sin,
-                                                  bool /*rotary_interleaved*/) {
+                                                  bool rotary_interleaved) {
   const Problem p = check_inputs(query, key, value, attn_mask, attn_bias, is_causal, scale, rotary_cos, rotary_sin);
+  if (rotary_cos.has_value()) check_rotary_slices(p, rotary_cos->size(-1), rotary_interleaved);
   const c10::cuda::CUDAGuard guard(query.device());
   const int64_t batch0 = five_dims(query).size(0);
   const int64_t batch_heads = batch0 * p.batch1 * p.heads;
@@ -1495,28 +1852,14 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& query, const
 
   const bool tensor_cores = query.scalar_type() != at::kFloat;
   if (tensor_cores) check_tensor_core_device(query);
-  const at::Tensor q = kernel_operand(query, tensor_cores), k = kernel_operand(key, tensor_cores);
+  const auto tables = dense_tables(rotary_cos, rotary_sin, query, key);
+  const RotaryOperands rotated =
+      rotary_operands(five_dims(query), five_dims(key), tensor_cores, tables, tables, rotary_interleaved);
+  const at::Tensor q = kernel_operand(rotated.query, tensor_cores), k = kernel_operand(rotated.key, tensor_cores);
   const at::Tensor v = kernel_operand(value, tensor_cores);
-  ForwardArgs args{operand(q), operand(k), operand(v), masks_of(attn_mask, attn_bias, query, key), p, output(out),
-                   lse.data_ptr<float>()};
-
-  if (!tensor_cores) {
-    launch(attention_forward_exact_kernel, ceil_div(p.len_q, kExactWarps) * batch_heads, 32 * kExactWarps, 0, args);
-    return {like_query(out, query), like_query(lse, query)};
-  }
-  dispatch_dtype(query.scalar_type(), "attention_cuda", [&](auto element) {
-    using T = decltype(element);
-    if constexpr (!std::is_same_v<T, float>) {
-      dispatch_head_dim_class(std::max(p.dim_qk, p.dim_v), [&](auto head_dim) {
-        constexpr int HD = decltype(head_dim)::value;
-        using Tiles = ForwardTiles<HD>;
-        dispatch_bool(attn_mask.has_value() || attn_bias.has_value(), [&](auto has_masks) {
-          launch(attention_forward_kernel<T, HD, decltype(has_masks)::value>,
-                 ceil_div(p.len_q, Tiles::kBlockM) * batch_heads, Tiles::kThreads, Tiles::kSmemBytes, args);
-        });
-      });
-    }
-  });
+  const ForwardArgs args{operand(q),  operand(k),     operand(v),  masks_of(attn_mask, attn_bias, query, key),
+                         p,           rotated.rotary, output(out), output(lse)};
+  launch_forward(args, batch_heads, query.scalar_type(), attn_mask.has_value() || attn_bias.has_value());
   return {like_query(out, query), like_query(lse, query)};
 }
 
@@ -1581,7 +1924,10 @@ at::Tensor bias_grad(const BackwardArgs& args, const at::Tensor& bias, int64_t b
         using Tiles = BiasGradTiles<HD>;
         const int64_t blocks = chunks * groups * (sum.reduce_rows ? 1 : ceil_div(p.len_q, Tiles::kBlockM)) *
                                (sum.reduce_cols ? 1 : ceil_div(p.len_k, Tiles::kBlockN));
-        launch(attention_bias_grad_kernel<T, HD>, blocks, Tiles::kThreads, Tiles::kSmemBytes, args, sum);
+        dispatch_bool(args.rotary.dim > 0, [&](auto rotary) {
+          launch(attention_bias_grad_kernel<T, HD, decltype(rotary)::value>, blocks, Tiles::kThreads, Tiles::kSmemBytes,
+                 args, sum);
+        });
       });
     }
   });
@@ -1589,13 +1935,47 @@ at::Tensor bias_grad(const BackwardArgs& args, const at::Tensor& bias, int64_t b
   return total.to(bias.scalar_type()).view(bias.sizes());
 }
 
+// The delta, dK/dV and dQ kernels over `entries` query batch entries (B0 B1 H; the key/value ones are
+// entries / kv_group); delta_args (rows of them) may view the query rows otherwise (packed batches).
+void launch_backward(const BackwardArgs& args, const BackwardArgs& delta_args, int64_t rows, int64_t entries,
+                     at::ScalarType dtype, bool has_masks) {
+  const Problem& p = args.p;
+  const int64_t kv_entries = entries / p.kv_group;
+  dispatch_dtype(dtype, "attention_backward_cuda", [&](auto element) {
+    using T = decltype(element);
+    launch(attention_backward_delta_kernel<T>, (rows + 7) / 8, 256, 0, delta_args, rows);
+    if constexpr (std::is_same_v<T, float>) {
+      launch(attention_backward_key_value_exact_kernel, ceil_div(p.len_k, kExactWarps) * kv_entries, 32 * kExactWarps,
+             0, args);
+      launch(attention_backward_query_exact_kernel, ceil_div(p.len_q, kExactWarps) * entries, 32 * kExactWarps, 0,
+             args);
+    } else {
+      dispatch_head_dim_class(std::max(p.dim_qk, p.dim_v), [&](auto head_dim) {
+        constexpr int HD = decltype(head_dim)::value;
+        using KeyValue = KeyValueGradTiles<HD>;
+        using Query = QueryGradTiles<HD>;
+        const int64_t slices = ceil_div(std::max(p.dim_qk, p.dim_v), KeyValue::kSliceDim);
+        dispatch_bool(has_masks, [&](auto masks) {
+          constexpr bool kHasMasks = decltype(masks)::value;
+          launch(attention_backward_key_value_kernel<T, HD, kHasMasks>,
+                 ceil_div(p.len_k, KeyValue::kBlockN) * slices * kv_entries, KeyValue::kThreads, KeyValue::kSmemBytes,
+                 args);
+          launch(attention_backward_query_kernel<T, HD, kHasMasks>, ceil_div(p.len_q, Query::kBlockM) * entries,
+                 Query::kThreads, Query::kSmemBytes, args);
+        });
+      });
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& attn_bias, bool is_causal, double scale, bool bias_requires_grad,
     const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
-    bool /*rotary_interleaved*/) {
+    bool rotary_interleaved) {
   const Problem p = check_inputs(query, key, value, attn_mask, attn_bias, is_causal, scale, rotary_cos, rotary_sin);
+  if (rotary_cos.has_value()) check_rotary_slices(p, rotary_cos->size(-1), rotary_interleaved);
   check_same_device(grad_out, query, "grad_out");
   check_same_device(out, query, "out");
   check_same_device(lse, query, "lse");
@@ -1624,47 +2004,232 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
 
   const bool tensor_cores = query.scalar_type() != at::kFloat;
   if (tensor_cores) check_tensor_core_device(query);
-  const at::Tensor q = kernel_operand(query, tensor_cores), k = kernel_operand(key, tensor_cores);
+  const auto tables = dense_tables(rotary_cos, rotary_sin, query, key);
+  const RotaryOperands rotated =
+      rotary_operands(five_dims(query), five_dims(key), tensor_cores, tables, tables, rotary_interleaved);
+  const at::Tensor q = kernel_operand(rotated.query, tensor_cores), k = kernel_operand(rotated.key, tensor_cores);
   const at::Tensor v = kernel_operand(value, tensor_cores);
   // Autograd may hand over an expanded gradient (e.g. of a sum): it is copied then. out is read by
   // the delta kernel only, element by element.
   const at::Tensor dout = kernel_operand(grad_out, tensor_cores), out_rows = kernel_operand(out, false);
   const at::Tensor lse_rows = lse.contiguous();
   at::Tensor delta = at::empty(lse.sizes(), lse.options());
-  BackwardArgs args{operand(q), operand(k), operand(v), operand(out_rows), operand(dout),
-                    masks_of(attn_mask, attn_bias, query, key), p, lse_rows.data_ptr<float>(), delta.data_ptr<float>(),
-                    grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr()};
-
-  dispatch_dtype(query.scalar_type(), "attention_cuda", [&](auto element) {
-    using T = decltype(element);
-    const int64_t rows = batch_heads * p.len_q;
-    launch(attention_backward_delta_kernel<T>, (rows + 7) / 8, 256, 0, args, rows);
-    if constexpr (std::is_same_v<T, float>) {
-      launch(attention_backward_key_value_exact_kernel, ceil_div(p.len_k, kExactWarps) * batch_heads,
-             32 * kExactWarps, 0, args);
-      launch(attention_backward_query_exact_kernel, ceil_div(p.len_q, kExactWarps) * batch_heads, 32 * kExactWarps, 0,
-             args);
-    } else {
-      dispatch_head_dim_class(std::max(p.dim_qk, p.dim_v), [&](auto head_dim) {
-        constexpr int HD = decltype(head_dim)::value;
-        using KeyValue = KeyValueGradTiles<HD>;
-        using Query = QueryGradTiles<HD>;
-        const int64_t slices = ceil_div(std::max(p.dim_qk, p.dim_v), KeyValue::kSliceDim);
-        dispatch_bool(attn_mask.has_value() || attn_bias.has_value(), [&](auto has_masks) {
-          constexpr bool kHasMasks = decltype(has_masks)::value;
-          launch(attention_backward_key_value_kernel<T, HD, kHasMasks>,
-                 ceil_div(p.len_k, KeyValue::kBlockN) * slices * batch_heads, KeyValue::kThreads, KeyValue::kSmemBytes,
-                 args);
-          launch(attention_backward_query_kernel<T, HD, kHasMasks>, ceil_div(p.len_q, Query::kBlockM) * batch_heads,
-                 Query::kThreads, Query::kSmemBytes, args);
-        });
-      });
-    }
-  });
+  const BackwardArgs args{operand(q), operand(k), operand(v), operand(out_rows), operand(dout),
+                          masks_of(attn_mask, attn_bias, query, key), p, rotated.rotary,
+                          operand(four_dims(lse_rows)), output(four_dims(delta)),
+                          output(five_dims(grad_q)), output(five_dims(grad_k)), output(five_dims(grad_v))};
+  launch_backward(args, args, batch_heads * p.len_q, batch_heads, query.scalar_type(),
+                  attn_mask.has_value() || attn_bias.has_value());
   if (bias_requires_grad && p.len_q > 0 && p.len_k > 0) {
     grad_bias = bias_grad(args, *attn_bias, batch0, query.scalar_type());
   }
+  if (tables.has_value() && !tensor_cores) {  // the fp32 kernels' dq and dk are of the rotated q and k
+    auto unrotated = [&](const at::Tensor& grad) {
+      const at::Tensor rotated_back =
+          rotated_columns(five_dims(grad), tables->first, tables->second, rotary_interleaved, true);
+      return like_query(rotated_back, query);
+    };
+    grad_q = unrotated(grad_q);
+    grad_k = unrotated(grad_k);
+  }
   return {grad_q, grad_k, grad_v, grad_bias};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packed variable-length batches (varlen_attention)
+// ---------------------------------------------------------------------------------------------
+
+// cu_seqlens' values, as vkernels.shapes.packed_sequence_bounds checks them (same messages): each
+// starts at 0, never decreases, ends at its total, and no sequence is longer than its max_seqlen.
+void check_packed_bounds(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t total_q,
+                         int64_t total_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  const struct {
+    const char* name;
+    at::Tensor values;
+    int64_t total, longest;
+  } bounds[] = {{"cu_seqlens_q", cu_seqlens_q.to(at::kCPU).to(at::kLong), total_q, max_seqlen_q},
+                {"cu_seqlens_k", cu_seqlens_k.to(at::kCPU).to(at::kLong), total_k, max_seqlen_k}};
+  for (const auto& b : bounds) {
+    const int64_t* v = b.values.data_ptr<int64_t>();
+    const int64_t n = b.values.numel();
+    TORCH_CHECK_VALUE(v[0] == 0, "varlen_attention: ", b.name, " must start at 0, got ", v[0]);
+    int64_t longest = 0;
+    for (int64_t i = 1; i < n; ++i) {
+      if (v[i] < v[i - 1]) {
+        std::string values = "[";
+        for (int64_t j = 0; j < n; ++j) values += (j ? ", " : "") + std::to_string(v[j]);
+        TORCH_CHECK_VALUE(false, "varlen_attention: ", b.name, " decreases (at entry ", i, "): ", values, "]");
+      }
+      longest = std::max(longest, v[i] - v[i - 1]);
+    }
+    TORCH_CHECK_VALUE(v[n - 1] == b.total, "varlen_attention: ", b.name, " must end at the total token count ",
+                      b.total, ", got ", v[n - 1]);
+    TORCH_CHECK_VALUE(longest <= b.longest, "varlen_attention: max_seqlen_", b.name[11], " = ", b.longest,
+                      " is smaller than a sequence of ", longest, " tokens");
+  }
+}
+
+// Checks a packed batch's inputs (cu_seqlens' values included) and fills the problem description.
+Problem check_packed_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                            int64_t max_seqlen_k, bool is_causal, double scale,
+                            const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+                            bool rotary_interleaved) {
+  TORCH_CHECK(on_kernel_device(query), "varlen_attention_cuda: query must be a ", kKernelDevice,
+              " tensor, got one on ", query.device());
+  for (const auto& [t, name] : {std::pair{&key, "key"}, {&value, "value"}, {&cu_seqlens_q, "cu_seqlens_q"},
+                                {&cu_seqlens_k, "cu_seqlens_k"}}) {
+    check_same_device(*t, query, name);
+  }
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3,
+              "varlen_attention_cuda: query, key and value must be (total, heads, head_dim), got shapes ",
+              query.sizes(), ", ", key.sizes(), ", ", value.sizes());
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK((dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat) && key.scalar_type() == dtype &&
+                  value.scalar_type() == dtype,
+              "varlen_attention_cuda: query, key and value must share a dtype of float16, bfloat16 or float32, got ",
+              dtype, ", ", key.scalar_type(), ", ", value.scalar_type());
+  const int64_t heads = query.size(1), kv_heads = key.size(1);
+  TORCH_CHECK(key.size(0) == value.size(0) && kv_heads == value.size(1) && key.size(2) == query.size(2),
+              "varlen_attention_cuda: query ", query.sizes(), ", key ", key.sizes(), " and value ", value.sizes(),
+              " do not fit (key and value: one token count and head count, query and key: one head dim)");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "varlen_attention_cuda: query heads (", heads,
+              ") must be a multiple of key/value heads (", kv_heads, ")");
+  for (const at::Tensor* t : {&query, &value}) {
+    const int64_t dim = t->size(-1);
+    TORCH_CHECK(dim >= 8 && dim <= kMaxHeadDim && dim % 8 == 0,
+                "varlen_attention_cuda: head dims must be multiples of 8 in [8, 256], got ", dim);
+  }
+  for (const at::Tensor* t : {&cu_seqlens_q, &cu_seqlens_k}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->numel() >= 1 && t->is_contiguous(),
+                "varlen_attention_cuda: cu_seqlens must be contiguous 1-D int32 tensors of batch + 1 >= 1 entries, "
+                "got ", t->scalar_type(), " ", t->sizes());
+  }
+  TORCH_CHECK_VALUE(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
+                    "varlen_attention: cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got ",
+                    cu_seqlens_q.numel(), " and ", cu_seqlens_k.numel());
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(query.size(0) * heads <= kIntMax && key.size(0) * kv_heads <= kIntMax && max_seqlen_q >= 0 &&
+                  max_seqlen_k >= 0 && max_seqlen_q <= kIntMax && max_seqlen_k <= kIntMax,
+              "varlen_attention_cuda: sizes must fit in 32 bits and max_seqlen be non-negative, got ", query.sizes(),
+              ", ", key.sizes(), ", max_seqlen ", max_seqlen_q, ", ", max_seqlen_k);
+  if (rotary_cos.has_value() || rotary_sin.has_value()) {
+    check_rotary_tables(rotary_cos, rotary_sin, query);
+    const at::Tensor& cos = *rotary_cos;
+    TORCH_CHECK(query.size(0) == key.size(0), "varlen_attention_cuda: rotary tables need as many key tokens as query "
+                "tokens, got ", query.size(0), " and ", key.size(0));
+    TORCH_CHECK((cos.dim() == 2 || (cos.dim() == 3 && cos.size(1) == heads)) && cos.size(0) == query.size(0),
+                "varlen_attention_cuda: rotary tables must be (total, R) or (total, heads, R), got ", cos.sizes());
+    TORCH_CHECK(cos.dim() == 2 || heads == kv_heads, "varlen_attention_cuda: per-head rotary tables need as many "
+                "key/value heads as query heads (repeat k and v first), got ", heads, " and ", kv_heads);
+  }
+  check_packed_bounds(cu_seqlens_q, cu_seqlens_k, query.size(0), key.size(0), max_seqlen_q, max_seqlen_k);
+  Problem p;
+  p.batch1 = static_cast<int>(cu_seqlens_q.numel() - 1);
+  p.heads = static_cast<int>(heads);
+  p.len_q = static_cast<int>(max_seqlen_q);
+  p.len_k = static_cast<int>(max_seqlen_k);
+  p.dim_qk = static_cast<int>(query.size(-1));
+  p.dim_v = static_cast<int>(value.size(-1));
+  p.kv_group = static_cast<int>(heads / kv_heads);
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+  p.causal = is_causal;
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  if (rotary_cos.has_value()) check_rotary_slices(p, rotary_cos->size(-1), rotary_interleaved);
+  return p;
+}
+
+// The packed tables: for the kernels as (1, batch, H, total, R) views, for the fp32 rotation of
+// (total, H, D) tensors as (total, 1 or H, R).
+std::pair<std::optional<std::pair<at::Tensor, at::Tensor>>, std::optional<std::pair<at::Tensor, at::Tensor>>>
+packed_tables(const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin, const Problem& p) {
+  if (!cos.has_value()) return {std::nullopt, std::nullopt};
+  const at::Tensor c = float_table(*cos), s = float_table(*sin);
+  auto kernel_view = [&](const at::Tensor& t) { return packed_view(t, p.batch1, p.heads); };
+  auto token_rows = [](const at::Tensor& t) { return t.dim() == 3 ? t : t.unsqueeze(1); };
+  return {std::make_pair(kernel_view(c), kernel_view(s)), std::make_pair(token_rows(c), token_rows(s))};
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool is_causal, double scale,
+    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
+  const Problem p = check_packed_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        is_causal, scale, rotary_cos, rotary_sin, rotary_interleaved);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const int64_t total_q = query.size(0);
+  at::Tensor out = at::empty({total_q, p.heads, p.dim_v}, query.options());
+  at::Tensor lse = at::empty({p.heads, total_q}, query.options().dtype(at::kFloat));
+  if (total_q * p.heads == 0) return {out, lse};
+
+  const bool tensor_cores = query.scalar_type() != at::kFloat;
+  if (tensor_cores) check_tensor_core_device(query);
+  const auto [kernel_tables, tables] = packed_tables(rotary_cos, rotary_sin, p);
+  const RotaryOperands rotated = rotary_operands(query, key, tensor_cores, kernel_tables, tables, rotary_interleaved);
+  const int64_t kv_heads = p.heads / p.kv_group;
+  const at::Tensor q = packed_view(readable_operand(rotated.query, tensor_cores), p.batch1, p.heads);
+  const at::Tensor k = packed_view(readable_operand(rotated.key, tensor_cores), p.batch1, kv_heads);
+  const at::Tensor v = packed_view(readable_operand(value, tensor_cores), p.batch1, kv_heads);
+  const ForwardArgs args{operand(q), operand(k), operand(v), Masks{}, p, rotated.rotary,
+                         output(packed_view(out, p.batch1, p.heads)),
+                         output(packed_view(lse, p.batch1, p.heads, true))};
+  launch_forward(args, static_cast<int64_t>(p.batch1) * p.heads, query.scalar_type(), false);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool is_causal, double scale,
+    const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
+  const Problem p = check_packed_inputs(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        is_causal, scale, rotary_cos, rotary_sin, rotary_interleaved);
+  const int64_t total_q = query.size(0), kv_heads = p.heads / p.kv_group;
+  for (const auto& [t, name] : {std::pair{&grad_out, "grad_out"}, {&out, "out"}, {&lse, "lse"}}) {
+    check_same_device(*t, query, name);
+  }
+  check_same_shape(grad_out, {total_q, p.heads, p.dim_v}, "grad_out");
+  check_same_shape(out, {total_q, p.heads, p.dim_v}, "out");
+  check_same_shape(lse, {p.heads, total_q}, "lse");
+  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() && out.scalar_type() == query.scalar_type() &&
+                  lse.scalar_type() == at::kFloat,
+              "varlen_attention_backward_cuda: grad_out and out must have the query dtype ", query.scalar_type(),
+              " and lse float32, got ", grad_out.scalar_type(), ", ", out.scalar_type(), ", ", lse.scalar_type());
+
+  const c10::cuda::CUDAGuard guard(query.device());
+  at::Tensor grad_q = at::empty(query.sizes(), query.options());
+  at::Tensor grad_k = at::empty(key.sizes(), key.options());
+  at::Tensor grad_v = at::empty(value.sizes(), value.options());
+  // (no early return on empty totals: the kernels write every row, dq = 0 where a sequence has no keys)
+  const bool tensor_cores = query.scalar_type() != at::kFloat;
+  if (tensor_cores) check_tensor_core_device(query);
+  const auto [kernel_tables, tables] = packed_tables(rotary_cos, rotary_sin, p);
+  const RotaryOperands rotated = rotary_operands(query, key, tensor_cores, kernel_tables, tables, rotary_interleaved);
+  auto view = [&](const at::Tensor& t, int64_t heads) { return packed_view(t, p.batch1, heads); };
+  const at::Tensor q = view(readable_operand(rotated.query, tensor_cores), p.heads);
+  const at::Tensor k = view(readable_operand(rotated.key, tensor_cores), kv_heads);
+  const at::Tensor v = view(readable_operand(value, tensor_cores), kv_heads);
+  const at::Tensor dout = view(readable_operand(grad_out, tensor_cores), p.heads);
+  const at::Tensor out_rows = view(readable_operand(out, false), p.heads);
+  const at::Tensor lse_rows = lse.contiguous();
+  at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  const BackwardArgs args{operand(q), operand(k), operand(v), operand(out_rows), operand(dout), Masks{}, p,
+                          rotated.rotary, operand(packed_view(lse_rows, p.batch1, p.heads, true)),
+                          output(packed_view(delta, p.batch1, p.heads, true)), output(view(grad_q, p.heads)),
+                          output(view(grad_k, kv_heads)), output(view(grad_v, kv_heads))};
+  // delta per (head, token): the tokens as one sequence (the views' B1 stride is 0)
+  BackwardArgs delta_args = args;
+  delta_args.p.batch1 = 1;
+  delta_args.p.len_q = static_cast<int>(total_q);
+  launch_backward(args, delta_args, p.heads * total_q, static_cast<int64_t>(p.batch1) * p.heads, query.scalar_type(),
+                  false);
+  if (tables.has_value() && !tensor_cores) {  // the fp32 kernels' dq and dk are of the rotated q and k
+    grad_q = rotated_columns(grad_q, tables->first, tables->second, rotary_interleaved, true);
+    grad_k = rotated_columns(grad_k, tables->first, tables->second, rotary_interleaved, true);
+  }
+  return {grad_q, grad_k, grad_v};
 }
 
 }  // namespace
@@ -1672,6 +2237,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> attent
 TORCH_LIBRARY_IMPL(vkernels, VKERNELS_DISPATCH_KEY, m) {
   m.impl("attention_cuda", &attention_cuda);
   m.impl("attention_backward_cuda", &attention_backward_cuda);
+  m.impl("varlen_attention_cuda", &varlen_attention_cuda);
+  m.impl("varlen_attention_backward_cuda", &varlen_attention_backward_cuda);
 }
 
 }  // namespace vkernels

@@ -22,7 +22,7 @@ key/value head h // (Hq / Hkv)), sequence b in rows cu_seqlens[b] to cu_seqlens[
 contiguous; checked before any kernel runs), ``max_seqlen`` at least every sequence's length,
 rotary tables (total_q, R), or (total_q, Hq, R) with Hq == Hkv (total_q == total_k). It returns out (total_q, Hq,
 Dv) and lse (Hq, total_q) float32, both contiguous; ``varlen_attention_backward_<backend>`` returns
-dq, dk, dv, contiguous. Its CUDA ops are defined here and get their kernels in issue 16's phase 2.
+dq, dk, dv, contiguous.
 """
 from __future__ import annotations
 
@@ -141,12 +141,13 @@ def _register_varlen_autograd(backend: str) -> None:
 
 
 define_backend_ops(SCHEMAS, FAKES, TRITON_LAUNCHERS)
-for _backend in dispatch.KERNEL_BACKENDS:  # the CUDA varlen ops get their kernels in issue 16's phase 2
+for _backend in dispatch.KERNEL_BACKENDS:
     _register_autograd(_backend)
     _register_varlen_autograd(_backend)
 
 
-def _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p, rotary=None, packed=False) -> dict[str, str]:
+def _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p, rotary=None,
+                   rotary_interleaved=False) -> dict[str, str]:
     """Why each kernel backend cannot serve this call, for the inputs that only stock SDPA takes."""
     head_dim, value_dim = query.shape[-1], value.shape[-1]
     shared = None
@@ -160,14 +161,13 @@ def _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p, rotary=No
         shared = f"attn_bias of dtype {attn_bias.dtype}: the kernels take float32 or the query's dtype"
     if shared is not None:
         return {backend: shared for backend in dispatch.KERNEL_BACKENDS}
-    if packed:
-        return {"cuda": "the CUDA kernels take no packed variable-length batches before issue 16's phase 2 "
-                        "(csrc/cuda/attention.cu): use backend='triton' or 'torch'"}
-    if rotary is not None:
-        return {"cuda": "the CUDA kernels apply no rotary embedding before issue 16's phase 2: use backend='triton' "
-                        "or 'torch'"}
     if head_dim % 8 or value_dim % 8:
         return {"cuda": f"the CUDA kernels need head dims that are multiples of 8, got {head_dim} and {value_dim}"}
+    rotary_dim = 0 if rotary is None else rotary[0].shape[-1]
+    if not rotary_interleaved and rotary_dim > 128 and max(head_dim, value_dim) > 128:
+        # csrc/cuda/attention.cu: dK is accumulated in 128-column slices there, and un-rotated per slice
+        return {"cuda": f"the CUDA kernels take rotate-half tables of more than 128 columns (got {rotary_dim}) only "
+                        "with head dims of at most 128: use backend='triton' or rotary_interleaved"}
     return {}
 
 
@@ -235,7 +235,7 @@ def attention(
         if _learned(rotary):
             query, key = (apply_rotary(t, *rotary, rotary_interleaved) for t in (query, key))
             rotary = None
-    limits = _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p, rotary)
+    limits = _kernel_limits(query, key, value, attn_mask, attn_bias, dropout_p, rotary, rotary_interleaved)
     operands = autocast_inputs(query.device.type, query, key, value)
     chosen = dispatch.choose(backend, query.device, operands[0].dtype, DTYPES, limits, op="attention",
                              shape_class=attention_shape_class(query.shape, key.shape))
@@ -333,7 +333,7 @@ def varlen_attention(
             rotary = None
         else:
             key, value = _keys_per_table_head(query, key, value, rotary[0])
-    limits = _kernel_limits(query, key, value, None, None, 0.0, rotary, packed=True)
+    limits = _kernel_limits(query, key, value, None, None, 0.0, rotary, rotary_interleaved)
     operands = autocast_inputs(query.device.type, query, key, value)
     head_dim = query.shape[-1]
     chosen = dispatch.choose(backend, query.device, operands[0].dtype, DTYPES, limits, op="varlen_attention",
